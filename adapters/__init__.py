@@ -1,0 +1,1 @@
+"""One module per runtime.  Only ``concurrent`` is imported eagerly."""

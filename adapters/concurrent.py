@@ -1,0 +1,219 @@
+"""The embedded default: any :class:`concurrent.futures.Executor`.
+
+Threads run functions in the driver process, so nothing is serialised.  A process
+pool gets each function cloudpickled once (closures and lambdas work) and cached
+by the function object.  Executables never occupy a process-pool worker: they are
+subprocesses anyway, so they run from a thread in the driver, where cancelling
+can kill their process group.
+
+Ownership: the backend shuts down the executor it was given (the page's
+``ConcurrentExecutionBackend(ThreadPoolExecutor())`` leaves no thread behind).
+Pass ``shutdown_executor=False`` to keep a shared executor alive.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections.abc import Sequence
+from concurrent.futures import (
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from ..errors import (
+    EngineClosedError,
+    ResourceUnavailableError,
+    SerializationError,
+    WorkerLostError,
+)
+from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
+from .._util import run_in_thread
+from ..spec import TaskSpec
+from ..worker import call_function, call_pickled, dumps_function, kill_command, run_command
+
+__all__ = ["ConcurrentExecutionBackend", "process_backend"]
+
+C = Capability
+
+
+class ConcurrentExecutionBackend:
+    """Runs tasks on a ``concurrent.futures`` executor (a thread pool by default)."""
+
+    def __init__(self, executor: Executor | None = None, *,
+                 shutdown_executor: bool = True, max_workers: int | None = None):
+        self._owns = executor is None or shutdown_executor
+        self._executor: Executor = executor or ThreadPoolExecutor(
+            max_workers=max_workers or min(32, (os.cpu_count() or 1) + 4),
+            thread_name_prefix="asyncflow",
+        )
+        self._processes = isinstance(self._executor, ProcessPoolExecutor)
+        self._workers: int = getattr(self._executor, "_max_workers", 1)
+        # Executables run from threads; a thread pool the user gave serves both.
+        self._commands: Executor = (
+            ThreadPoolExecutor(self._workers, thread_name_prefix="asyncflow-cmd")
+            if self._processes else self._executor
+        )
+        self._futures: dict[str, Future[Any]] = {}
+        self._pickled: dict[Any, bytes] = {}
+        self._sink: CompletionSink | None = None
+        self._closed = False
+        caps = [C.FUNCTIONS, C.EXECUTABLES, C.KILL_EXECUTABLES, C.RESOURCES,
+                C.LARGE_PAYLOADS]
+        if self._workers > 1:
+            caps.append(C.PARALLEL)
+        absent = {
+            "cancel_running": "a running thread or pool process cannot be "
+                              "interrupted; the engine abandons its result",
+            "gpus": "concurrent.futures knows nothing of GPUs",
+        }
+        if self._processes:
+            caps.append(C.SERIALIZES)
+        else:
+            absent["serializes"] = "threads share the driver's memory"
+        kind = "processes" if self._processes else "threads"
+        self._info = BackendInfo(
+            name=f"concurrent-{kind}",
+            runtime=f"concurrent.futures.{type(self._executor).__name__}",
+            runtime_version=sys.version.split()[0],
+            capabilities=Capabilities.of(*caps, **absent),
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    async def start(self, sink: CompletionSink) -> None:
+        if self._closed:
+            raise EngineClosedError("this ConcurrentExecutionBackend was shut down")
+        self._sink = sink
+
+    def submit(self, specs: Sequence[TaskSpec]) -> None:
+        sink = self._sink
+        assert sink is not None
+        futures = self._futures
+        submit = self._executor.submit
+        for spec in specs:
+            res = spec.resources
+            if not res.is_default and (
+                res.gpus or res.cores > self._workers or res.ranks > 1
+            ):
+                sink.set_exception(spec.uid, ResourceUnavailableError(
+                    f"task {spec.name!r} asks for {res}, but this "
+                    f"{self._info.runtime} has {self._workers} worker(s) and no GPUs "
+                    "or MPI; lower the request or route the task to a bigger backend"
+                ))
+                continue
+            try:
+                if spec.command is not None:
+                    f = self._commands.submit(run_command, spec.command, spec.uid,
+                                              spec.name)
+                elif self._processes:
+                    f = submit(call_pickled, self._pickle(spec), spec.args,
+                               spec.kwargs, spec.is_async, spec.name)
+                else:
+                    f = submit(call_function, spec.function, spec.args, spec.kwargs,
+                               spec.is_async, spec.name)
+            except SerializationError as exc:
+                sink.set_exception(spec.uid, exc)
+                continue
+            except RuntimeError as exc:  # executor already shut down
+                sink.set_exception(spec.uid, EngineClosedError(
+                    f"task {spec.name!r}: the executor is shut down ({exc})"
+                ))
+                continue
+            f.uid = spec.uid  # type: ignore[attr-defined]
+            f.task_name = spec.name  # type: ignore[attr-defined]
+            f.is_command = spec.command is not None  # type: ignore[attr-defined]
+            futures[spec.uid] = f
+            f.add_done_callback(self._done)
+
+    def _pickle(self, spec: TaskSpec) -> bytes:
+        fn = spec.function
+        try:
+            return self._pickled[fn]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable callable object
+            return self._dumps(spec)
+        blob = self._pickled[fn] = self._dumps(spec)
+        return blob
+
+    @staticmethod
+    def _dumps(spec: TaskSpec) -> bytes:
+        try:
+            return dumps_function(spec.function)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise SerializationError(
+                f"task {spec.name!r}: its function cannot be serialised for a "
+                f"process pool ({type(exc).__name__}: {exc}); define it at module "
+                "level and do not capture locks, sockets or open files"
+            ) from exc
+
+    def _done(self, f: Future[Any]) -> None:
+        uid: str = f.uid  # type: ignore[attr-defined]
+        self._futures.pop(uid, None)
+        sink = self._sink
+        assert sink is not None
+        try:
+            exc = f.exception()
+        except CancelledError:
+            return
+        if exc is None:
+            sink.set_result(uid, f.result())
+            return
+        name = f.task_name  # type: ignore[attr-defined]
+        if isinstance(exc, BrokenProcessPool):
+            exc = WorkerLostError(
+                f"task {name!r}: a process-pool worker died while running it ({exc})"
+            )
+        elif isinstance(exc, pickle.PicklingError | TypeError | AttributeError) and (
+            self._processes and "pickle" in str(exc).lower()
+        ):
+            exc = SerializationError(
+                f"task {name!r}: an argument or result cannot be pickled ({exc}); "
+                "pass plain data or define the types at module level"
+            )
+        sink.set_exception(uid, exc)
+
+    def cancel(self, uids: Sequence[str]) -> None:
+        for uid in uids:
+            f = self._futures.pop(uid, None)
+            if f is not None and not f.cancel() and f.is_command:  # type: ignore[attr-defined]
+                kill_command(uid)
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        abandoned = False
+        for uid, f in list(self._futures.items()):
+            if not f.cancel():
+                abandoned = True
+                if f.is_command:  # type: ignore[attr-defined]
+                    kill_command(uid)
+        executors = [self._commands] if self._commands is not self._executor else []
+        if self._owns:
+            executors.append(self._executor)
+        for ex in executors:
+            if abandoned and isinstance(ex, ProcessPoolExecutor):
+                # Work the engine abandoned would hold shutdown hostage: stop it.
+                for proc in list(getattr(ex, "_processes", {}).values()):
+                    proc.terminate()
+            await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
+        self._pickled.clear()
+
+
+def _shutdown_executor(ex: Executor) -> None:
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def process_backend(max_workers: int | None = None) -> ConcurrentExecutionBackend:
+    """A ConcurrentExecutionBackend over a fresh ProcessPoolExecutor."""
+    return ConcurrentExecutionBackend(ProcessPoolExecutor(max_workers or os.cpu_count()))

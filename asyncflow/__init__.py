@@ -1,0 +1,98 @@
+"""asyncflow: one asyncio workflow, five runtimes.
+
+The runtime adapters other than the embedded default are imported on first use,
+so ``import asyncflow`` stays fast and needs none of the optional runtimes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .adapters.concurrent import ConcurrentExecutionBackend
+from .engine import WorkflowEngine
+from .errors import (
+    AsyncflowError,
+    BackendError,
+    BackendNotInstalledError,
+    BackendStartError,
+    DependencyFailureError,
+    EngineClosedError,
+    ExecutableFailedError,
+    ResourceUnavailableError,
+    SerializationError,
+    TaskDefinitionError,
+    TaskInterruptedError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from .future import TaskFuture, TaskState
+from .protocol import (
+    BackendInfo,
+    Capabilities,
+    Capability,
+    CompletionSink,
+    ExecutionBackend,
+    RemoteValue,
+)
+from .registry import available_backends, load_backend
+from .spec import Command, Resources, TaskSpec
+
+if TYPE_CHECKING:
+    from .adapters.dask import DaskExecutionBackend
+    from .adapters.parsl import ParslExecutionBackend
+    from .adapters.radical import RadicalExecutionBackend
+    from .adapters.ray import RayExecutionBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncflowError",
+    "BackendError",
+    "BackendInfo",
+    "BackendNotInstalledError",
+    "BackendStartError",
+    "Capabilities",
+    "Capability",
+    "Command",
+    "CompletionSink",
+    "ConcurrentExecutionBackend",
+    "DaskExecutionBackend",
+    "DependencyFailureError",
+    "EngineClosedError",
+    "ExecutableFailedError",
+    "ExecutionBackend",
+    "ParslExecutionBackend",
+    "RadicalExecutionBackend",
+    "RayExecutionBackend",
+    "RemoteValue",
+    "ResourceUnavailableError",
+    "Resources",
+    "SerializationError",
+    "TaskDefinitionError",
+    "TaskFuture",
+    "TaskInterruptedError",
+    "TaskSpec",
+    "TaskState",
+    "TaskTimeoutError",
+    "WorkerLostError",
+    "WorkflowEngine",
+    "available_backends",
+    "load_backend",
+]
+
+_LAZY = {
+    "DaskExecutionBackend": "dask",
+    "RayExecutionBackend": "ray",
+    "ParslExecutionBackend": "parsl",
+    "RadicalExecutionBackend": "radical",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from .registry import backend_class
+
+        cls = backend_class(_LAZY[name])
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module 'asyncflow' has no attribute {name!r}")

@@ -1,0 +1,161 @@
+"""The backend protocol: everything an adapter must do, and nothing more.
+
+An adapter maps asyncflow's :class:`~asyncflow.spec.TaskSpec` onto a runtime.  The
+engine owns the DAG (dependencies, failure propagation, retries, timeouts,
+cancellation of dependents); an adapter only runs ready work and reports how it
+ended.  The contract, in full:
+
+``info``
+    A :class:`BackendInfo`: the adapter's name, its runtime and version, and its
+    :class:`Capabilities`.  Optional features are declared there rather than added
+    as methods, and the conformance suite skips what is declared absent, quoting
+    the adapter's reason.
+
+``async start(sink)``
+    Bring the runtime up (or attach to one) without blocking the event loop.  The
+    engine calls it once, on its loop, before the first ``submit``.  ``sink`` is
+    where completions go (see :class:`CompletionSink`).
+
+``submit(specs)``
+    Hand over a batch of ready tasks: everything that became ready in one loop
+    turn arrives in one call.  Called on the loop; must not block.  Every spec
+    must later be reported to the sink exactly once, as a result or an exception,
+    unless it was cancelled first.  A spec the runtime can never run (resources
+    it cannot meet, a function it cannot serialise) is reported at once as an
+    exception naming the task.
+
+``cancel(uids)``
+    Stop these tasks if possible: drop them if pending, stop or kill them if
+    running (see the ``CANCEL_RUNNING`` and ``KILL_EXECUTABLES`` capabilities).
+    The engine has already resolved the futures as cancelled; later reports for
+    these uids are ignored.  Called on the loop; must not block.
+
+``async shutdown()``
+    Release everything the adapter created: processes, threads, temp directories.
+    A runtime the adapter attached to but did not start is left running.
+    Idempotent.
+
+Results cross threads through the sink, which is safe to call from any thread and
+batches wake-ups onto the loop.  A result may be a :class:`RemoteValue`: the data
+stays in the runtime, and specs later submitted to the *same* adapter carry that
+object in their args so the adapter can pass the runtime's native reference (a
+Dask future, a Ray ObjectRef).  The engine fetches it into the driver only when
+someone awaits the value.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .spec import TaskSpec
+
+__all__ = [
+    "BackendInfo",
+    "Capabilities",
+    "Capability",
+    "CompletionSink",
+    "ExecutionBackend",
+    "RemoteValue",
+]
+
+
+class Capability(enum.Enum):
+    """Optional promises an adapter may make.  Absence must come with a reason."""
+
+    FUNCTIONS = "functions"
+    """Runs Python functions (sync and async)."""
+    EXECUTABLES = "executables"
+    """Runs command lines, capturing stdout, stderr and the exit code."""
+    PARALLEL = "parallel"
+    """Runs at least two tasks at the same time."""
+    CANCEL_RUNNING = "cancel_running"
+    """A running *function* really stops when cancelled (not just abandoned)."""
+    KILL_EXECUTABLES = "kill_executables"
+    """A running executable's process group is killed when cancelled."""
+    RESOURCES = "resources"
+    """Honours ``resources=`` (cores, memory) and rejects impossible requests."""
+    GPUS = "gpus"
+    """Can schedule tasks asking for GPUs."""
+    SERIALIZES = "serializes"
+    """Ships functions to other processes, so unserialisable ones must fail."""
+    LARGE_PAYLOADS = "large_payloads"
+    """Moves arguments and results of 50 MB and more."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter supports, and why it lacks the rest."""
+
+    supported: frozenset[Capability]
+    reasons: Mapping[Capability, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, *supported: Capability, **absent: str) -> Capabilities:
+        """``Capabilities.of(FUNCTIONS, cancel_running="threads cannot be killed")``."""
+        reasons = {Capability(k): v for k, v in absent.items()}
+        return cls(frozenset(supported), reasons)
+
+    def __contains__(self, cap: object) -> bool:
+        return cap in self.supported
+
+    def why_not(self, cap: Capability) -> str:
+        return self.reasons.get(cap, "the adapter does not declare it")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    runtime: str
+    runtime_version: str
+    capabilities: Capabilities
+
+
+class CompletionSink(Protocol):
+    """Where an adapter reports outcomes.  Safe to call from any thread."""
+
+    def set_result(self, uid: str, value: Any) -> None: ...
+
+    def set_exception(self, uid: str, exc: BaseException) -> None: ...
+
+    def set_running(self, uid: str) -> None:
+        """Optional: the task started on a worker (used for events and traces)."""
+
+
+@runtime_checkable
+class ExecutionBackend(Protocol):
+    """The five members every adapter implements; see the module docstring."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    async def start(self, sink: CompletionSink) -> None: ...
+
+    def submit(self, specs: Sequence[TaskSpec]) -> None: ...
+
+    def cancel(self, uids: Sequence[str]) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class RemoteValue:
+    """A result that stays in the runtime until someone asks for it.
+
+    Adapters subclass it, keep their native reference in ``handle`` and implement
+    :meth:`fetch`.  ``owner`` is the adapter that made it: only that adapter is
+    given it back as an argument.
+    """
+
+    __slots__ = ("handle", "owner")
+
+    def __init__(self, owner: ExecutionBackend, handle: Any):
+        self.owner = owner
+        self.handle = handle
+
+    async def fetch(self) -> Any:  # pragma: no cover - adapters override
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.handle!r}>"

@@ -1,0 +1,132 @@
+"""Finding backends by name: the ``asyncflow.backends`` entry-point group.
+
+The in-tree adapters register there like anyone else's.  ``KNOWN`` adds what an
+entry point cannot say: which module must import for the runtime to count as
+installed, and which extra installs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BackendNotInstalledError, TaskDefinitionError
+
+__all__ = ["BackendStatus", "available_backends", "default_backend", "load_backend"]
+
+GROUP = "asyncflow.backends"
+
+# name -> (import path, runtime module, runtime distribution, install hint)
+KNOWN: dict[str, tuple[str, str | None, str | None, str]] = {
+    "threads": ("asyncflow.adapters.concurrent:ConcurrentExecutionBackend", None, None,
+                "built in"),
+    "processes": ("asyncflow.adapters.concurrent:process_backend", None, None,
+                  "built in"),
+    "dask": ("asyncflow.adapters.dask:DaskExecutionBackend", "distributed",
+             "distributed", "pip install 'asyncflow[dask]'"),
+    "ray": ("asyncflow.adapters.ray:RayExecutionBackend", "ray", "ray",
+            "pip install 'asyncflow[ray]'"),
+    "parsl": ("asyncflow.adapters.parsl:ParslExecutionBackend", "parsl", "parsl",
+              "pip install 'asyncflow[parsl]'"),
+    "radical": ("asyncflow.adapters.radical:RadicalExecutionBackend", "radical.pilot",
+                "radical.pilot", "pip install 'asyncflow[radical]'"),
+}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    target: str
+    installed: bool
+    version: str | None
+    install_hint: str
+
+
+def _entry_points() -> dict[str, str]:
+    found = {name: known[0] for name, known in KNOWN.items()}
+    for ep in md.entry_points(group=GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def available_backends() -> list[BackendStatus]:
+    """Every backend name asyncflow knows of, with whether it can run here."""
+    out = []
+    for name, target in _entry_points().items():
+        _, module, dist, hint = KNOWN.get(name, (target, None, None, ""))
+        if module is None:
+            module = target.partition(":")[0]
+            installed = _importable(module)
+            version = None
+        else:
+            installed = _importable(module)
+            version = _version(dist) if installed and dist else None
+        out.append(BackendStatus(name, target, installed, version,
+                                 hint or f"install the package providing {target}"))
+    return out
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
+
+
+def backend_class(name: str) -> Callable[..., Any]:
+    targets = _entry_points()
+    if name not in targets:
+        raise TaskDefinitionError(
+            f"unknown backend {name!r}; known backends: {', '.join(sorted(targets))}"
+        )
+    try:
+        return _resolve(targets[name])
+    except ImportError as exc:
+        hint = KNOWN.get(name, ("", None, None, ""))[3]
+        raise BackendNotInstalledError(
+            f"backend {name!r} needs a runtime that is not installed ({exc.name or exc})"
+            f"; install it with: {hint or 'pip install the adapter package'}"
+        ) from exc
+
+
+def load_backend(name: str, **options: Any) -> Any:
+    """Instantiate the backend registered as ``name`` with ``options``."""
+    return backend_class(name)(**options)
+
+
+def default_backend() -> Any:
+    """``$ASYNCFLOW_BACKEND`` (with ``$ASYNCFLOW_BACKEND_OPTIONS`` as JSON), else
+    a thread pool."""
+    name = os.environ.get("ASYNCFLOW_BACKEND", "").strip() or "threads"
+    raw = os.environ.get("ASYNCFLOW_BACKEND_OPTIONS", "").strip()
+    try:
+        options = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise TaskDefinitionError(
+            f"ASYNCFLOW_BACKEND_OPTIONS is not valid JSON ({exc}); use e.g. "
+            '\'{"n_workers": 2}\''
+        ) from None
+    if not isinstance(options, dict):
+        raise TaskDefinitionError("ASYNCFLOW_BACKEND_OPTIONS must be a JSON object")
+    return load_backend(name, **options)

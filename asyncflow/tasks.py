@@ -1,0 +1,144 @@
+"""Task declarations (what the decorators return) and dependency discovery.
+
+Validation happens here, at decoration time, so that a mistake is reported where
+it was made, naming the task, instead of when the task finally runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import TaskDefinitionError
+from .future import TaskFuture
+from .spec import Resources, check_env
+
+if TYPE_CHECKING:
+    from .engine import WorkflowEngine
+
+__all__ = ["TaskDecl", "TaskKind", "TaskOptions", "collect_futures", "substitute"]
+
+
+class TaskKind(enum.Enum):
+    FUNCTION = "function"
+    EXECUTABLE = "executable"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    retries: int = 0
+    timeout: float | None = None
+    resources: Resources = field(default_factory=Resources)
+    backend: str | None = None
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, name: str, *, retries: int = 0, timeout: float | None = None,
+              resources: Any = None, backend: str | None = None,
+              env: Mapping[str, str] | None = None, cwd: str | None = None,
+              options: Mapping[str, Any] | None = None) -> TaskOptions:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise TaskDefinitionError(
+                f"task {name!r}: retries= must be a whole number >= 0, got {retries!r}"
+            )
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool)
+            or not math.isfinite(timeout) or timeout <= 0
+        ):
+            raise TaskDefinitionError(
+                f"task {name!r}: timeout= must be a positive number of seconds, "
+                f"got {timeout!r}"
+            )
+        check_env(env, name)
+        if options is not None and not isinstance(options, Mapping):
+            raise TaskDefinitionError(
+                f"task {name!r}: options= must be a dict of backend-specific settings"
+            )
+        return cls(retries, None if timeout is None else float(timeout),
+                   Resources.coerce(resources, name), backend, env,
+                   None if cwd is None else str(cwd), dict(options or {}))
+
+
+class TaskDecl:
+    """A decorated function: calling it creates a task and returns its future."""
+
+    def __init__(self, engine: WorkflowEngine, fn: Callable[..., Any],
+                 kind: TaskKind, opts: TaskOptions):
+        if not callable(fn):
+            raise TaskDefinitionError(
+                f"@{_decorator(kind)} needs a function, got {fn!r} of type "
+                f"{type(fn).__name__}; decorate a def or async def"
+            )
+        self.engine = engine
+        self.fn = fn
+        self.kind = kind
+        self.opts = opts
+        self.name: str = getattr(fn, "__name__", None) or type(fn).__name__
+        self.is_async = inspect.iscoroutinefunction(fn) or (
+            inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+        )
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture:
+        return self.engine._call(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{_decorator(self.kind)} {self.name}>"
+
+
+def _decorator(kind: TaskKind) -> str:
+    return {TaskKind.FUNCTION: "function_task", TaskKind.EXECUTABLE: "executable_task",
+            TaskKind.BLOCK: "block"}[kind]
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def collect_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[TaskFuture]:
+    """Every TaskFuture in args/kwargs, nested in builtin containers, once each."""
+    found: list[TaskFuture] = []
+    stack: list[Any] = [args]
+    if kwargs:
+        stack.append(kwargs)
+    while stack:
+        obj = stack.pop()
+        t = type(obj)
+        if t is dict:
+            for v in obj.values():
+                tv = type(v)
+                if tv is TaskFuture:
+                    found.append(v)
+                elif tv in _CONTAINERS:
+                    stack.append(v)
+        else:
+            for v in obj:
+                tv = type(v)
+                if tv is TaskFuture:
+                    found.append(v)
+                elif tv in _CONTAINERS:
+                    stack.append(v)
+    if len(found) > 1:
+        found = list({id(f): f for f in found}.values())
+    return found
+
+
+def substitute(obj: Any, value_of: Callable[[TaskFuture], Any]) -> Any:
+    """A copy of ``obj`` with every TaskFuture replaced by ``value_of(future)``."""
+    t = type(obj)
+    if t is TaskFuture:
+        return value_of(obj)
+    if t is tuple or t is list:
+        return t(substitute(v, value_of) for v in obj)
+    if t is dict:
+        return {k: substitute(v, value_of) for k, v in obj.items()}
+    if t is set or t is frozenset:
+        return t(substitute(v, value_of) for v in obj)
+    return obj
