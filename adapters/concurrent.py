@@ -27,6 +27,7 @@ from concurrent.futures import (
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from .._util import run_in_thread
 from ..errors import (
     EngineClosedError,
     ResourceUnavailableError,
@@ -34,9 +35,14 @@ from ..errors import (
     WorkerLostError,
 )
 from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
-from .._util import run_in_thread
 from ..spec import TaskSpec
-from ..worker import call_function, call_pickled, dumps_function, kill_command, run_command
+from ..worker import (
+    call_function,
+    call_pickled,
+    dumps_function,
+    kill_command,
+    run_command,
+)
 
 __all__ = ["ConcurrentExecutionBackend", "process_backend"]
 
@@ -46,8 +52,13 @@ C = Capability
 class ConcurrentExecutionBackend:
     """Runs tasks on a ``concurrent.futures`` executor (a thread pool by default)."""
 
-    def __init__(self, executor: Executor | None = None, *,
-                 shutdown_executor: bool = True, max_workers: int | None = None):
+    def __init__(
+        self,
+        executor: Executor | None = None,
+        *,
+        shutdown_executor: bool = True,
+        max_workers: int | None = None,
+    ):
         self._owns = executor is None or shutdown_executor
         self._executor: Executor = executor or ThreadPoolExecutor(
             max_workers=max_workers or min(32, (os.cpu_count() or 1) + 4),
@@ -58,19 +69,25 @@ class ConcurrentExecutionBackend:
         # Executables run from threads; a thread pool the user gave serves both.
         self._commands: Executor = (
             ThreadPoolExecutor(self._workers, thread_name_prefix="asyncflow-cmd")
-            if self._processes else self._executor
+            if self._processes
+            else self._executor
         )
         self._futures: dict[str, Future[Any]] = {}
         self._pickled: dict[Any, bytes] = {}
         self._sink: CompletionSink | None = None
         self._closed = False
-        caps = [C.FUNCTIONS, C.EXECUTABLES, C.KILL_EXECUTABLES, C.RESOURCES,
-                C.LARGE_PAYLOADS]
+        caps = [
+            C.FUNCTIONS,
+            C.EXECUTABLES,
+            C.KILL_EXECUTABLES,
+            C.RESOURCES,
+            C.LARGE_PAYLOADS,
+        ]
         if self._workers > 1:
             caps.append(C.PARALLEL)
         absent = {
             "cancel_running": "a running thread or pool process cannot be "
-                              "interrupted; the engine abandons its result",
+            "interrupted; the engine abandons its result",
             "gpus": "concurrent.futures knows nothing of GPUs",
         }
         if self._processes:
@@ -104,29 +121,49 @@ class ConcurrentExecutionBackend:
             if not res.is_default and (
                 res.gpus or res.cores > self._workers or res.ranks > 1
             ):
-                sink.set_exception(spec.uid, ResourceUnavailableError(
-                    f"task {spec.name!r} asks for {res}, but this "
-                    f"{self._info.runtime} has {self._workers} worker(s) and no GPUs "
-                    "or MPI; lower the request or route the task to a bigger backend"
-                ))
+                sink.set_exception(
+                    spec.uid,
+                    ResourceUnavailableError(
+                        f"task {spec.name!r} asks for {res}, but this "
+                        f"{self._info.runtime} has {self._workers} worker(s) and no "
+                        "GPUs or MPI; lower the request or route the task to a bigger "
+                        "backend"
+                    ),
+                )
                 continue
             try:
                 if spec.command is not None:
-                    f = self._commands.submit(run_command, spec.command, spec.uid,
-                                              spec.name)
+                    f = self._commands.submit(
+                        run_command, spec.command, spec.uid, spec.name
+                    )
                 elif self._processes:
-                    f = submit(call_pickled, self._pickle(spec), spec.args,
-                               spec.kwargs, spec.is_async, spec.name)
+                    f = submit(
+                        call_pickled,
+                        self._pickle(spec),
+                        spec.args,
+                        spec.kwargs,
+                        spec.is_async,
+                        spec.name,
+                    )
                 else:
-                    f = submit(call_function, spec.function, spec.args, spec.kwargs,
-                               spec.is_async, spec.name)
+                    f = submit(
+                        call_function,
+                        spec.function,
+                        spec.args,
+                        spec.kwargs,
+                        spec.is_async,
+                        spec.name,
+                    )
             except SerializationError as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
             except RuntimeError as exc:  # executor already shut down
-                sink.set_exception(spec.uid, EngineClosedError(
-                    f"task {spec.name!r}: the executor is shut down ({exc})"
-                ))
+                sink.set_exception(
+                    spec.uid,
+                    EngineClosedError(
+                        f"task {spec.name!r}: the executor is shut down ({exc})"
+                    ),
+                )
                 continue
             f.uid = spec.uid  # type: ignore[attr-defined]
             f.task_name = spec.name  # type: ignore[attr-defined]
@@ -216,4 +253,6 @@ def _shutdown_executor(ex: Executor) -> None:
 
 def process_backend(max_workers: int | None = None) -> ConcurrentExecutionBackend:
     """A ConcurrentExecutionBackend over a fresh ProcessPoolExecutor."""
-    return ConcurrentExecutionBackend(ProcessPoolExecutor(max_workers or os.cpu_count()))
+    return ConcurrentExecutionBackend(
+        ProcessPoolExecutor(max_workers or os.cpu_count())
+    )

@@ -12,8 +12,9 @@ T = TypeVar("T")
 __all__ = ["run_in_thread"]
 
 
-async def run_in_thread(fn: Callable[..., T], *args: Any, name: str = "asyncflow-io"
-                        ) -> T:
+async def run_in_thread(
+    fn: Callable[..., T], *args: Any, name: str = "asyncflow-io"
+) -> T:
     """Run a blocking call in a thread of its own and await it.
 
     Unlike ``asyncio.to_thread`` this leaves no pooled thread behind, which matters

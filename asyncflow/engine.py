@@ -38,8 +38,12 @@ log = logging.getLogger("asyncflow")
 
 _FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 # Errors that will fail the same way every time: retrying them only wastes time.
-_NOT_RETRIED = (TaskDefinitionError, SerializationError, ResourceUnavailableError,
-                DependencyFailureError)
+_NOT_RETRIED = (
+    TaskDefinitionError,
+    SerializationError,
+    ResourceUnavailableError,
+    DependencyFailureError,
+)
 _set_result = asyncio.Future.set_result
 _set_exception = asyncio.Future.set_exception
 _future_cancel = asyncio.Future.cancel
@@ -90,8 +94,8 @@ class _Sink:
             uid, kind, value = queue.popleft()
             if kind == 2:
                 fut = inflight.get(uid)
-                if fut is not None and fut._state is TaskState.SUBMITTED:
-                    fut._state = TaskState.RUNNING
+                if fut is not None and fut._tstate is TaskState.SUBMITTED:
+                    fut._tstate = TaskState.RUNNING
                 continue
             fut = inflight.pop(uid, None)
             if fut is None:
@@ -115,8 +119,9 @@ class WorkflowEngine:
     (see the adapters).
     """
 
-    def __init__(self, backend: ExecutionBackend | Mapping[str, ExecutionBackend]
-                 | None = None):
+    def __init__(
+        self, backend: ExecutionBackend | Mapping[str, ExecutionBackend] | None = None
+    ):
         if backend is None:
             from .registry import default_backend
 
@@ -175,8 +180,9 @@ class WorkflowEngine:
     @overload
     def function_task(self, fn: Callable[..., Any], /) -> TaskDecl: ...
     @overload
-    def function_task(self, fn: None = None, /, **opts: Any
-                      ) -> Callable[[Callable[..., Any]], TaskDecl]: ...
+    def function_task(
+        self, fn: None = None, /, **opts: Any
+    ) -> Callable[[Callable[..., Any]], TaskDecl]: ...
 
     def function_task(self, fn: Any = None, /, **opts: Any) -> Any:
         """Run a Python function (``def`` or ``async def``) on a backend."""
@@ -200,8 +206,11 @@ class WorkflowEngine:
             options = TaskOptions.build(name, **opts)
             if kind is not TaskKind.BLOCK:
                 backend = self._backend_for(options.backend, name)
-                need = (Capability.FUNCTIONS if kind is TaskKind.FUNCTION
-                        else Capability.EXECUTABLES)
+                need = (
+                    Capability.FUNCTIONS
+                    if kind is TaskKind.FUNCTION
+                    else Capability.EXECUTABLES
+                )
                 caps = backend.info.capabilities
                 if need not in caps:
                     raise TaskDefinitionError(
@@ -214,7 +223,9 @@ class WorkflowEngine:
         if fn is None:
             return make
         if opts:
-            raise TaskDefinitionError("pass options as keywords: @flow.function_task(retries=2)")
+            raise TaskDefinitionError(
+                "pass options as keywords: @flow.function_task(retries=2)"
+            )
         return make(fn)
 
     def _backend_for(self, name: str | None, task: str) -> ExecutionBackend:
@@ -259,16 +270,21 @@ class WorkflowEngine:
             for spec in queued:
                 fut = self._inflight.pop(spec.uid, None)
                 if fut is not None:
-                    self._finish_error(fut, exc if isinstance(exc, Exception)
-                                       else AsyncflowError(f"backend start: {exc!r}"))
+                    self._finish_error(
+                        fut,
+                        exc
+                        if isinstance(exc, Exception)
+                        else AsyncflowError(f"backend start: {exc!r}"),
+                    )
             raise
         self._started[id(backend)] = backend
         if self._queues[id(backend)]:
             self._schedule_flush()
 
     # -- calling a task --------------------------------------------------------
-    def _call(self, decl: TaskDecl, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> TaskFuture:
+    def _call(
+        self, decl: TaskDecl, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskFuture:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -286,7 +302,7 @@ class WorkflowEngine:
         if args or kwargs:
             pending = 0
             for dep in collect_futures(args, kwargs):
-                state = dep._state
+                state = dep._tstate
                 if state is TaskState.DONE:
                     continue
                 if state is TaskState.FAILED:
@@ -308,22 +324,28 @@ class WorkflowEngine:
 
     def _dep_done(self, fut: TaskFuture) -> None:
         fut._pending -= 1
-        if fut._pending == 0 and fut._state is TaskState.WAITING:
+        if fut._pending == 0 and fut._tstate is TaskState.WAITING:
             self._ready(fut)
 
     def _ready(self, fut: TaskFuture) -> None:
         """All dependencies are done: resolve the arguments and start the work."""
         decl = fut._decl
         kind = decl.kind
-        target = (self._backend_for(decl.opts.backend, decl.name)
-                  if kind is TaskKind.FUNCTION else None)
+        target = (
+            self._backend_for(decl.opts.backend, decl.name)
+            if kind is TaskKind.FUNCTION
+            else None
+        )
         args, kwargs = fut._args, fut._kwargs
         remote = False
         if args or kwargs:
             deps = collect_futures(args, kwargs)
             if deps:
-                fetch = [d for d in deps if d._remote is not None
-                         and d._remote.owner is not target]
+                fetch = [
+                    d
+                    for d in deps
+                    if d._remote is not None and d._remote.owner is not target
+                ]
                 if fetch:
                     fut._job = asyncio.ensure_future(self._fetch_then_ready(fut, fetch))
                     return
@@ -334,9 +356,20 @@ class WorkflowEngine:
         if kind is TaskKind.FUNCTION:
             assert target is not None
             opts = decl.opts
-            spec = TaskSpec(fut.uid, decl.name, decl.fn, None, args, kwargs,
-                            opts.resources, opts.timeout, opts.options, 0,
-                            decl.is_async, remote)
+            spec = TaskSpec(
+                fut.uid,
+                decl.name,
+                decl.fn,
+                None,
+                args,
+                kwargs,
+                opts.resources,
+                opts.timeout,
+                opts.options,
+                0,
+                decl.is_async,
+                remote,
+            )
             self._submit(fut, target, spec)
         elif kind is TaskKind.EXECUTABLE:
             if decl.is_async:
@@ -356,14 +389,15 @@ class WorkflowEngine:
             await asyncio.gather(*deps)
         except Exception:
             pass  # a lost upstream value fails this task through the state below
-        failed = [d for d in deps if d._state is TaskState.FAILED]
+        failed = [d for d in deps if d._tstate is TaskState.FAILED]
         if failed:
             self._fail_dependents(failed[0], [fut])
-        elif fut._state is TaskState.WAITING:
+        elif fut._tstate is TaskState.WAITING:
             self._ready(fut)
 
-    async def _run_body(self, fut: TaskFuture, args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> None:
+    async def _run_body(
+        self, fut: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         try:
             command = await fut._decl.fn(*args, **kwargs)
         except Exception as exc:
@@ -381,20 +415,32 @@ class WorkflowEngine:
             self._finish_error(fut, exc, retry=False)
             return
         backend = self._backend_for(opts.backend, decl.name)
-        spec = TaskSpec(fut.uid, decl.name, None, cmd, (), {}, opts.resources,
-                        opts.timeout, opts.options, 0)
+        spec = TaskSpec(
+            fut.uid,
+            decl.name,
+            None,
+            cmd,
+            (),
+            {},
+            opts.resources,
+            opts.timeout,
+            opts.options,
+            0,
+        )
         self._submit(fut, backend, spec)
 
-    async def _run_block(self, fut: TaskFuture, args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> None:
+    async def _run_block(
+        self, fut: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         decl = fut._decl
         timeout = decl.opts.timeout
         while True:
             try:
                 value = decl.fn(*args, **kwargs)
                 if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-                    value = await (asyncio.wait_for(value, timeout) if timeout
-                                   else value)
+                    value = await (
+                        asyncio.wait_for(value, timeout) if timeout else value
+                    )
             except TimeoutError as exc:
                 err: BaseException = exc
                 if not isinstance(exc, TaskTimeoutError):
@@ -415,18 +461,21 @@ class WorkflowEngine:
             return
 
     # -- submission -----------------------------------------------------------
-    def _submit(self, fut: TaskFuture, backend: ExecutionBackend, spec: TaskSpec) -> None:
+    def _submit(
+        self, fut: TaskFuture, backend: ExecutionBackend, spec: TaskSpec
+    ) -> None:
         fut._spec = spec
         fut._backend = backend
-        fut._state = TaskState.SUBMITTED
+        fut._tstate = TaskState.SUBMITTED
         self._inflight[spec.uid] = fut
         self._queues[id(backend)].append(spec)
         if not self._flush_scheduled:
             self._schedule_flush()
         if spec.timeout is not None:
             assert self._loop is not None
-            fut._timer = self._loop.call_later(spec.timeout, self._on_timeout, fut,
-                                               spec.uid)
+            fut._timer = self._loop.call_later(
+                spec.timeout, self._on_timeout, fut, spec.uid
+            )
 
     def _schedule_flush(self) -> None:
         assert self._loop is not None
@@ -455,20 +504,23 @@ class WorkflowEngine:
             return
         self._backend_cancel(fut._backend, [spec_uid])
         timeout = fut._spec.timeout if fut._spec else None
-        self._finish_error(fut, TaskTimeoutError(
-            f"task {fut.name!r} ({fut.uid}) exceeded its timeout of {timeout}s and "
-            "was cancelled; raise timeout= or use retries="
-        ))
+        self._finish_error(
+            fut,
+            TaskTimeoutError(
+                f"task {fut.name!r} ({fut.uid}) exceeded its timeout of {timeout}s and "
+                "was cancelled; raise timeout= or use retries="
+            ),
+        )
 
     # -- completion -------------------------------------------------------------
     def _finish_ok(self, fut: TaskFuture, value: Any) -> None:
-        if fut._state in _FINAL:
+        if fut._tstate in _FINAL:
             return
         if fut._timer is not None:
             fut._timer.cancel()
             fut._timer = None
         del self._open[fut.uid]
-        fut._state = TaskState.DONE
+        fut._tstate = TaskState.DONE
         fut._spec = None
         if isinstance(value, RemoteValue):
             fut._remote = value
@@ -480,24 +532,31 @@ class WorkflowEngine:
             for dep in dependents:
                 dep._engine._dep_done(dep)
 
-    def _finish_error(self, fut: TaskFuture, exc: BaseException,
-                      retry: bool = True) -> None:
-        if fut._state in _FINAL:
+    def _finish_error(
+        self, fut: TaskFuture, exc: BaseException, retry: bool = True
+    ) -> None:
+        if fut._tstate in _FINAL:
             return
         if fut._timer is not None:
             fut._timer.cancel()
             fut._timer = None
         spec = fut._spec
-        if (retry and spec is not None and fut._attempt < fut._decl.opts.retries
-                and not isinstance(exc, _NOT_RETRIED) and not self._closed):
+        if (
+            retry
+            and spec is not None
+            and fut._attempt < fut._decl.opts.retries
+            and not isinstance(exc, _NOT_RETRIED)
+            and not self._closed
+        ):
             fut._attempt += 1
-            log.info("retrying task %s (attempt %d) after %r", fut.uid,
-                     fut._attempt + 1, exc)
+            log.info(
+                "retrying task %s (attempt %d) after %r", fut.uid, fut._attempt + 1, exc
+            )
             new = replace(spec, uid=f"{fut.uid}.r{fut._attempt}", attempt=fut._attempt)
             self._submit(fut, fut._backend, new)
             return
         self._open.pop(fut.uid, None)
-        fut._state = TaskState.FAILED
+        fut._tstate = TaskState.FAILED
         fut._spec = None
         fut._args = fut._kwargs = None  # type: ignore[assignment]
         _set_exception(fut, exc)
@@ -505,7 +564,9 @@ class WorkflowEngine:
             self._fail_dependents(fut, fut._dependents)
             fut._dependents = None
 
-    def _fail_dependents(self, failed: TaskFuture, dependents: list[TaskFuture]) -> None:
+    def _fail_dependents(
+        self, failed: TaskFuture, dependents: list[TaskFuture]
+    ) -> None:
         """Fail every (transitive) dependent at once, naming the failed upstream."""
         failed._log_traceback = False  # reported through the dependents instead
         exc = failed.exception()
@@ -517,12 +578,12 @@ class WorkflowEngine:
         stack = [(failed, d) for d in dependents]
         while stack:
             upstream, dep = stack.pop()
-            if dep._state in _FINAL:
+            if dep._tstate in _FINAL:
                 continue
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
             dep._engine._open.pop(dep.uid, None)
-            dep._state = TaskState.FAILED
+            dep._tstate = TaskState.FAILED
             dep._args = dep._kwargs = None  # type: ignore[assignment]
             if dep._job is not None:
                 dep._job.cancel()
@@ -539,7 +600,7 @@ class WorkflowEngine:
         to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         while stack:
             f = stack.pop()
-            if f._state in _FINAL:
+            if f._tstate in _FINAL:
                 continue
             spec = f._spec
             if spec is not None and self._inflight.pop(spec.uid, None) is not None:
@@ -552,7 +613,7 @@ class WorkflowEngine:
                 f._job.cancel()
                 f._job = None
             f._engine._open.pop(f.uid, None)
-            f._state = TaskState.CANCELLED
+            f._tstate = TaskState.CANCELLED
             f._spec = None
             f._args = f._kwargs = None  # type: ignore[assignment]
             _future_cancel(f, msg)
@@ -583,7 +644,7 @@ class WorkflowEngine:
         except Exception as exc:
             fut._remote = None
             fut._job = None
-            fut._state = TaskState.FAILED
+            fut._tstate = TaskState.FAILED
             _set_exception(fut, exc)
             return
         fut._remote = None
@@ -601,7 +662,7 @@ class WorkflowEngine:
     async def _shutdown(self) -> None:
         to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         for fut in list(self._open.values()):
-            if fut._state in (TaskState.SUBMITTED, TaskState.RUNNING) and fut._spec:
+            if fut._tstate in (TaskState.SUBMITTED, TaskState.RUNNING) and fut._spec:
                 entry = to_backend.setdefault(id(fut._backend), (fut._backend, []))
                 entry[1].append(fut._spec.uid)
             self._cancel(fut, "engine shut down", notify=False)

@@ -5,16 +5,16 @@ back as that ``ValueError``, with the worker-side traceback attached as a note. 
 classes below describe what asyncflow itself has to say::
 
     AsyncflowError
-    ├── TaskDefinitionError(AsyncflowError, TypeError)   bad decorator use or bad input
+    ├── TaskDefinitionError(AsyncflowError, TypeError)   bad declaration or input
     ├── SerializationError(AsyncflowError, TypeError)    cannot ship a function/value
-    ├── ResourceUnavailableError(AsyncflowError)         request the backend can never meet
+    ├── ResourceUnavailableError(AsyncflowError)         request that can never be met
     ├── BackendError(AsyncflowError)
     │   ├── BackendNotInstalledError(BackendError, ImportError)
     │   ├── BackendStartError(BackendError)
     │   └── WorkerLostError(BackendError)                the worker died under the task
     ├── EngineClosedError(AsyncflowError, RuntimeError)  used after shutdown()
     ├── TaskTimeoutError(AsyncflowError, TimeoutError)   ``timeout=`` ran out
-    ├── TaskInterruptedError(AsyncflowError)             SystemExit/KeyboardInterrupt in a task
+    ├── TaskInterruptedError(AsyncflowError)             SystemExit/Ctrl-C in a task
     ├── DependencyFailureError(AsyncflowError)           an upstream task failed
     └── ExecutableFailedError(AsyncflowError)            a command exited non-zero
 
@@ -112,12 +112,14 @@ class DependencyFailureError(AsyncflowError):
             f"task {task!r} was not run: upstream task {names} failed{via}: {cause}"
         )
 
-    def __reduce__(self):  # type: ignore[override]
-        return (_rebuild_dependency_failure, (self.task, self.upstream, self.root,
-                                              self.args[0]))
+    def __reduce__(self):
+        return (
+            _rebuild_dependency_failure,
+            (self.task, self.upstream, self.root, self.args[0]),
+        )
 
 
-def _rebuild_dependency_failure(task, upstream, root, message):  # type: ignore[no-untyped-def]
+def _rebuild_dependency_failure(task, upstream, root, message):
     err = DependencyFailureError.__new__(DependencyFailureError)
     err.task, err.upstream, err.root = task, tuple(upstream), root
     Exception.__init__(err, message)
@@ -131,8 +133,14 @@ class ExecutableFailedError(AsyncflowError):
     signal, as in :mod:`subprocess`).
     """
 
-    def __init__(self, task: str, exit_code: int, stdout: str, stderr: str,
-                 command: str | Sequence[str] = ""):
+    def __init__(
+        self,
+        task: str,
+        exit_code: int,
+        stdout: str,
+        stderr: str,
+        command: str | Sequence[str] = "",
+    ):
         self.task = task
         self.exit_code = exit_code
         self.stdout = stdout
@@ -147,6 +155,8 @@ class ExecutableFailedError(AsyncflowError):
             f"executable task {task!r} exited with code {exit_code}{hint}{detail}"
         )
 
-    def __reduce__(self):  # type: ignore[override]
-        return (type(self), (self.task, self.exit_code, self.stdout, self.stderr,
-                             self.command))
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.task, self.exit_code, self.stdout, self.stderr, self.command),
+        )

@@ -27,15 +27,15 @@ __all__ = ["TaskFuture", "TaskState"]
 
 
 class TaskState(str, enum.Enum):
-    WAITING = "waiting"        # dependencies not finished yet
-    SUBMITTED = "submitted"    # handed to the backend
-    RUNNING = "running"        # the backend said it started
+    WAITING = "waiting"  # dependencies not finished yet
+    SUBMITTED = "submitted"  # handed to the backend
+    RUNNING = "running"  # the backend said it started
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
-class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
+class TaskFuture(asyncio.Future):
     """Awaitable handle of one task call."""
 
     # Engine bookkeeping lives here, not in side tables, so that a finished task
@@ -52,20 +52,25 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         "_pending",
         "_remote",
         "_spec",
-        "_state",
+        "_tstate",
         "_timer",
         "name",
         "uid",
     )
 
-    def __init__(self, engine: WorkflowEngine, decl: TaskDecl, uid: str,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        engine: WorkflowEngine,
+        decl: TaskDecl,
+        uid: str,
+        loop: asyncio.AbstractEventLoop,
+    ):
         super().__init__(loop=loop)
         self._engine = engine
         self._decl = decl
         self.uid = uid
         self.name = decl.name
-        self._state = TaskState.WAITING
+        self._tstate = TaskState.WAITING
         self._dependents: list[TaskFuture] | None = None
         self._pending = 0
         self._args: tuple[Any, ...] = ()
@@ -81,12 +86,12 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
 
     @property
     def state(self) -> TaskState:
-        return self._state
+        return self._tstate
 
     def cancel(self, msg: Any = None) -> bool:
         """Cancel the task: drop it if pending, stop it if running, and cancel
         every task that depends on it."""
-        if self._state in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED):
+        if self._tstate in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED):
             return False
         return self._engine._cancel(self, msg)
 
@@ -105,4 +110,4 @@ class TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         return super().result()
 
     def __repr__(self) -> str:
-        return f"<TaskFuture {self.uid} {self._state.value}>"
+        return f"<TaskFuture {self.uid} {self._tstate.value}>"

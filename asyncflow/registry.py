@@ -24,18 +24,42 @@ GROUP = "asyncflow.backends"
 
 # name -> (import path, runtime module, runtime distribution, install hint)
 KNOWN: dict[str, tuple[str, str | None, str | None, str]] = {
-    "threads": ("asyncflow.adapters.concurrent:ConcurrentExecutionBackend", None, None,
-                "built in"),
-    "processes": ("asyncflow.adapters.concurrent:process_backend", None, None,
-                  "built in"),
-    "dask": ("asyncflow.adapters.dask:DaskExecutionBackend", "distributed",
-             "distributed", "pip install 'asyncflow[dask]'"),
-    "ray": ("asyncflow.adapters.ray:RayExecutionBackend", "ray", "ray",
-            "pip install 'asyncflow[ray]'"),
-    "parsl": ("asyncflow.adapters.parsl:ParslExecutionBackend", "parsl", "parsl",
-              "pip install 'asyncflow[parsl]'"),
-    "radical": ("asyncflow.adapters.radical:RadicalExecutionBackend", "radical.pilot",
-                "radical.pilot", "pip install 'asyncflow[radical]'"),
+    "threads": (
+        "asyncflow.adapters.concurrent:ConcurrentExecutionBackend",
+        None,
+        None,
+        "built in",
+    ),
+    "processes": (
+        "asyncflow.adapters.concurrent:process_backend",
+        None,
+        None,
+        "built in",
+    ),
+    "dask": (
+        "asyncflow.adapters.dask:DaskExecutionBackend",
+        "distributed",
+        "distributed",
+        "pip install 'asyncflow[dask]'",
+    ),
+    "ray": (
+        "asyncflow.adapters.ray:RayExecutionBackend",
+        "ray",
+        "ray",
+        "pip install 'asyncflow[ray]'",
+    ),
+    "parsl": (
+        "asyncflow.adapters.parsl:ParslExecutionBackend",
+        "parsl",
+        "parsl",
+        "pip install 'asyncflow[parsl]'",
+    ),
+    "radical": (
+        "asyncflow.adapters.radical:RadicalExecutionBackend",
+        "radical.pilot",
+        "radical.pilot",
+        "pip install 'asyncflow[radical]'",
+    ),
 }
 
 
@@ -67,8 +91,15 @@ def available_backends() -> list[BackendStatus]:
         else:
             installed = _importable(module)
             version = _version(dist) if installed and dist else None
-        out.append(BackendStatus(name, target, installed, version,
-                                 hint or f"install the package providing {target}"))
+        out.append(
+            BackendStatus(
+                name,
+                target,
+                installed,
+                version,
+                hint or f"install the package providing {target}",
+            )
+        )
     return out
 
 
@@ -91,7 +122,7 @@ def _resolve(target: str) -> Callable[..., Any]:
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def backend_class(name: str) -> Callable[..., Any]:
@@ -105,7 +136,8 @@ def backend_class(name: str) -> Callable[..., Any]:
     except ImportError as exc:
         hint = KNOWN.get(name, ("", None, None, ""))[3]
         raise BackendNotInstalledError(
-            f"backend {name!r} needs a runtime that is not installed ({exc.name or exc})"
+            f"backend {name!r} needs a runtime that is not installed "
+            f"({exc.name or exc})"
             f"; install it with: {hint or 'pip install the adapter package'}"
         ) from exc
 
@@ -125,7 +157,7 @@ def default_backend() -> Any:
     except json.JSONDecodeError as exc:
         raise TaskDefinitionError(
             f"ASYNCFLOW_BACKEND_OPTIONS is not valid JSON ({exc}); use e.g. "
-            '\'{"n_workers": 2}\''
+            "'{\"n_workers\": 2}'"
         ) from None
     if not isinstance(options, dict):
         raise TaskDefinitionError("ASYNCFLOW_BACKEND_OPTIONS must be a JSON object")

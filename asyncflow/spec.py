@@ -30,8 +30,9 @@ class Resources:
     ranks: int = 1
 
     @classmethod
-    def coerce(cls, value: Resources | Mapping[str, Any] | None,
-               task: str) -> Resources:
+    def coerce(
+        cls, value: Resources | Mapping[str, Any] | None, task: str
+    ) -> Resources:
         if value is None:
             return DEFAULT_RESOURCES
         if isinstance(value, Resources):
@@ -84,8 +85,13 @@ class Command:
         return isinstance(self.argv, str)
 
     @classmethod
-    def coerce(cls, value: object, task: str, env: Mapping[str, str] | None = None,
-               cwd: str | None = None) -> Command:
+    def coerce(
+        cls,
+        value: object,
+        task: str,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Command:
         """Validate what an executable body returned, naming the task on error."""
         if isinstance(value, Command):
             env = {**(env or {}), **(value.env or {})} or None
@@ -97,8 +103,10 @@ class Command:
                     f"executable task {task!r} returned an empty command string"
                 )
             argv: str | tuple[str, ...] = value
-        elif isinstance(value, list | tuple) and value and all(
-            isinstance(a, str) for a in value
+        elif (
+            isinstance(value, list | tuple)
+            and value
+            and all(isinstance(a, str) for a in value)
         ):
             argv = tuple(value)
         else:
@@ -121,8 +129,9 @@ def check_env(env: object, task: str) -> None:
             f"task {task!r}: env= must be a dict of str to str, got "
             f"{type(env).__name__}"
         )
-    bad = {k: v for k, v in env.items() if not (isinstance(k, str)
-                                                 and isinstance(v, str))}
+    bad = {
+        k: v for k, v in env.items() if not (isinstance(k, str) and isinstance(v, str))
+    }
     if bad:
         raise TaskDefinitionError(
             f"task {task!r}: env= values must be strings; convert these with str(): "

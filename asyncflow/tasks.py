@@ -41,17 +41,27 @@ class TaskOptions:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, name: str, *, retries: int = 0, timeout: float | None = None,
-              resources: Any = None, backend: str | None = None,
-              env: Mapping[str, str] | None = None, cwd: str | None = None,
-              options: Mapping[str, Any] | None = None) -> TaskOptions:
+    def build(
+        cls,
+        name: str,
+        *,
+        retries: int = 0,
+        timeout: float | None = None,
+        resources: Any = None,
+        backend: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> TaskOptions:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise TaskDefinitionError(
                 f"task {name!r}: retries= must be a whole number >= 0, got {retries!r}"
             )
         if timeout is not None and (
-            not isinstance(timeout, int | float) or isinstance(timeout, bool)
-            or not math.isfinite(timeout) or timeout <= 0
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not math.isfinite(timeout)
+            or timeout <= 0
         ):
             raise TaskDefinitionError(
                 f"task {name!r}: timeout= must be a positive number of seconds, "
@@ -62,16 +72,27 @@ class TaskOptions:
             raise TaskDefinitionError(
                 f"task {name!r}: options= must be a dict of backend-specific settings"
             )
-        return cls(retries, None if timeout is None else float(timeout),
-                   Resources.coerce(resources, name), backend, env,
-                   None if cwd is None else str(cwd), dict(options or {}))
+        return cls(
+            retries,
+            None if timeout is None else float(timeout),
+            Resources.coerce(resources, name),
+            backend,
+            env,
+            None if cwd is None else str(cwd),
+            dict(options or {}),
+        )
 
 
 class TaskDecl:
     """A decorated function: calling it creates a task and returns its future."""
 
-    def __init__(self, engine: WorkflowEngine, fn: Callable[..., Any],
-                 kind: TaskKind, opts: TaskOptions):
+    def __init__(
+        self,
+        engine: WorkflowEngine,
+        fn: Callable[..., Any],
+        kind: TaskKind,
+        opts: TaskOptions,
+    ):
         if not callable(fn):
             raise TaskDefinitionError(
                 f"@{_decorator(kind)} needs a function, got {fn!r} of type "
@@ -82,10 +103,10 @@ class TaskDecl:
         self.kind = kind
         self.opts = opts
         self.name: str = getattr(fn, "__name__", None) or type(fn).__name__
-        self.is_async = inspect.iscoroutinefunction(fn) or (
-            inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            type(fn).__call__
         )
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture:
         return self.engine._call(self, args, kwargs)
@@ -95,8 +116,11 @@ class TaskDecl:
 
 
 def _decorator(kind: TaskKind) -> str:
-    return {TaskKind.FUNCTION: "function_task", TaskKind.EXECUTABLE: "executable_task",
-            TaskKind.BLOCK: "block"}[kind]
+    return {
+        TaskKind.FUNCTION: "function_task",
+        TaskKind.EXECUTABLE: "executable_task",
+        TaskKind.BLOCK: "block",
+    }[kind]
 
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)

@@ -37,8 +37,13 @@ _RUNNING_LOCK = threading.Lock()
 _CANCELLED: set[str] = set()
 
 
-def call_function(fn: Callable[..., Any], args: tuple[Any, ...],
-                  kwargs: dict[str, Any], is_async: bool, name: str) -> Any:
+def call_function(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    is_async: bool,
+    name: str,
+) -> Any:
     """Run a task's function; ``async def`` ones get a fresh loop of their own."""
     try:
         if is_async:
@@ -74,8 +79,13 @@ def _loads(blob: bytes) -> Callable[..., Any]:
     return fn
 
 
-def call_pickled(blob: bytes, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 is_async: bool, name: str) -> Any:
+def call_pickled(
+    blob: bytes,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    is_async: bool,
+    name: str,
+) -> Any:
     return call_function(_loads(blob), args, kwargs, is_async, name)
 
 
@@ -95,9 +105,16 @@ def run_command(command: Command, uid: str, name: str) -> str:
         env = {**os.environ, **command.env}
     try:
         proc = subprocess.Popen(
-            command.argv, shell=command.shell, cwd=command.cwd, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, errors="replace", start_new_session=True,
+            command.argv,
+            shell=command.shell,
+            cwd=command.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
         )
     except (FileNotFoundError, PermissionError) as exc:
         # The list form bypasses the shell; report it the way sh would.
@@ -151,5 +168,6 @@ def run_spec(spec: TaskSpec) -> Any:
     if spec.command is not None:
         return run_command(spec.command, spec.uid, spec.name)
     assert spec.function is not None
-    return call_function(spec.function, spec.args, spec.kwargs, spec.is_async,
-                         spec.name)
+    return call_function(
+        spec.function, spec.args, spec.kwargs, spec.is_async, spec.name
+    )

@@ -1,0 +1,303 @@
+"""Mixins for promises that touch the runtime: commands, cancelling, timeouts,
+retries, parallelism, payloads, serialisation, resources and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .. import (
+    EngineClosedError,
+    ExecutableFailedError,
+    ResourceUnavailableError,
+    SerializationError,
+    TaskTimeoutError,
+)
+from ..engine import WorkflowEngine
+from ..protocol import Capability
+from . import tasks as t
+from .base import scenario
+from .gate import Gate
+
+C = Capability
+
+__all__ = [
+    "CancelTests",
+    "ExecutableTests",
+    "ParallelTests",
+    "PayloadTests",
+    "ResourceTests",
+    "RetryTests",
+    "SerializationTests",
+    "ShutdownTests",
+    "TimeoutTests",
+]
+
+
+async def _dies(pid: int, within: float = 30.0) -> bool:
+    """Wait (in a thread, on the process's exit) until ``pid`` is gone."""
+
+    def wait() -> bool:
+        try:
+            proc = psutil.Process(pid)
+            proc.wait(timeout=within)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.TimeoutExpired:
+            return False
+        return True
+
+    return await asyncio.to_thread(wait)
+
+
+class ExecutableTests:
+    @scenario(C.EXECUTABLES)
+    async def test_stdout_and_dependency_values(self, flow: WorkflowEngine) -> None:
+        @flow.executable_task
+        def echo(*words: object) -> str:
+            return "echo " + " ".join(map(str, words))
+
+        @flow.executable_task
+        async def shout(text: str) -> list[str]:
+            return ["printf", "%s!", text.strip()]
+
+        first = echo("hello", 1)
+        assert await shout(first) == "hello 1!"
+        assert await first == "hello 1\n"
+
+    @scenario(C.EXECUTABLES)
+    async def test_list_form_never_uses_a_shell(self, flow: WorkflowEngine) -> None:
+        literal = flow.executable_task(lambda: ["echo", "a;b", "$HOME", "`id`", "|"])
+        assert await literal() == "a;b $HOME `id` |\n"
+
+    @scenario(C.EXECUTABLES)
+    async def test_exit_code_stdout_stderr(self, flow: WorkflowEngine) -> None:
+        fail = flow.executable_task(lambda: "echo out; echo err >&2; exit 3")
+        with pytest.raises(ExecutableFailedError) as info:
+            await fail()
+        err = info.value
+        assert (err.exit_code, err.stdout, err.stderr) == (3, "out\n", "err\n")
+        missing = flow.executable_task(lambda: ["asyncflow-no-such-command-xyz"])
+        with pytest.raises(ExecutableFailedError) as info:
+            await missing()
+        assert info.value.exit_code == 127
+
+    @scenario(C.EXECUTABLES)
+    async def test_env_and_cwd(self, flow: WorkflowEngine, tmp_path: Path) -> None:
+        show = flow.executable_task(
+            env={"ASYNCFLOW_X": "forty two"}, cwd=str(tmp_path)
+        )(lambda: 'echo "$ASYNCFLOW_X"; pwd')
+        out = (await show()).splitlines()
+        assert out[0] == "forty two"
+        assert os.path.realpath(out[1]) == os.path.realpath(tmp_path)
+
+    @scenario(C.EXECUTABLES)
+    async def test_large_stdout_is_complete(self, flow: WorkflowEngine) -> None:
+        lines = flow.executable_task(lambda: "seq 1 20000")
+        out = await lines()
+        assert out.splitlines() == [str(i) for i in range(1, 20001)]
+
+
+class CancelTests:
+    @scenario(C.FUNCTIONS)
+    async def test_cancel_waiting_task_and_dependents(
+        self, flow: WorkflowEngine
+    ) -> None:
+        async with Gate() as gate:
+            wait, inc = flow.function_task(t.gate_wait), flow.function_task(t.inc)
+            blocker = wait(gate.address, "block")
+            waiting = inc(blocker)
+            downstream = inc(waiting)
+            assert waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert downstream.cancelled()
+            await gate.arrived("block")
+            gate.release("block")
+            assert await blocker == "go", "the upstream itself is unaffected"
+
+    @scenario(C.FUNCTIONS)
+    async def test_cancel_running_function(self, flow: WorkflowEngine) -> None:
+        async with Gate() as gate:
+            wait, inc = flow.function_task(t.gate_wait), flow.function_task(t.inc)
+            running = wait(gate.address, "run")
+            dependent = inc(running)
+            await gate.arrived("run")
+            assert running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            with pytest.raises(asyncio.CancelledError):
+                await dependent
+
+    @scenario(C.FUNCTIONS, C.CANCEL_RUNNING)
+    async def test_cancel_running_function_stops_it(self, flow: WorkflowEngine) -> None:
+        async with Gate() as gate:
+            running = flow.function_task(t.gate_wait)(gate.address, "run")
+            (pid,) = await gate.arrived("run")
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            if pid != os.getpid():
+                assert await _dies(pid), "the worker running it was stopped"
+
+    @scenario(C.EXECUTABLES, C.KILL_EXECUTABLES)
+    async def test_cancel_running_executable_kills_it(
+        self, flow: WorkflowEngine
+    ) -> None:
+        async with Gate() as gate:
+            running = flow.executable_task(lambda: gate.command("cmd"))()
+            (pid,) = await gate.arrived("cmd")
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert await _dies(pid), "the command's process was killed"
+
+
+class TimeoutTests:
+    @scenario(C.FUNCTIONS)
+    async def test_timeout_raises_task_timeout_error(
+        self, flow: WorkflowEngine
+    ) -> None:
+        async with Gate() as gate:
+            slow = flow.function_task(timeout=0.5)(t.gate_wait)
+            inc = flow.function_task(t.inc)
+            fut = slow(gate.address, "slow")
+            dependent = inc(fut)
+            with pytest.raises(TaskTimeoutError) as info:
+                await fut
+            assert isinstance(info.value, TimeoutError)
+            assert "slow" in str(info.value) or "gate_wait" in str(info.value)
+            with pytest.raises(Exception) as dep:
+                await dependent
+            assert isinstance(dep.value.__cause__, TaskTimeoutError)
+
+    @scenario(C.EXECUTABLES, C.KILL_EXECUTABLES)
+    async def test_timeout_kills_executable(self, flow: WorkflowEngine) -> None:
+        async with Gate() as gate:
+            cmd = flow.executable_task(timeout=1.0)(lambda: gate.command("t"))
+            fut = cmd()
+            (pid,) = await gate.arrived("t")
+            with pytest.raises(TaskTimeoutError):
+                await fut
+            assert await _dies(pid)
+
+
+class RetryTests:
+    @scenario(C.FUNCTIONS)
+    async def test_retries_rerun_failed_attempts(
+        self, flow: WorkflowEngine, tmp_path: Path
+    ) -> None:
+        ok = flow.function_task(retries=2)(t.flaky)
+        assert await ok(str(tmp_path / "a"), 2) == 3
+        short = flow.function_task(retries=1)(t.flaky)
+        with pytest.raises(RuntimeError, match="planned failure 2"):
+            await short(str(tmp_path / "b"), 5)
+        assert t.count_lines(str(tmp_path / "b")) == 2
+
+    @scenario(C.FUNCTIONS)
+    async def test_dependency_failure_is_not_retried(
+        self, flow: WorkflowEngine, tmp_path: Path
+    ) -> None:
+        boom = flow.function_task(t.boom)
+        child = flow.function_task(retries=3)(t.flaky)
+        marker = str(tmp_path / "child")
+        with pytest.raises(Exception) as info:
+            await child(marker, boom())
+        assert isinstance(info.value.__cause__, ValueError)
+        assert t.count_lines(marker) == 0, "the dependent never ran"
+
+
+class ParallelTests:
+    @scenario(C.FUNCTIONS, C.PARALLEL)
+    async def test_two_functions_run_at_once(self, flow: WorkflowEngine) -> None:
+        async with Gate() as gate:
+            gate.barrier("pair", 2)
+            wait = flow.function_task(t.gate_wait)
+            assert await asyncio.gather(
+                wait(gate.address, "pair", 30), wait(gate.address, "pair", 30)
+            ) == ["go", "go"]
+
+    @scenario(C.EXECUTABLES, C.PARALLEL)
+    async def test_two_executables_run_at_once(self, flow: WorkflowEngine) -> None:
+        async with Gate() as gate:
+            gate.barrier("pair", 2)
+            cmd = flow.executable_task(lambda: gate.command("pair"))
+            assert await asyncio.gather(cmd(), cmd()) == ["go\n", "go\n"]
+
+
+class PayloadTests:
+    @scenario(C.FUNCTIONS, C.LARGE_PAYLOADS)
+    async def test_50mb_argument_and_result(self, flow: WorkflowEngine) -> None:
+        size = 50 * 1024 * 1024
+        make, nbytes = flow.function_task(t.make_bytes), flow.function_task(t.nbytes)
+        assert await nbytes(make(size)) == size
+        assert await nbytes(b"y" * size) == size
+        assert len(await make(size)) == size
+
+
+class SerializationTests:
+    @scenario(C.FUNCTIONS, C.SERIALIZES)
+    async def test_unserialisable_function_fails_clearly(
+        self, flow: WorkflowEngine
+    ) -> None:
+        lock = threading.Lock()
+
+        def holds_a_lock() -> bool:
+            return lock.locked()
+
+        with pytest.raises(SerializationError, match="holds_a_lock"):
+            await flow.function_task(holds_a_lock)()
+
+
+class ResourceTests:
+    @scenario(C.FUNCTIONS, C.RESOURCES)
+    async def test_infeasible_request_fails_fast(self, flow: WorkflowEngine) -> None:
+        greedy = flow.function_task(resources={"cores": 100_000})(t.inc)
+        with pytest.raises(ResourceUnavailableError, match="inc"):
+            await asyncio.wait_for(greedy(1), 60)
+        gpus = flow.function_task(resources={"gpus": 4096})(t.inc)
+        with pytest.raises(ResourceUnavailableError):
+            await asyncio.wait_for(gpus(1), 60)
+        assert await flow.function_task(resources={"cores": 1})(t.inc)(1) == 2
+
+
+class ShutdownTests:
+    @scenario(C.FUNCTIONS)
+    async def test_shutdown_cancels_idempotent_and_closes(
+        self, flow: WorkflowEngine
+    ) -> None:
+        before = {th.ident for th in threading.enumerate()}
+        children = {p.pid for p in psutil.Process().children(recursive=True)}
+        async with Gate() as gate:
+            wait, inc = flow.function_task(t.gate_wait), flow.function_task(t.inc)
+            assert await inc(1) == 2
+            running = wait(gate.address, "held")
+            waiting = inc(running)
+            await gate.arrived("held")
+            gate.release("held")
+            await flow.shutdown()
+            await flow.shutdown()
+            assert running.done() and waiting.done()
+            with pytest.raises(EngineClosedError):
+                inc(1)
+        leftover = await asyncio.to_thread(_new_threads_after_join, before)
+        assert not leftover, f"threads left after shutdown: {leftover}"
+        new = {p.pid for p in psutil.Process().children(recursive=True)} - children
+        alive = [pid for pid in new if not await _dies(pid, 15)]
+        assert not alive, f"processes left after shutdown: {alive}"
+
+
+def _new_threads_after_join(before: set[int | None]) -> list[str]:
+    left = []
+    for th in threading.enumerate():
+        if th.ident in before or th is threading.current_thread():
+            continue
+        th.join(10)
+        if th.is_alive() and not th.name.startswith("asyncio_"):
+            left.append(th.name)
+    return left
