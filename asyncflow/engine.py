@@ -204,6 +204,7 @@ class WorkflowEngine:
             if not callable(f):
                 return TaskDecl(self, f, kind, TaskOptions())  # raises the clear error
             options = TaskOptions.build(name, **opts)
+            backend: ExecutionBackend | None = None
             if kind is not TaskKind.BLOCK:
                 backend = self._backend_for(options.backend, name)
                 need = (
@@ -218,7 +219,7 @@ class WorkflowEngine:
                         f"{kind.value} tasks ({caps.why_not(need)}); route it to "
                         "another backend with backend=..."
                     )
-            return TaskDecl(self, f, kind, options)
+            return TaskDecl(self, f, kind, options, backend)
 
         if fn is None:
             return make
@@ -331,11 +332,7 @@ class WorkflowEngine:
         """All dependencies are done: resolve the arguments and start the work."""
         decl = fut._decl
         kind = decl.kind
-        target = (
-            self._backend_for(decl.opts.backend, decl.name)
-            if kind is TaskKind.FUNCTION
-            else None
-        )
+        target = decl.backend if kind is TaskKind.FUNCTION else None
         args, kwargs = fut._args, fut._kwargs
         remote = False
         if args or kwargs:
@@ -414,7 +411,8 @@ class WorkflowEngine:
         except TaskDefinitionError as exc:
             self._finish_error(fut, exc, retry=False)
             return
-        backend = self._backend_for(opts.backend, decl.name)
+        assert decl.backend is not None
+        backend = decl.backend
         spec = TaskSpec(
             fut.uid,
             decl.name,

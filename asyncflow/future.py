@@ -52,8 +52,8 @@ class TaskFuture(asyncio.Future):
         "_pending",
         "_remote",
         "_spec",
-        "_tstate",
         "_timer",
+        "_tstate",
         "name",
         "uid",
     )

@@ -20,6 +20,7 @@ from .spec import Resources, check_env
 
 if TYPE_CHECKING:
     from .engine import WorkflowEngine
+    from .protocol import ExecutionBackend
 
 __all__ = ["TaskDecl", "TaskKind", "TaskOptions", "collect_futures", "substitute"]
 
@@ -92,6 +93,7 @@ class TaskDecl:
         fn: Callable[..., Any],
         kind: TaskKind,
         opts: TaskOptions,
+        backend: ExecutionBackend | None = None,
     ):
         if not callable(fn):
             raise TaskDefinitionError(
@@ -102,6 +104,7 @@ class TaskDecl:
         self.fn = fn
         self.kind = kind
         self.opts = opts
+        self.backend = backend  # resolved once here, not per call
         self.name: str = getattr(fn, "__name__", None) or type(fn).__name__
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             type(fn).__call__

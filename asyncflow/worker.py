@@ -32,7 +32,7 @@ __all__ = [
     "run_spec",
 ]
 
-_RUNNING: dict[str, subprocess.Popen[str]] = {}
+_RUNNING: dict[str, subprocess.Popen[str] | None] = {}
 _RUNNING_LOCK = threading.Lock()
 _CANCELLED: set[str] = set()
 
@@ -103,6 +103,8 @@ def run_command(command: Command, uid: str, name: str) -> str:
     env = None
     if command.env:
         env = {**os.environ, **command.env}
+    with _RUNNING_LOCK:
+        _RUNNING[uid] = None  # starting: a kill now is remembered until Popen returns
     try:
         proc = subprocess.Popen(
             command.argv,
@@ -117,16 +119,19 @@ def run_command(command: Command, uid: str, name: str) -> str:
             start_new_session=True,
         )
     except (FileNotFoundError, PermissionError) as exc:
+        with _RUNNING_LOCK:
+            _RUNNING.pop(uid, None)
+            _CANCELLED.discard(uid)
         # The list form bypasses the shell; report it the way sh would.
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         raise ExecutableFailedError(
             name, code, "", f"{command.argv[0]}: {exc.strerror}", command.argv
         ) from None
     with _RUNNING_LOCK:
+        _RUNNING[uid] = proc
         if uid in _CANCELLED:
             _CANCELLED.discard(uid)
             _killpg(proc)
-        _RUNNING[uid] = proc
     try:
         out, err = proc.communicate()
     finally:
@@ -138,15 +143,17 @@ def run_command(command: Command, uid: str, name: str) -> str:
 
 
 def kill_command(uid: str) -> bool:
-    """Kill the process group of the running command ``uid`` in this process.
+    """Kill the process group of command ``uid`` if it runs in this process.
 
-    A command that has not started yet is killed as soon as it does.
+    Returns whether a command by that uid was running (or starting) here.
     """
     with _RUNNING_LOCK:
-        proc = _RUNNING.get(uid)
+        if uid not in _RUNNING:
+            return False
+        proc = _RUNNING[uid]
         if proc is None:
             _CANCELLED.add(uid)
-            return False
+            return True
     _killpg(proc)
     return True
 
@@ -156,11 +163,6 @@ def _killpg(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def forget_cancelled(uid: str) -> None:
-    with _RUNNING_LOCK:
-        _CANCELLED.discard(uid)
 
 
 def run_spec(spec: TaskSpec) -> Any:
