@@ -14,9 +14,25 @@ import pytest
 
 from .base import USER_PROPERTY, BackendFixtures
 
-_seen: dict[str, type] = {}
-_outcomes: dict[str, Counter[str]] = defaultdict(Counter)
-_skips: dict[str, set[str]] = defaultdict(set)
+
+class _State:
+    """Per-run bookkeeping, kept on the config so in-process reruns start clean."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, type] = {}
+        self.outcomes: dict[str, Counter[str]] = defaultdict(Counter)
+        self.skips: dict[str, set[str]] = defaultdict(set)
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+_current: _State | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _current
+    config.stash[_STATE] = _current = _State()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -36,46 +52,60 @@ def pytest_pycollect_makeitem(collector: Any, name: str, obj: object) -> None:
         and issubclass(obj, BackendFixtures)
         and not obj.__module__.startswith("asyncflow.conformance")
     ):
-        _seen[f"{obj.__module__}::{obj.__qualname__}"] = obj
+        seen = collector.config.stash[_STATE].seen
+        seen[f"{obj.__module__}::{obj.__qualname__}"] = obj
         if not collector.classnamefilter(name):
-            raise pytest.UsageError(
-                f"conformance class {obj.__qualname__} in {obj.__module__} is not "
-                "collected by pytest: its name must match python_classes "
-                "(start it with 'Test')"
-            )
+            seen[f"{obj.__module__}::{obj.__qualname__}"] = _Uncollectable
+
+
+class _Uncollectable:
+    """Marks a class pytest will not collect because of its name."""
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     counts: Counter[type] = Counter()
     for item in items:
         cls = getattr(item, "cls", None)
         if cls is not None and issubclass(cls, BackendFixtures):
             counts[cls] += 1
-    empty = [key for key, cls in _seen.items() if counts[cls] == 0]
+    seen = config.stash[_STATE].seen
+    empty = [key for key, cls in seen.items() if counts[cls] == 0]
     if empty:
+        hint = ""
+        if any(cls is _Uncollectable for cls in seen.values()):
+            hint = " (a class is only collected if its name matches python_classes, "
+            hint += "by default: starts with 'Test')"
         raise pytest.UsageError(
             "asyncflow conformance: these adapter classes collected zero tests; "
             "combine BackendFixtures with ConformanceSuite or its mixins: "
             + ", ".join(empty)
+            + hint
         )
 
 
+@pytest.hookimpl
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    state = _current
     backend = dict(report.user_properties).get(USER_PROPERTY)
     if backend is None or (report.when != "call" and not report.skipped):
         return
-    _outcomes[backend][report.outcome] += 1
+    if state is None:
+        return
+    state.outcomes[backend][report.outcome] += 1
     if report.skipped and isinstance(report.longrepr, tuple):
-        _skips[backend].add(str(report.longrepr[2]).removeprefix("Skipped: "))
+        state.skips[backend].add(str(report.longrepr[2]).removeprefix("Skipped: "))
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _outcomes:
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash[_STATE]
+    if not state.outcomes:
         return
     terminalreporter.section("asyncflow conformance")
-    for backend, counts in sorted(_outcomes.items()):
+    for backend, counts in sorted(state.outcomes.items()):
         summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
         terminalreporter.line(f"{backend}: {summary}")
-        for reason in sorted(_skips[backend]):
+        for reason in sorted(state.skips[backend]):
             terminalreporter.line(f"    skipped: {reason}")
