@@ -522,6 +522,8 @@ class WorkflowEngine:
         fut._spec = None
         if isinstance(value, RemoteValue):
             fut._remote = value
+            if fut._callbacks:  # somebody already waits: fetch now
+                self._fetch(fut)
         else:
             _set_result(fut, value)
         dependents = fut._dependents

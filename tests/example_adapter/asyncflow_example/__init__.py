@@ -33,8 +33,12 @@ class AsyncioBackend:
             runtime="asyncio",
             runtime_version=platform.python_version(),
             capabilities=Capabilities.of(
-                C.FUNCTIONS, C.EXECUTABLES, C.KILL_EXECUTABLES, C.PARALLEL,
-                C.RESOURCES, C.LARGE_PAYLOADS,
+                C.FUNCTIONS,
+                C.EXECUTABLES,
+                C.KILL_EXECUTABLES,
+                C.PARALLEL,
+                C.RESOURCES,
+                C.LARGE_PAYLOADS,
                 cancel_running="a thread cannot be interrupted",
                 serializes="runs in the driver process",
                 gpus="no GPUs here",
@@ -49,9 +53,13 @@ class AsyncioBackend:
         for spec in specs:
             res = spec.resources
             if res.gpus or res.cores > self._max_workers or res.ranks > 1:
-                self._sink.set_exception(spec.uid, ResourceUnavailableError(
-                    f"task {spec.name!r} asks for {res}; this backend has "
-                    f"{self._max_workers} slots and no GPUs"))
+                self._sink.set_exception(
+                    spec.uid,
+                    ResourceUnavailableError(
+                        f"task {spec.name!r} asks for {res}; this backend has "
+                        f"{self._max_workers} slots and no GPUs"
+                    ),
+                )
                 continue
             self._tasks[spec.uid] = asyncio.ensure_future(self._run(spec))
 
