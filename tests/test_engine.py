@@ -164,7 +164,7 @@ async def test_routing_between_named_backends() -> None:
         assert hpc.cancelled == [held.uid] and local.cancelled == []
 
 
-# -- ownership at shutdown --------------------------------------------------------------
+# -- ownership at shutdown ----------------------------------------------------
 async def test_engine_shuts_down_the_executor_it_was_given() -> None:
     ex = ThreadPoolExecutor(2)
     async with WorkflowEngine(backend=ConcurrentExecutionBackend(ex)) as flow:
