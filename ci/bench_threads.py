@@ -40,7 +40,9 @@ def raw_chain(n: int, workers: int) -> float:
 
 
 async def af_fanout(n: int, workers: int) -> float:
-    flow = WorkflowEngine(backend=ConcurrentExecutionBackend(ThreadPoolExecutor(workers)))
+    flow = WorkflowEngine(
+        backend=ConcurrentExecutionBackend(ThreadPoolExecutor(workers))
+    )
     task = flow.function_task(noop)
     await flow.start()
     t0 = time.perf_counter()
@@ -51,7 +53,9 @@ async def af_fanout(n: int, workers: int) -> float:
 
 
 async def af_chain(n: int, workers: int) -> float:
-    flow = WorkflowEngine(backend=ConcurrentExecutionBackend(ThreadPoolExecutor(workers)))
+    flow = WorkflowEngine(
+        backend=ConcurrentExecutionBackend(ThreadPoolExecutor(workers))
+    )
     task = flow.function_task(inc)
     await flow.start()
     t0 = time.perf_counter()
@@ -72,14 +76,21 @@ def main() -> None:
     a = p.parse_args()
     for n in map(int, a.sizes.split(",")):
         raw = statistics.median(raw_fanout(n, a.workers) for _ in range(a.repeat))
-        af = statistics.median(asyncio.run(af_fanout(n, a.workers))
-                               for _ in range(a.repeat))
-        print(f"fanout {n:>7}: raw {n / raw:>9.0f}/s  asyncflow {n / af:>9.0f}/s  "
-              f"ratio {raw / af:.2f}  ({af / n * 1e6:.1f} us/task)")
+        af = statistics.median(
+            asyncio.run(af_fanout(n, a.workers)) for _ in range(a.repeat)
+        )
+        print(
+            f"fanout {n:>7}: raw {n / raw:>9.0f}/s  asyncflow {n / af:>9.0f}/s  "
+            f"ratio {raw / af:.2f}  ({af / n * 1e6:.1f} us/task)"
+        )
     raw = statistics.median(raw_chain(200, a.workers) for _ in range(a.repeat))
-    af = statistics.median(asyncio.run(af_chain(200, a.workers)) for _ in range(a.repeat))
-    print(f"chain    200: raw {raw * 1e3:.3f} ms/hop  asyncflow {af * 1e3:.3f} ms/hop  "
-          f"ratio {af / raw:.2f}")
+    af = statistics.median(
+        asyncio.run(af_chain(200, a.workers)) for _ in range(a.repeat)
+    )
+    print(
+        f"chain    200: raw {raw * 1e3:.3f} ms/hop  asyncflow {af * 1e3:.3f} ms/hop  "
+        f"ratio {af / raw:.2f}"
+    )
 
 
 if __name__ == "__main__":
