@@ -168,6 +168,9 @@ class ConcurrentExecutionBackend:
         attribute dance per task; the thread path is the hot one.
         """
         uid = spec.uid
+        sink = self._sink
+        assert sink is not None
+        sink.set_running(uid)
         try:
             if spec.command is not None:
                 value = run_command(spec.command, uid, spec.name)
@@ -181,10 +184,10 @@ class ConcurrentExecutionBackend:
                 )
         except BaseException as exc:
             self._futures.pop(uid, None)
-            self._sink.set_exception(uid, exc)  # type: ignore[union-attr]
+            sink.set_exception(uid, exc)
             return
         self._futures.pop(uid, None)
-        self._sink.set_result(uid, value)  # type: ignore[union-attr]
+        sink.set_result(uid, value)
 
     def _pickle(self, spec: TaskSpec) -> bytes:
         fn = spec.function

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -27,6 +28,7 @@ from .errors import (
     TaskDefinitionError,
     TaskTimeoutError,
 )
+from .events import EventKind, EventStream, Subscriber, TaskEvent, TraceRecorder
 from .future import TaskFuture, TaskState
 from .protocol import Capability, ExecutionBackend, RemoteValue
 from .spec import Command, TaskSpec
@@ -35,6 +37,11 @@ from .tasks import TaskDecl, TaskKind, TaskOptions, collect_futures, substitute
 __all__ = ["WorkflowEngine"]
 
 log = logging.getLogger("asyncflow")
+log.addHandler(logging.NullHandler())
+
+#: Called with every new engine; ``asyncflow run`` uses it to attach tracing and
+#: progress to engines the user's script creates.
+creation_hooks: list[Callable[[WorkflowEngine], None]] = []
 
 _FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 # Errors that will fail the same way every time: retrying them only wastes time.
@@ -69,7 +76,8 @@ class _Sink:
         self._push((uid, 1, exc))
 
     def set_running(self, uid: str) -> None:
-        self._push((uid, 2, None))
+        if self._engine._subscribers:  # only observers care; skip the hop otherwise
+            self._push((uid, 2, None))
 
     def _push(self, item: tuple[str, int, Any]) -> None:
         self._queue.append(item)
@@ -96,6 +104,8 @@ class _Sink:
                 fut = inflight.get(uid)
                 if fut is not None and fut._tstate is TaskState.SUBMITTED:
                     fut._tstate = TaskState.RUNNING
+                    if engine._subscribers:
+                        engine._emit(EventKind.RUNNING, fut)
                 continue
             fut = inflight.pop(uid, None)
             if fut is None:
@@ -151,6 +161,15 @@ class WorkflowEngine:
         self._counter = itertools.count(1)
         self._closed = False
         self._shutdown_task: asyncio.Future[None] | None = None
+        self._guard: asyncio.Task[None] | None = None
+        self._subscribers: list[Subscriber] = []
+        self._recorder: TraceRecorder | None = None
+        self._labels = {
+            id(b): (name if isinstance(backend, Mapping) else b.info.name)
+            for name, b in backends.items()
+        }
+        for hook in creation_hooks:
+            hook(self)
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -256,11 +275,22 @@ class WorkflowEngine:
             )
         self._loop = loop
         self._sink = _Sink(self, loop)
+        self._guard = loop.create_task(self._shut_down_with_loop())
         for backend in self._backends.values():
             key = id(backend)
             if key not in self._starting:
                 self._queues[key] = []
                 self._starting[key] = loop.create_task(self._start_backend(backend))
+
+    async def _shut_down_with_loop(self) -> None:
+        """Shut down when the loop ends (asyncio.run cancels leftover tasks on
+        Ctrl-C, on an escaping exception, or when the user forgot shutdown())."""
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self._closed:
+                await self.shutdown()
+            raise
 
     async def _start_backend(self, backend: ExecutionBackend) -> None:
         assert self._sink is not None
@@ -300,6 +330,9 @@ class WorkflowEngine:
         self._open[uid] = fut
         fut._args = args
         fut._kwargs = kwargs
+        if self._subscribers:
+            deps = collect_futures(args, kwargs) if (args or kwargs) else []
+            self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
         if args or kwargs:
             pending = 0
             for dep in collect_futures(args, kwargs):
@@ -319,6 +352,8 @@ class WorkflowEngine:
                 pending += 1
             if pending:
                 fut._pending = pending
+                if self._subscribers:
+                    self._emit(EventKind.WAITING, fut)
                 return fut
         self._ready(fut)
         return fut
@@ -469,6 +504,8 @@ class WorkflowEngine:
         self._queues[id(backend)].append(spec)
         if not self._flush_scheduled:
             self._schedule_flush()
+        if self._subscribers:
+            self._emit(EventKind.SUBMITTED, fut)
         if spec.timeout is not None:
             assert self._loop is not None
             fut._timer = self._loop.call_later(
@@ -520,6 +557,8 @@ class WorkflowEngine:
         del self._open[fut.uid]
         fut._tstate = TaskState.DONE
         fut._spec = None
+        if self._subscribers:
+            self._emit(EventKind.DONE, fut)
         if isinstance(value, RemoteValue):
             fut._remote = value
             if fut._callbacks:  # somebody already waits: fetch now
@@ -552,6 +591,8 @@ class WorkflowEngine:
             log.info(
                 "retrying task %s (attempt %d) after %r", fut.uid, fut._attempt + 1, exc
             )
+            if self._subscribers:
+                self._emit(EventKind.RETRIED, fut)
             new = replace(spec, uid=f"{fut.uid}.r{fut._attempt}", attempt=fut._attempt)
             self._submit(fut, fut._backend, new)
             return
@@ -559,6 +600,8 @@ class WorkflowEngine:
         fut._tstate = TaskState.FAILED
         fut._spec = None
         fut._args = fut._kwargs = None  # type: ignore[assignment]
+        if self._subscribers:
+            self._emit(EventKind.FAILED, fut)
         _set_exception(fut, exc)
         if fut._dependents:
             self._fail_dependents(fut, fut._dependents)
@@ -588,6 +631,8 @@ class WorkflowEngine:
             if dep._job is not None:
                 dep._job.cancel()
                 dep._job = None
+            if dep._engine._subscribers:
+                dep._engine._emit(EventKind.FAILED, dep)
             _set_exception(dep, err)
             if dep._dependents:
                 dep._log_traceback = False
@@ -616,6 +661,8 @@ class WorkflowEngine:
             f._tstate = TaskState.CANCELLED
             f._spec = None
             f._args = f._kwargs = None  # type: ignore[assignment]
+            if f._engine._subscribers:
+                f._engine._emit(EventKind.CANCELLED, f)
             _future_cancel(f, msg)
             if f._dependents:
                 stack.extend(f._dependents)
@@ -651,6 +698,70 @@ class WorkflowEngine:
         fut._job = None
         _set_result(fut, value)
 
+    # -- observability ----------------------------------------------------------
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback(TaskEvent)`` on every task state change, on the loop
+        thread.  Returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def events(self) -> EventStream:
+        """An async iterator of every event from now on."""
+        stream = EventStream(lambda: unsubscribe())
+        unsubscribe = self.subscribe(stream.queue.put_nowait)
+        return stream
+
+    def record_trace(self) -> TraceRecorder:
+        """Start keeping one record per task, for :meth:`export_trace` and the
+        critical path in :meth:`summary`."""
+        if self._recorder is None:
+            self._recorder = TraceRecorder()
+            self.subscribe(self._recorder)
+        return self._recorder
+
+    def export_trace(self, path: str) -> str:
+        """Write a Chrome trace-event JSON file (Perfetto, chrome://tracing)."""
+        if self._recorder is None:
+            raise AsyncflowError(
+                "no trace was recorded: call flow.record_trace() before running "
+                "tasks (or use `asyncflow run --trace FILE`)"
+            )
+        return str(self._recorder.export(path))
+
+    def summary(self) -> dict[str, Any]:
+        """Task counts by state and by backend, total and critical-path time
+        (the times need :meth:`record_trace`)."""
+        if self._recorder is not None:
+            return self._recorder.summary()
+        return {
+            "tasks": None,
+            "by_state": {},
+            "by_backend": {},
+            "total_time": None,
+            "critical_path_time": None,
+            "critical_path": [],
+            "note": "call flow.record_trace() first for counts and times",
+        }
+
+    def _emit(
+        self, kind: EventKind, fut: TaskFuture, deps: tuple[str, ...] = ()
+    ) -> None:
+        backend = fut._backend or fut._decl.backend
+        label = self._labels.get(id(backend), "engine") if backend else "engine"
+        event = TaskEvent(
+            time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps
+        )
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event subscriber %r failed", callback)
+
     # -- shutdown -------------------------------------------------------------
     async def shutdown(self) -> None:
         """Cancel unfinished tasks and shut every backend down.  Idempotent."""
@@ -673,6 +784,9 @@ class WorkflowEngine:
             if not task.done():
                 task.cancel()
         await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        guard = self._guard
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
         errors = []
         for backend in self._backends.values():
             try:

@@ -179,12 +179,16 @@ class TimeoutTests:
     @scenario(C.EXECUTABLES, C.KILL_EXECUTABLES)
     async def test_timeout_kills_executable(self, flow: WorkflowEngine) -> None:
         async with Gate() as gate:
-            cmd = flow.executable_task(timeout=1.0)(lambda: gate.command("t"))
+            cmd = flow.executable_task(timeout=3.0)(lambda: gate.command("t"))
             fut = cmd()
-            (pid,) = await gate.arrived("t")
+            arrived = asyncio.ensure_future(gate.arrived("t"))
+            await asyncio.wait([arrived, fut], return_when=asyncio.FIRST_COMPLETED)
             with pytest.raises(TaskTimeoutError):
                 await fut
-            assert await _dies(pid)
+            if arrived.done():  # else it was killed before it could even report
+                (pid,) = arrived.result()
+                assert await _dies(pid)
+            arrived.cancel()
 
 
 class RetryTests:

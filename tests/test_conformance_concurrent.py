@@ -6,9 +6,9 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
-from asyncflow.conformance import BackendFixtures, ConformanceSuite
 
 from asyncflow import ConcurrentExecutionBackend
+from asyncflow.conformance import BackendFixtures, ConformanceSuite
 
 
 class TestThreads(BackendFixtures, ConformanceSuite):

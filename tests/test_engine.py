@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from asyncflow.conformance import tasks as t
 
 from asyncflow import (
     BackendInfo,
@@ -30,6 +29,7 @@ from asyncflow import (
     WorkflowEngine,
     available_backends,
 )
+from asyncflow.conformance import tasks as t
 
 pytestmark = pytest.mark.timeout(60)
 

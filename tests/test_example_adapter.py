@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import pytest
-from asyncflow.conformance import BackendFixtures, ConformanceSuite
 
 from asyncflow import available_backends, load_backend
+from asyncflow.conformance import BackendFixtures, ConformanceSuite
 
 
 class TestExampleAdapter(BackendFixtures, ConformanceSuite):

@@ -1,0 +1,212 @@
+"""Task events, the trace recorder, Chrome trace export and run summaries.
+
+The engine emits a :class:`TaskEvent` on every state change, but only builds one
+when somebody listens: with no subscriber an emit costs one attribute test, so
+the fan-out benchmark does not pay for observability it does not use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EventKind", "TaskEvent", "TraceRecorder"]
+
+
+class EventKind(enum.StrEnum):
+    CREATED = "created"
+    WAITING = "waiting"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRIED = "retried"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    time: float  # time.time() seconds
+    kind: EventKind
+    uid: str
+    name: str
+    backend: str
+    attempt: int
+    deps: tuple[str, ...] = ()
+
+
+Subscriber = Callable[[TaskEvent], None]
+
+
+class EventStream:
+    """``async for event in flow.events(): ...`` — an unbounded queue feed."""
+
+    def __init__(self, unsubscribe: Callable[[], None]) -> None:
+        self.queue: asyncio.Queue[TaskEvent] = asyncio.Queue()
+        self._unsubscribe = unsubscribe
+
+    def __aiter__(self) -> AsyncIterator[TaskEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TaskEvent]:
+        try:
+            while True:
+                yield await self.queue.get()
+        finally:
+            self._unsubscribe()
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+
+@dataclass(slots=True)
+class _Record:
+    uid: str
+    name: str
+    backend: str
+    deps: tuple[str, ...]
+    created: float
+    submitted: float | None = None
+    running: float | None = None
+    end: float | None = None
+    state: str = "created"
+    attempts: int = 1
+
+
+@dataclass
+class TraceRecorder:
+    """Keeps one record per task while subscribed; feeds trace and summary."""
+
+    records: dict[str, _Record] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def __call__(self, ev: TaskEvent) -> None:
+        kind = ev.kind
+        if kind is EventKind.CREATED:
+            self.records[ev.uid] = _Record(
+                ev.uid, ev.name, ev.backend, ev.deps, ev.time
+            )
+            return
+        rec = self.records.get(ev.uid)
+        if rec is None:
+            return
+        rec.state = kind.value
+        if kind is EventKind.SUBMITTED:
+            rec.submitted = ev.time
+            rec.backend = ev.backend
+        elif kind is EventKind.RUNNING:
+            rec.running = ev.time
+        elif kind is EventKind.RETRIED:
+            rec.attempts = ev.attempt + 1
+            rec.running = None
+        elif kind in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED):
+            rec.end = ev.time
+
+    # -- summary ---------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        by_state = Counter(r.state for r in self.records.values())
+        by_backend: dict[str, Counter[str]] = {}
+        for r in self.records.values():
+            by_backend.setdefault(r.backend, Counter())[r.state] += 1
+        ends = [r.end for r in self.records.values() if r.end is not None]
+        starts = [r.created for r in self.records.values()]
+        total = (max(ends) - min(starts)) if ends and starts else 0.0
+        return {
+            "tasks": len(self.records),
+            "by_state": dict(by_state),
+            "by_backend": {b: dict(c) for b, c in by_backend.items()},
+            "total_time": total,
+            "critical_path_time": self.critical_path()[0],
+            "critical_path": self.critical_path()[1],
+        }
+
+    def critical_path(self) -> tuple[float, list[str]]:
+        """The longest chain of dependent task run times (seconds, uids)."""
+        best: dict[str, tuple[float, list[str]]] = {}
+        for uid in sorted(self.records, key=lambda u: self.records[u].created):
+            rec = self.records[uid]
+            start = rec.running or rec.submitted
+            own = (rec.end - start) if (rec.end is not None and start) else 0.0
+            prev = max(
+                (best[d] for d in rec.deps if d in best),
+                key=lambda x: x[0],
+                default=(0.0, []),
+            )
+            best[uid] = (prev[0] + own, [*prev[1], uid])
+        return max(best.values(), key=lambda x: x[0], default=(0.0, []))
+
+    # -- Chrome trace ---------------------------------------------------------
+    def chrome_trace(self) -> dict[str, Any]:
+        """Complete ("X") events, one track per backend slot.
+
+        Runtimes do not say which worker ran a task, so tasks are packed into the
+        fewest lanes that never overlap: each lane is a slot that was busy.
+        """
+        events: list[dict[str, Any]] = []
+        lanes: dict[str, list[float]] = {}
+        pids: dict[str, int] = {}
+        done = [
+            r
+            for r in self.records.values()
+            if r.end is not None and (r.running or r.submitted)
+        ]
+        for rec in sorted(done, key=lambda r: r.running or r.submitted or 0.0):
+            start = rec.running or rec.submitted or rec.created
+            end = rec.end or start
+            pid = pids.setdefault(rec.backend, len(pids) + 1)
+            busy = lanes.setdefault(rec.backend, [])
+            lane = next((i for i, free in enumerate(busy) if free <= start), None)
+            if lane is None:
+                lane = len(busy)
+                busy.append(end)
+            else:
+                busy[lane] = end
+            events.append(
+                {
+                    "name": rec.name,
+                    "cat": rec.state,
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": lane + 1,
+                    "ts": (start - self.started) * 1e6,
+                    "dur": max(0.0, end - start) * 1e6,
+                    "args": {
+                        "uid": rec.uid,
+                        "state": rec.state,
+                        "attempts": rec.attempts,
+                        "queued_us": ((start - rec.created) * 1e6),
+                    },
+                }
+            )
+        for backend, pid in pids.items():
+            events.append(
+                {
+                    "name": "process_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "args": {"name": f"backend {backend}"},
+                }
+            )
+            for lane in range(len(lanes[backend])):
+                events.append(
+                    {
+                        "name": "thread_name",
+                        "ph": "M",
+                        "pid": pid,
+                        "tid": lane + 1,
+                        "args": {"name": f"slot {lane + 1}"},
+                    }
+                )
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def export(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.chrome_trace()))
+        return path
