@@ -288,6 +288,7 @@ class WorkflowEngine:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
+            self._guard = None  # shutdown() must not cancel the task running it
             if not self._closed:
                 await self.shutdown()
             raise
@@ -784,9 +785,8 @@ class WorkflowEngine:
             if not task.done():
                 task.cancel()
         await asyncio.gather(*self._starting.values(), return_exceptions=True)
-        guard = self._guard
-        if guard is not None and guard is not asyncio.current_task():
-            guard.cancel()
+        if self._guard is not None:
+            self._guard.cancel()
         errors = []
         for backend in self._backends.values():
             try:
