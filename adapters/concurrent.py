@@ -48,9 +48,37 @@ __all__ = ["ConcurrentExecutionBackend", "process_backend"]
 
 C = Capability
 
+_COMMON = (
+    C.FUNCTIONS,
+    C.EXECUTABLES,
+    C.KILL_EXECUTABLES,
+    C.RESOURCES,
+    C.LARGE_PAYLOADS,
+    C.PARALLEL,
+)
+_NO_INTERRUPT = (
+    "a running thread or pool process cannot be interrupted; the engine "
+    "abandons its result"
+)
+THREAD_CAPABILITIES = Capabilities.of(
+    *_COMMON,
+    cancel_running=_NO_INTERRUPT,
+    gpus="concurrent.futures knows nothing of GPUs",
+    serializes="threads share the driver's memory",
+)
+PROCESS_CAPABILITIES = Capabilities.of(
+    *_COMMON,
+    C.SERIALIZES,
+    cancel_running=_NO_INTERRUPT,
+    gpus="concurrent.futures knows nothing of GPUs",
+)
+
 
 class ConcurrentExecutionBackend:
     """Runs tasks on a ``concurrent.futures`` executor (a thread pool by default)."""
+
+    #: for listings that must not start a runtime (``asyncflow backends``)
+    CAPABILITIES = THREAD_CAPABILITIES
 
     def __init__(
         self,
@@ -76,30 +104,18 @@ class ConcurrentExecutionBackend:
         self._pickled: dict[Any, bytes] = {}
         self._sink: CompletionSink | None = None
         self._closed = False
-        caps = [
-            C.FUNCTIONS,
-            C.EXECUTABLES,
-            C.KILL_EXECUTABLES,
-            C.RESOURCES,
-            C.LARGE_PAYLOADS,
-        ]
-        if self._workers > 1:
-            caps.append(C.PARALLEL)
-        absent = {
-            "cancel_running": "a running thread or pool process cannot be "
-            "interrupted; the engine abandons its result",
-            "gpus": "concurrent.futures knows nothing of GPUs",
-        }
-        if self._processes:
-            caps.append(C.SERIALIZES)
-        else:
-            absent["serializes"] = "threads share the driver's memory"
+        caps = PROCESS_CAPABILITIES if self._processes else THREAD_CAPABILITIES
+        if self._workers < 2:
+            caps = Capabilities(
+                caps.supported - {C.PARALLEL},
+                {**caps.reasons, C.PARALLEL: "the executor has a single worker"},
+            )
         kind = "processes" if self._processes else "threads"
         self._info = BackendInfo(
             name=f"concurrent-{kind}",
             runtime=f"concurrent.futures.{type(self._executor).__name__}",
             runtime_version=sys.version.split()[0],
-            capabilities=Capabilities.of(*caps, **absent),
+            capabilities=caps,
         )
 
     @property
@@ -273,3 +289,6 @@ def process_backend(max_workers: int | None = None) -> ConcurrentExecutionBacken
     return ConcurrentExecutionBackend(
         ProcessPoolExecutor(max_workers or os.cpu_count())
     )
+
+
+process_backend.CAPABILITIES = PROCESS_CAPABILITIES  # type: ignore[attr-defined]

@@ -143,12 +143,15 @@ class TraceRecorder:
         return max(best.values(), key=lambda x: x[0], default=(0.0, []))
 
     # -- Chrome trace ---------------------------------------------------------
-    def chrome_trace(self) -> dict[str, Any]:
+    def chrome_trace(
+        self, zero: float | None = None, pid_base: int = 0
+    ) -> dict[str, Any]:
         """Complete ("X") events, one track per backend slot.
 
         Runtimes do not say which worker ran a task, so tasks are packed into the
         fewest lanes that never overlap: each lane is a slot that was busy.
         """
+        base = self.started if zero is None else zero
         events: list[dict[str, Any]] = []
         lanes: dict[str, list[float]] = {}
         pids: dict[str, int] = {}
@@ -160,7 +163,7 @@ class TraceRecorder:
         for rec in sorted(done, key=lambda r: r.running or r.submitted or 0.0):
             start = rec.running or rec.submitted or rec.created
             end = rec.end or start
-            pid = pids.setdefault(rec.backend, len(pids) + 1)
+            pid = pids.setdefault(rec.backend, pid_base + len(pids) + 1)
             busy = lanes.setdefault(rec.backend, [])
             lane = next((i for i, free in enumerate(busy) if free <= start), None)
             if lane is None:
@@ -175,7 +178,7 @@ class TraceRecorder:
                     "ph": "X",
                     "pid": pid,
                     "tid": lane + 1,
-                    "ts": (start - self.started) * 1e6,
+                    "ts": (start - base) * 1e6,
                     "dur": max(0.0, end - start) * 1e6,
                     "args": {
                         "uid": rec.uid,
@@ -210,3 +213,13 @@ class TraceRecorder:
         path = Path(path)
         path.write_text(json.dumps(self.chrome_trace()))
         return path
+
+
+def merge_traces(recorders: list[TraceRecorder]) -> dict[str, Any]:
+    """One trace for several engines, on a common clock."""
+    zero = min((r.started for r in recorders), default=0.0)
+    events: list[dict[str, Any]] = []
+    for r in recorders:
+        pid_base = max((e["pid"] for e in events), default=0)
+        events += r.chrome_trace(zero, pid_base)["traceEvents"]
+    return {"traceEvents": events, "displayTimeUnit": "ms"}

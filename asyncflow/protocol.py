@@ -35,6 +35,9 @@ ended.  The contract, in full:
     A runtime the adapter attached to but did not start is left running.
     Idempotent.
 
+An adapter class may also carry a ``CAPABILITIES`` attribute so that tools such
+as ``asyncflow backends`` can list what it supports without starting a runtime.
+
 Results cross threads through the sink, which is safe to call from any thread and
 batches wake-ups onto the loop.  A result may be a :class:`RemoteValue`: the data
 stays in the runtime, and specs later submitted to the *same* adapter carry that

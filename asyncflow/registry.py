@@ -142,6 +142,14 @@ def backend_class(name: str) -> Callable[..., Any]:
         ) from exc
 
 
+def capabilities_of(name: str) -> Any:
+    """A backend's class-level ``CAPABILITIES``, without starting its runtime."""
+    try:
+        return getattr(backend_class(name), "CAPABILITIES", None)
+    except Exception:
+        return None
+
+
 def load_backend(name: str, **options: Any) -> Any:
     """Instantiate the backend registered as ``name`` with ``options``."""
     return backend_class(name)(**options)

@@ -1,0 +1,207 @@
+"""The ``asyncflow`` command: run a script on any backend, list backends, plot
+traces.
+
+``asyncflow run wf.py --backend dask`` switches runtime with no code change: it
+sets ``ASYNCFLOW_BACKEND`` (and ``ASYNCFLOW_BACKEND_OPTIONS``), so every
+``WorkflowEngine()`` created without an explicit backend uses it.  Precedence,
+strongest first: a backend passed in code, then the command line, then the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import runpy
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("asyncflow")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so asyncio unwinds and engines shut down."""
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # plain strings need no quotes
+    return key, value
+
+
+def _configure_logging(level: str | None) -> None:
+    if not level:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .engine import WorkflowEngine, creation_hooks
+
+    if ns.backend:
+        os.environ["ASYNCFLOW_BACKEND"] = ns.backend
+    if ns.backend_option:
+        options = json.loads(os.environ.get("ASYNCFLOW_BACKEND_OPTIONS") or "{}")
+        options.update(dict(ns.backend_option))
+        os.environ["ASYNCFLOW_BACKEND_OPTIONS"] = json.dumps(options)
+    engines: list[WorkflowEngine] = []
+    progress = None
+    if ns.progress and sys.stdout.isatty():
+        from .progress import ProgressDisplay
+
+        progress = ProgressDisplay()
+
+    def attach(engine: WorkflowEngine) -> None:
+        engines.append(engine)
+        if ns.trace:
+            engine.record_trace()
+        if progress is not None:
+            engine.subscribe(progress)
+
+    creation_hooks.append(attach)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    sys.argv = [ns.script, *ns.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
+    code: int = 0
+    try:
+        if progress is not None:
+            progress.start()
+        runpy.run_path(ns.script, run_name="__main__")
+    except KeyboardInterrupt:
+        code = 130
+    except Terminated:
+        code = 143
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        creation_hooks.remove(attach)
+        if progress is not None:
+            progress.stop()
+        if ns.trace:
+            _write_trace(engines, ns.trace)
+    return code
+
+
+def _write_trace(engines: Sequence[Any], path: str) -> None:
+    from .events import merge_traces
+
+    recorders = [e._recorder for e in engines if e._recorder is not None]
+    with open(path, "w") as f:
+        json.dump(merge_traces(recorders), f)
+    print(
+        f"asyncflow: trace of {len(recorders)} engine(s) written to {path}",
+        file=sys.stderr,
+    )
+
+
+def cmd_backends(ns: argparse.Namespace) -> int:
+    from .registry import available_backends, capabilities_of
+
+    rows = []
+    for status in available_backends():
+        caps = capabilities_of(status.name) if status.installed else None
+        rows.append(
+            (
+                status.name,
+                "yes" if status.installed else f"no ({status.install_hint})",
+                status.version or "-",
+                ", ".join(sorted(c.value for c in caps.supported)) if caps else "-",
+            )
+        )
+    widths = [
+        max(
+            len(r[i]) for r in [*rows, ("name", "installed", "version", "capabilities")]
+        )
+        for i in range(4)
+    ]
+    header = ("name", "installed", "version", "capabilities")
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plot import gantt
+
+    out = gantt(ns.trace, ns.output)
+    print(f"asyncflow: Gantt chart written to {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncflow", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--log-level",
+        help="level of the 'asyncflow' logger "
+        "(DEBUG, INFO, ...); the root logger is never touched",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a workflow script on a chosen backend")
+    run.add_argument("--backend", help="backend name, see `asyncflow backends`")
+    run.add_argument(
+        "--backend-option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend constructor option (value parsed as JSON if "
+        "it can be), repeatable",
+    )
+    run.add_argument(
+        "--trace", metavar="FILE", help="write a Chrome trace-event JSON of every task"
+    )
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="live progress bar (only when stdout is a terminal)",
+    )
+    run.add_argument("script")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    run.set_defaults(func=cmd_run)
+
+    backends = sub.add_parser("backends", help="list backends, installed or not")
+    backends.set_defaults(func=cmd_backends)
+
+    plot = sub.add_parser("plot", help="draw a Gantt chart from a trace file")
+    plot.add_argument("trace")
+    plot.add_argument("-o", "--output", default="gantt.png")
+    plot.set_defaults(func=cmd_plot)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    _configure_logging(ns.log_level)
+    result: int = ns.func(ns)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
