@@ -1,5 +1,5 @@
 """The ``asyncflow`` command: run a script on any backend, list backends, plot
-traces.
+traces, benchmark runtimes.
 
 ``asyncflow run wf.py --backend dask`` switches runtime with no code change: it
 sets ``ASYNCFLOW_BACKEND`` (and ``ASYNCFLOW_BACKEND_OPTIONS``), so every
@@ -151,6 +151,12 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(ns.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncflow", description=__doc__.split("\n\n")[0]
@@ -193,11 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", default="gantt.png")
     plot.set_defaults(func=cmd_plot)
 
+    bench = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="compare runtimes on the same workloads (asyncflow bench --help)",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"]:  # bench owns its whole option set
+        from .bench import main as bench_main
+
+        return bench_main(args[1:])
+    ns = build_parser().parse_args(args)
     _configure_logging(ns.log_level)
     result: int = ns.func(ns)
     return result

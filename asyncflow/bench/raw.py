@@ -1,0 +1,172 @@
+"""Each runtime's own API, behind the smallest common shape: ``submit(fn,
+*args)`` where args may be earlier handles, and ``gather(handles)``.
+
+Dask, Ray and Parsl resolve handles passed as arguments themselves; a
+``concurrent.futures`` executor cannot, so its upstream results are waited for in
+the driver, which is what a user of the raw executor would write.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+WORKERS = 2
+
+
+class Raw:
+    name = "raw"
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ExecutorRaw(Raw):
+    def __init__(self, processes: bool):
+        self.ex = (
+            ProcessPoolExecutor(WORKERS) if processes else ThreadPoolExecutor(WORKERS)
+        )
+        self.name = f"{type(self.ex).__name__}.submit"
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        args = tuple(a.result() if isinstance(a, Future) else a for a in args)
+        return self.ex.submit(fn, *args)
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return [h.result() for h in handles]
+
+    def shutdown(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskRaw(Raw):
+    name = "distributed.Client.submit"
+
+    def __init__(self) -> None:
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(
+            n_workers=WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
+        self.client = Client(self.cluster)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False)
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return list(self.client.gather(handles))
+
+    def shutdown(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+class RayRaw(Raw):
+    name = "ray f.remote()"
+
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        self.tmp = tempfile.mkdtemp(prefix="asyncflow-bench-ray-")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            num_cpus=WORKERS,
+            include_dashboard=False,
+            _temp_dir=self.tmp,
+            log_to_driver=False,
+        )
+        self.remotes: dict[Any, Any] = {}
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        remote = self.remotes.get(fn)
+        if remote is None:
+            remote = self.remotes[fn] = self.ray.remote(max_retries=0)(fn)
+        return remote.remote(*args)
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return list(self.ray.get(handles))
+
+    def shutdown(self) -> None:
+        self.ray.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ParslRaw(Raw):
+    name = "parsl python_app"
+
+    def __init__(self) -> None:
+        import logging
+
+        import parsl
+        from parsl.config import Config
+        from parsl.executors import HighThroughputExecutor
+        from parsl.providers import LocalProvider
+
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        logging.getLogger("parsl").setLevel(logging.WARNING)
+        self.parsl = parsl
+        self.tmp = tempfile.mkdtemp(prefix="asyncflow-bench-parsl-")
+        config = Config(
+            executors=[
+                HighThroughputExecutor(
+                    label="htex",
+                    address="127.0.0.1",
+                    loopback_address="127.0.0.1",
+                    max_workers_per_node=WORKERS,
+                    provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+                )
+            ],
+            run_dir=self.tmp,
+            strategy_period=0.5,
+            initialize_logging=False,
+        )
+        self.dfk = parsl.load(config)
+        self.apps: dict[Any, Any] = {}
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        app = self.apps.get(fn)
+        if app is None:
+            app = self.apps[fn] = self.parsl.python_app(fn, data_flow_kernel=self.dfk)
+        return app(*args)
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return [h.result() for h in handles]
+
+    def shutdown(self) -> None:
+        self.dfk.cleanup()
+        self.parsl.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def make_raw(backend: str) -> Raw | None:
+    """The raw runtime matching an asyncflow backend name, or None if there is
+    no comparable raw API here."""
+    if backend == "threads":
+        return ExecutorRaw(processes=False)
+    if backend == "processes":
+        return ExecutorRaw(processes=True)
+    if backend == "dask":
+        return DaskRaw()
+    if backend == "ray":
+        return RayRaw()
+    if backend == "parsl":
+        return ParslRaw()
+    return None
