@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import (
     CancelledError,
@@ -104,6 +105,7 @@ class ConcurrentExecutionBackend:
         self._pickled: dict[Any, bytes] = {}
         self._sink: CompletionSink | None = None
         self._closed = False
+        self._lock = threading.Lock()
         caps = PROCESS_CAPABILITIES if self._processes else THREAD_CAPABILITIES
         if self._workers < 2:
             caps = Capabilities(
@@ -241,8 +243,10 @@ class ConcurrentExecutionBackend:
             return
         name = f.task_name  # type: ignore[attr-defined]
         if isinstance(exc, BrokenProcessPool):
+            self._replace_broken_pool()
             exc = WorkerLostError(
-                f"task {name!r}: a process-pool worker died while running it ({exc})"
+                f"task {name!r}: a process-pool worker died while running it ({exc}); "
+                "the pool was replaced, use retries= to re-run such tasks"
             )
         elif isinstance(exc, pickle.PicklingError | TypeError | AttributeError) and (
             self._processes and "pickle" in str(exc).lower()
@@ -252,6 +256,16 @@ class ConcurrentExecutionBackend:
                 "pass plain data or define the types at module level"
             )
         sink.set_exception(uid, exc)
+
+    def _replace_broken_pool(self) -> None:
+        """A dead worker breaks a ProcessPoolExecutor for good; the rest of the
+        workflow needs a fresh one."""
+        with self._lock:
+            old = self._executor
+            if not (self._owns and getattr(old, "_broken", False)) or self._closed:
+                return
+            self._executor = ProcessPoolExecutor(self._workers)
+        old.shutdown(wait=False, cancel_futures=True)
 
     def cancel(self, uids: Sequence[str]) -> None:
         for uid in uids:

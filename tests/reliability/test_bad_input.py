@@ -1,0 +1,101 @@
+"""Bad input gets one clear error naming the task, at the earliest point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from asyncflow import (
+    ConcurrentExecutionBackend,
+    ExecutableFailedError,
+    SerializationError,
+    TaskDefinitionError,
+    TaskInterruptedError,
+    WorkerLostError,
+    WorkflowEngine,
+)
+from asyncflow.conformance import tasks as t
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def exit_now(code: int) -> None:
+    sys.exit(code)
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def die(marker: str) -> str:
+    """Kill this worker process the first time; succeed after."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "survived"
+
+
+def make_lock() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+@pytest.fixture(params=["threads", "processes"])
+def backend(request: pytest.FixtureRequest) -> ConcurrentExecutionBackend:
+    if request.param == "threads":
+        return ConcurrentExecutionBackend(ThreadPoolExecutor(2))
+    return ConcurrentExecutionBackend(ProcessPoolExecutor(2))
+
+
+async def test_system_exit_and_ctrl_c_inside_a_task(backend) -> None:  # type: ignore[no-untyped-def]
+    async with WorkflowEngine(backend=backend) as flow:
+        with pytest.raises(TaskInterruptedError, match="'exit_now'.*SystemExit"):
+            await flow.function_task(exit_now)(4)
+        with pytest.raises(
+            TaskInterruptedError, match="'interrupt'.*KeyboardInterrupt"
+        ):
+            await flow.function_task(interrupt)()
+        assert await flow.function_task(t.inc)(1) == 2, "the engine lives on"
+
+
+async def test_missing_cwd_and_missing_command(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async with WorkflowEngine(backend=backend) as flow:
+        where = flow.executable_task(cwd=str(tmp_path / "nope"))(lambda: "pwd")
+        with pytest.raises(
+            TaskDefinitionError, match="'<lambda>'.*cwd.*does not exist"
+        ):
+            await where()
+        missing = flow.executable_task(lambda: "no-such-program-xyz --flag")
+        with pytest.raises(ExecutableFailedError) as info:
+            await missing()
+        assert info.value.exit_code == 127 and "not found" in info.value.stderr
+
+
+async def test_unserialisable_result_on_processes() -> None:
+    backend = ConcurrentExecutionBackend(ProcessPoolExecutor(2))
+    async with WorkflowEngine(backend=backend) as flow:
+        with pytest.raises(SerializationError, match="'make_lock'"):
+            await flow.function_task(make_lock)()
+        import threading
+
+        with pytest.raises(SerializationError, match="'inc'"):
+            await flow.function_task(t.inc)(threading.Lock())
+        assert await flow.function_task(t.inc)(1) == 2
+
+
+async def test_dead_process_worker_is_worker_lost_and_pool_recovers(
+    tmp_path: Path,
+) -> None:
+    backend = ConcurrentExecutionBackend(ProcessPoolExecutor(2))
+    async with WorkflowEngine(backend=backend) as flow:
+        with pytest.raises(WorkerLostError, match="'die'"):
+            await flow.function_task(die)(str(tmp_path / "once"))
+        assert await flow.function_task(t.inc)(1) == 2, "the workflow goes on"
+        retried = flow.function_task(retries=1)(die)
+        assert await retried(str(tmp_path / "twice")) == "survived"
