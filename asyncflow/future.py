@@ -18,8 +18,8 @@ import enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .engine import WorkflowEngine
     from .protocol import RemoteValue
+    from .scheduler import Scheduler
     from .spec import TaskSpec
     from .tasks import TaskDecl
 
@@ -60,7 +60,7 @@ class TaskFuture(asyncio.Future):
 
     def __init__(
         self,
-        engine: WorkflowEngine,
+        engine: Scheduler,
         decl: TaskDecl,
         uid: str,
         loop: asyncio.AbstractEventLoop,

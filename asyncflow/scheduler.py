@@ -1,0 +1,478 @@
+"""The DAG machinery under :class:`~asyncflow.WorkflowEngine`.
+
+Nothing here polls.  A task's future carries the list of its waiting dependents;
+when a backend reports a completion (through :class:`_Sink`, from any thread,
+batched onto the loop), that list is walked and every dependent whose last
+dependency just finished is queued.  Everything queued in one loop turn goes to
+its backend in one ``submit`` call.  Failures and cancellations walk the same
+lists, transitively and at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DependencyFailureError,
+    ResourceUnavailableError,
+    SerializationError,
+    TaskDefinitionError,
+    TaskTimeoutError,
+)
+from .events import EventKind, Subscriber, TaskEvent
+from .future import TaskFuture, TaskState
+from .protocol import ExecutionBackend, RemoteValue
+from .sink import _Sink
+from .spec import Command, TaskSpec
+from .tasks import TaskDecl, TaskKind, collect_futures, substitute
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger("asyncflow")
+
+_FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+# Errors that will fail the same way every time: retrying them only wastes time.
+_NOT_RETRIED = (
+    TaskDefinitionError,
+    SerializationError,
+    ResourceUnavailableError,
+    DependencyFailureError,
+)
+_set_result = asyncio.Future.set_result
+_set_exception = asyncio.Future.set_exception
+_future_cancel = asyncio.Future.cancel
+_future_result = asyncio.Future.result
+
+
+class Scheduler:
+    """Task lifecycle: call, wait, ready, submit, complete, fail, cancel."""
+
+    _loop: asyncio.AbstractEventLoop | None
+    _sink: _Sink | None
+    _inflight: dict[str, TaskFuture]
+    _open: dict[str, TaskFuture]
+    _queues: dict[int, list[TaskSpec]]
+    _started: dict[int, ExecutionBackend]
+    _flush_scheduled: bool
+    _closed: bool
+    _subscribers: list[Subscriber]
+    _labels: dict[int, str]
+    _counter: Iterator[int]
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
+
+    # -- calling a task --------------------------------------------------------
+    def _call(
+        self, decl: TaskDecl, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskFuture:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise TaskDefinitionError(
+                f"task {decl.name!r} was called outside a running event loop; call "
+                "tasks from async code (inside asyncio.run(...))"
+            ) from None
+        if loop is not self._loop or self._closed:
+            self._bind(loop)
+        uid = f"{decl.name}.{next(self._counter):06d}"
+        fut = TaskFuture(self, decl, uid, loop)
+        self._open[uid] = fut
+        fut._args = args
+        fut._kwargs = kwargs
+        if self._subscribers:
+            deps = collect_futures(args, kwargs) if (args or kwargs) else []
+            self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
+        if args or kwargs:
+            pending = 0
+            for dep in collect_futures(args, kwargs):
+                state = dep._tstate
+                if state is TaskState.DONE:
+                    continue
+                if state is TaskState.FAILED:
+                    self._fail_dependents(dep, [fut])
+                    return fut
+                if state is TaskState.CANCELLED:
+                    self._cancel(fut, None)
+                    return fut
+                if dep._dependents is None:
+                    dep._dependents = [fut]
+                else:
+                    dep._dependents.append(fut)
+                pending += 1
+            if pending:
+                fut._pending = pending
+                if self._subscribers:
+                    self._emit(EventKind.WAITING, fut)
+                return fut
+        self._ready(fut)
+        return fut
+
+    def _dep_done(self, fut: TaskFuture) -> None:
+        fut._pending -= 1
+        if fut._pending == 0 and fut._tstate is TaskState.WAITING:
+            self._ready(fut)
+
+    def _ready(self, fut: TaskFuture) -> None:
+        """All dependencies are done: resolve the arguments and start the work."""
+        decl = fut._decl
+        kind = decl.kind
+        target = decl.backend if kind is TaskKind.FUNCTION else None
+        args, kwargs = fut._args, fut._kwargs
+        remote = False
+        if args or kwargs:
+            deps = collect_futures(args, kwargs)
+            if deps:
+                fetch = [
+                    d
+                    for d in deps
+                    if d._remote is not None and d._remote.owner is not target
+                ]
+                if fetch:
+                    fut._job = asyncio.ensure_future(self._fetch_then_ready(fut, fetch))
+                    return
+                remote = any(d._remote is not None for d in deps)
+                args = substitute(args, _value_of)
+                kwargs = substitute(kwargs, _value_of)
+        fut._args = fut._kwargs = None  # type: ignore[assignment]
+        if kind is TaskKind.FUNCTION:
+            assert target is not None
+            opts = decl.opts
+            spec = TaskSpec(
+                fut.uid,
+                decl.name,
+                decl.fn,
+                None,
+                args,
+                kwargs,
+                opts.resources,
+                opts.timeout,
+                opts.options,
+                0,
+                decl.is_async,
+                remote,
+            )
+            self._submit(fut, target, spec)
+        elif kind is TaskKind.EXECUTABLE:
+            if decl.is_async:
+                fut._job = asyncio.ensure_future(self._run_body(fut, args, kwargs))
+            else:
+                try:
+                    command = decl.fn(*args, **kwargs)
+                except Exception as exc:
+                    self._finish_error(fut, exc, retry=False)
+                    return
+                self._submit_command(fut, command)
+        else:
+            fut._job = asyncio.ensure_future(self._run_block(fut, args, kwargs))
+
+    async def _fetch_then_ready(self, fut: TaskFuture, deps: list[TaskFuture]) -> None:
+        try:
+            await asyncio.gather(*deps)
+        except Exception:
+            pass  # a lost upstream value fails this task through the state below
+        failed = [d for d in deps if d._tstate is TaskState.FAILED]
+        if failed:
+            self._fail_dependents(failed[0], [fut])
+        elif fut._tstate is TaskState.WAITING:
+            self._ready(fut)
+
+    async def _run_body(
+        self, fut: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        try:
+            command = await fut._decl.fn(*args, **kwargs)
+        except Exception as exc:
+            self._finish_error(fut, exc, retry=False)
+            return
+        fut._job = None
+        self._submit_command(fut, command)
+
+    def _submit_command(self, fut: TaskFuture, command: Any) -> None:
+        decl = fut._decl
+        opts = decl.opts
+        try:
+            cmd = Command.coerce(command, decl.name, opts.env, opts.cwd)
+        except TaskDefinitionError as exc:
+            self._finish_error(fut, exc, retry=False)
+            return
+        assert decl.backend is not None
+        backend = decl.backend
+        spec = TaskSpec(
+            fut.uid,
+            decl.name,
+            None,
+            cmd,
+            (),
+            {},
+            opts.resources,
+            opts.timeout,
+            opts.options,
+            0,
+        )
+        self._submit(fut, backend, spec)
+
+    async def _run_block(
+        self, fut: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        decl = fut._decl
+        timeout = decl.opts.timeout
+        while True:
+            try:
+                value = decl.fn(*args, **kwargs)
+                if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+                    value = await (
+                        asyncio.wait_for(value, timeout) if timeout else value
+                    )
+            except TimeoutError as exc:
+                err: BaseException = exc
+                if not isinstance(exc, TaskTimeoutError):
+                    err = TaskTimeoutError(
+                        f"block {decl.name!r} exceeded its timeout of {timeout}s"
+                    )
+            except Exception as exc:
+                err = exc
+            else:
+                fut._job = None
+                self._finish_ok(fut, value)
+                return
+            if fut._attempt < decl.opts.retries and not isinstance(err, _NOT_RETRIED):
+                fut._attempt += 1
+                continue
+            fut._job = None
+            self._finish_error(fut, err, retry=False)
+            return
+
+    # -- submission -----------------------------------------------------------
+    def _submit(
+        self, fut: TaskFuture, backend: ExecutionBackend, spec: TaskSpec
+    ) -> None:
+        fut._spec = spec
+        fut._backend = backend
+        fut._tstate = TaskState.SUBMITTED
+        self._inflight[spec.uid] = fut
+        self._queues[id(backend)].append(spec)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+        if self._subscribers:
+            self._emit(EventKind.SUBMITTED, fut)
+        if spec.timeout is not None:
+            assert self._loop is not None
+            fut._timer = self._loop.call_later(
+                spec.timeout, self._on_timeout, fut, spec.uid
+            )
+
+    def _schedule_flush(self) -> None:
+        assert self._loop is not None
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for key, backend in self._started.items():
+            batch = self._queues[key]
+            if not batch:
+                continue
+            self._queues[key] = []
+            try:
+                backend.submit(batch)
+            except Exception as exc:
+                log.exception("backend %s failed to accept a batch", backend.info.name)
+                for spec in batch:
+                    fut = self._inflight.pop(spec.uid, None)
+                    if fut is not None:
+                        self._finish_error(fut, exc, retry=False)
+
+    def _on_timeout(self, fut: TaskFuture, spec_uid: str) -> None:
+        fut._timer = None
+        if self._inflight.pop(spec_uid, None) is None:
+            return
+        self._backend_cancel(fut._backend, [spec_uid])
+        timeout = fut._spec.timeout if fut._spec else None
+        self._finish_error(
+            fut,
+            TaskTimeoutError(
+                f"task {fut.name!r} ({fut.uid}) exceeded its timeout of {timeout}s and "
+                "was cancelled; raise timeout= or use retries="
+            ),
+        )
+
+    # -- completion -------------------------------------------------------------
+    def _finish_ok(self, fut: TaskFuture, value: Any) -> None:
+        if fut._tstate in _FINAL:
+            return
+        if fut._timer is not None:
+            fut._timer.cancel()
+            fut._timer = None
+        del self._open[fut.uid]
+        fut._tstate = TaskState.DONE
+        fut._spec = None
+        if self._subscribers:
+            self._emit(EventKind.DONE, fut)
+        if isinstance(value, RemoteValue):
+            fut._remote = value
+            if fut._callbacks:  # somebody already waits: fetch now
+                self._fetch(fut)
+        else:
+            _set_result(fut, value)
+        dependents = fut._dependents
+        if dependents is not None:
+            fut._dependents = None
+            for dep in dependents:
+                dep._engine._dep_done(dep)
+
+    def _finish_error(
+        self, fut: TaskFuture, exc: BaseException, retry: bool = True
+    ) -> None:
+        if fut._tstate in _FINAL:
+            return
+        if fut._timer is not None:
+            fut._timer.cancel()
+            fut._timer = None
+        spec = fut._spec
+        if (
+            retry
+            and spec is not None
+            and fut._attempt < fut._decl.opts.retries
+            and not isinstance(exc, _NOT_RETRIED)
+            and not self._closed
+        ):
+            fut._attempt += 1
+            log.info(
+                "retrying task %s (attempt %d) after %r", fut.uid, fut._attempt + 1, exc
+            )
+            if self._subscribers:
+                self._emit(EventKind.RETRIED, fut)
+            new = replace(spec, uid=f"{fut.uid}.r{fut._attempt}", attempt=fut._attempt)
+            self._submit(fut, fut._backend, new)
+            return
+        self._open.pop(fut.uid, None)
+        fut._tstate = TaskState.FAILED
+        fut._spec = None
+        fut._args = fut._kwargs = None  # type: ignore[assignment]
+        if self._subscribers:
+            self._emit(EventKind.FAILED, fut)
+        _set_exception(fut, exc)
+        if fut._dependents:
+            self._fail_dependents(fut, fut._dependents)
+            fut._dependents = None
+
+    def _fail_dependents(
+        self, failed: TaskFuture, dependents: list[TaskFuture]
+    ) -> None:
+        """Fail every (transitive) dependent at once, naming the failed upstream."""
+        failed._log_traceback = False  # reported through the dependents instead
+        exc = failed.exception()
+        if isinstance(exc, DependencyFailureError):
+            root, root_name = exc.__cause__, exc.root
+        else:
+            root, root_name = exc, failed.uid
+        cause = f"{type(root).__name__}: {root}"
+        stack = [(failed, d) for d in dependents]
+        while stack:
+            upstream, dep = stack.pop()
+            if dep._tstate in _FINAL:
+                continue
+            err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
+            err.__cause__ = root
+            dep._engine._open.pop(dep.uid, None)
+            dep._tstate = TaskState.FAILED
+            dep._args = dep._kwargs = None  # type: ignore[assignment]
+            if dep._job is not None:
+                dep._job.cancel()
+                dep._job = None
+            if dep._engine._subscribers:
+                dep._engine._emit(EventKind.FAILED, dep)
+            _set_exception(dep, err)
+            if dep._dependents:
+                dep._log_traceback = False
+                stack.extend((dep, d) for d in dep._dependents)
+                dep._dependents = None
+
+    # -- cancellation ---------------------------------------------------------
+    def _cancel(self, fut: TaskFuture, msg: Any, notify: bool = True) -> bool:
+        stack = [fut]
+        to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
+        while stack:
+            f = stack.pop()
+            if f._tstate in _FINAL:
+                continue
+            spec = f._spec
+            if spec is not None and self._inflight.pop(spec.uid, None) is not None:
+                entry = to_backend.setdefault(id(f._backend), (f._backend, []))
+                entry[1].append(spec.uid)
+            if f._timer is not None:
+                f._timer.cancel()
+                f._timer = None
+            if f._job is not None:
+                f._job.cancel()
+                f._job = None
+            f._engine._open.pop(f.uid, None)
+            f._tstate = TaskState.CANCELLED
+            f._spec = None
+            f._args = f._kwargs = None  # type: ignore[assignment]
+            if f._engine._subscribers:
+                f._engine._emit(EventKind.CANCELLED, f)
+            _future_cancel(f, msg)
+            if f._dependents:
+                stack.extend(f._dependents)
+                f._dependents = None
+        if notify:
+            for backend, uids in to_backend.values():
+                self._backend_cancel(backend, uids)
+        return True
+
+    def _backend_cancel(self, backend: ExecutionBackend, uids: list[str]) -> None:
+        try:
+            backend.cancel(uids)
+        except Exception:
+            log.exception("backend %s failed to cancel %s", backend.info.name, uids)
+
+    # -- remote values ----------------------------------------------------------
+    def _fetch(self, fut: TaskFuture) -> None:
+        if fut._job is None and fut._remote is not None:
+            fut._job = asyncio.ensure_future(self._do_fetch(fut))
+
+    async def _do_fetch(self, fut: TaskFuture) -> None:
+        remote = fut._remote
+        assert remote is not None
+        try:
+            value = await remote.fetch()
+        except Exception as exc:
+            fut._remote = None
+            fut._job = None
+            fut._tstate = TaskState.FAILED
+            _set_exception(fut, exc)
+            return
+        fut._remote = None
+        fut._job = None
+        _set_result(fut, value)
+
+    def _emit(
+        self, kind: EventKind, fut: TaskFuture, deps: tuple[str, ...] = ()
+    ) -> None:
+        backend = fut._backend or fut._decl.backend
+        label = self._labels.get(id(backend), "engine") if backend else "engine"
+        event = TaskEvent(
+            time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps
+        )
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event subscriber %r failed", callback)
+
+
+def _value_of(fut: TaskFuture) -> Any:
+    remote = fut._remote
+    if remote is not None:
+        return remote
+    return _future_result(fut)
