@@ -39,10 +39,12 @@ def raw_chain(n: int, workers: int) -> float:
         return (time.perf_counter() - t0) / n
 
 
-async def af_fanout(n: int, workers: int) -> float:
+async def af_fanout(n: int, workers: int, observed: bool = False) -> float:
     flow = WorkflowEngine(
         backend=ConcurrentExecutionBackend(ThreadPoolExecutor(workers))
     )
+    if observed:
+        flow.subscribe(lambda event: None)
     task = flow.function_task(noop)
     await flow.start()
     t0 = time.perf_counter()
@@ -83,6 +85,17 @@ def main() -> None:
             f"fanout {n:>7}: raw {n / raw:>9.0f}/s  asyncflow {n / af:>9.0f}/s  "
             f"ratio {raw / af:.2f}  ({af / n * 1e6:.1f} us/task)"
         )
+    n = 10000
+    off = statistics.median(
+        asyncio.run(af_fanout(n, a.workers)) for _ in range(a.repeat)
+    )
+    on = statistics.median(
+        asyncio.run(af_fanout(n, a.workers, observed=True)) for _ in range(a.repeat)
+    )
+    print(
+        f"events   {n:>5}: no subscriber {n / off:>8.0f}/s  one subscriber "
+        f"{n / on:>8.0f}/s  (subscriber costs {(on - off) / n * 1e6:.1f} us/task)"
+    )
     raw = statistics.median(raw_chain(200, a.workers) for _ in range(a.repeat))
     af = statistics.median(
         asyncio.run(af_chain(200, a.workers)) for _ in range(a.repeat)
