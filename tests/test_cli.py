@@ -203,3 +203,21 @@ def test_signals_leave_nothing_running(
     assert proc.returncode == code, err
     _, alive = psutil.wait_procs(_held_processes(), timeout=10)
     assert not alive, f"left running after {signal.Signals(sig).name}: {alive}"
+
+
+def test_progress_is_quiet_when_stdout_is_not_a_terminal(script: Path) -> None:
+    result = asyncflow("run", "--progress", str(script))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["backend: concurrent-threads", "result: 285"]
+
+
+def test_progress_display_counts_states() -> None:
+    from asyncflow.events import EventKind, TaskEvent
+    from asyncflow.progress import ProgressDisplay
+
+    display = ProgressDisplay()
+    for kind in ("created", "submitted", "done"):
+        display(TaskEvent(0.0, EventKind(kind), "a", "a", "b", 0))
+    display(TaskEvent(0.0, EventKind.CREATED, "b", "b", "b", 0))
+    task = display._progress.tasks[0]
+    assert (task.completed, task.total) == (1, 2)
