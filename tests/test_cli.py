@@ -221,3 +221,11 @@ def test_progress_display_counts_states() -> None:
     display(TaskEvent(0.0, EventKind.CREATED, "b", "b", "b", 0))
     task = display._progress.tasks[0]
     assert (task.completed, task.total) == (1, 2)
+
+
+def test_run_on_dask_with_the_flag_only(script: Path) -> None:
+    pytest.importorskip("distributed")
+    result = asyncflow("run", "--backend", "dask", str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "backend: dask" in result.stdout
+    assert "result: 285" in result.stdout
