@@ -940,3 +940,11 @@ def _local_addresses() -> set[str]:
     for entries in psutil.net_if_addrs().values():
         addrs.update(e.address for e in entries)
     return addrs
+
+
+# What a default local Ray offers, for listings that must not start Ray.
+RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined]
+    C.FUNCTIONS, C.EXECUTABLES, C.CANCEL_RUNNING, C.KILL_EXECUTABLES, C.RESOURCES,
+    C.SERIALIZES, C.LARGE_PAYLOADS, C.PARALLEL,
+    gpus="depends on the cluster: declared when a node reports GPUs",
+)
