@@ -9,7 +9,8 @@ The raw side is the usual synchronous ``Client``; repeats alternate between the
 two sides so that load drifting on a shared machine hits both.  Median of N:
 
 * no-op fan-out of 1,000 and 10,000 tasks, results gathered into the driver
-  (raw: ``client.submit(..., pure=False)`` then ``client.gather``);
+  (raw: ``client.submit(..., pure=False)`` then ``client.gather``), with the CPU
+  time of driver plus cluster per task as a second, steadier measure;
 * a 200-task dependent chain, each hop submitted when the previous one finished,
   with the upstream future as the argument (asyncflow's engine submits a task
   when it becomes ready, so this is the like-for-like raw pattern).  The raw
