@@ -110,7 +110,7 @@ def dask_scheduler_address(tmp_path_factory: pytest.TempPathFactory
         spawn("scheduler", "--host", "127.0.0.1", "--port", "0",
               "--dashboard-address", "127.0.0.1:0", "--no-show",
               "--scheduler-file", str(sched_file), log="scheduler.log")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a loaded 2-core CI box is slow
         while not sched_file.exists():
             if procs[0].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("dask scheduler did not start: "
@@ -120,8 +120,8 @@ def dask_scheduler_address(tmp_path_factory: pytest.TempPathFactory
         for i in range(2):
             spawn("worker", address, "--nthreads", "1", "--host", "127.0.0.1",
                   "--no-dashboard", "--name", f"w{i}", log=f"worker{i}.log")
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
+        with Client(address, timeout=300) as client:
+            client.wait_for_workers(2, timeout=300)
             _warm(client)
         yield address
     finally:
