@@ -4,10 +4,11 @@ they were; nested submission from blocks does not deadlock."""
 from __future__ import annotations
 
 import asyncio
-import gc
+import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 
 from asyncflow import ConcurrentExecutionBackend, WorkflowEngine
@@ -16,11 +17,17 @@ from asyncflow.conformance import tasks as t
 pytestmark = pytest.mark.timeout(600)
 
 
-async def test_100k_tasks_release_memory_and_descriptors() -> None:
+SOAK = """
+import asyncio, gc, json
+from concurrent.futures import ThreadPoolExecutor
+import psutil
+from asyncflow import ConcurrentExecutionBackend, WorkflowEngine
+from asyncflow.conformance import tasks as t
+
+async def main():
     me = psutil.Process()
-    async with WorkflowEngine(
-        backend=ConcurrentExecutionBackend(ThreadPoolExecutor(2))
-    ) as flow:
+    backend = ConcurrentExecutionBackend(ThreadPoolExecutor(2))
+    async with WorkflowEngine(backend=backend) as flow:
         inc = flow.function_task(t.inc)
         assert await inc(0) == 1  # warm: threads, sink and pools exist
         gc.collect()
@@ -30,10 +37,23 @@ async def test_100k_tasks_release_memory_and_descriptors() -> None:
             assert sum(await asyncio.gather(*batch)) == sum(range(1, 10_001))
             del batch
         gc.collect()
-        grown = (me.memory_info().rss - rss) / 2**20
-        assert grown < 50, f"RSS grew by {grown:.1f} MB over 100k tasks"
-        assert me.num_fds() <= fds, "file descriptors leaked"
-        assert not flow._open and not flow._inflight
+        print(json.dumps({"grown_mb": (me.memory_info().rss - rss) / 2**20,
+                          "fds_before": fds, "fds_after": me.num_fds(),
+                          "open": len(flow._open), "inflight": len(flow._inflight)}))
+
+asyncio.run(main())
+"""
+
+
+def test_100k_tasks_release_memory_and_descriptors() -> None:
+    """In a fresh interpreter, so other tests' runtimes cannot blur the figures."""
+    out = subprocess.run([sys.executable, "-c", SOAK], capture_output=True,
+                         text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["grown_mb"] < 50, f"RSS grew by {r['grown_mb']:.1f} MB over 100k tasks"
+    assert r["fds_after"] <= r["fds_before"], "file descriptors leaked"
+    assert r["open"] == 0 and r["inflight"] == 0
 
 
 async def test_nested_blocks_three_levels_do_not_deadlock() -> None:
