@@ -111,12 +111,15 @@ def dask_scheduler_address(tmp_path_factory: pytest.TempPathFactory
               "--dashboard-address", "127.0.0.1:0", "--no-show",
               "--scheduler-file", str(sched_file), log="scheduler.log")
         deadline = time.monotonic() + 300  # a loaded 2-core CI box is slow
-        while not sched_file.exists():
+        address = None
+        while address is None:
             if procs[0].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("dask scheduler did not start: "
                                    + (tmp / "scheduler.log").read_text()[-2000:])
-            time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
+            try:  # the file appears before the scheduler finishes writing it
+                address = json.loads(sched_file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                time.sleep(0.1)
         for i in range(2):
             spawn("worker", address, "--nthreads", "1", "--host", "127.0.0.1",
                   "--no-dashboard", "--name", f"w{i}", log=f"worker{i}.log")
