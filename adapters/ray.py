@@ -4,10 +4,12 @@ Ray already returns a small result inline to the driver and keeps a big one (ove
 100 KiB) in its shared-memory store.  We follow that split: when a task is ready,
 its small value or error is read from the driver's own memory in one ``ray.get``
 per batch, and a big value becomes a RayValue, so a 200 MB result never enters
-the driver unless someone awaits it.  Its ObjectRef goes straight into dependent
-``.remote()`` calls, where Ray resolves it on the worker.  Ray resolves only
-top-level ObjectRef arguments, so refs nested in lists or dicts travel as extra
-top-level arguments and are put back in place on the worker.
+the driver unless someone awaits it.  (Objects between 100 KiB and 1 MiB are read
+once anyway, because an error with a long message is stored that way too.)  Its
+ObjectRef goes straight into dependent ``.remote()`` calls, where Ray resolves it
+on the worker.  Ray resolves only top-level ObjectRef arguments, so refs nested in
+lists or dicts travel as extra top-level arguments and are put back in place on
+the worker.
 
 Readiness arrives through Ray's ObjectRef callback (the one behind ``await
 ref``), registered without fetching the value; callbacks from Ray's thread are
@@ -41,6 +43,7 @@ import concurrent.futures
 import contextlib
 import functools
 import gc
+import inspect
 import logging
 import os
 import secrets
@@ -89,9 +92,12 @@ C = Capability
 
 #: Environment variable set on every command this adapter runs: "<token>/<uid>".
 MARKER = "ASYNCFLOW_RAY_TASK"
+#: Set in the environment of every process of a Ray this adapter starts.
+_NODE_MARKER = "ASYNCFLOW_RAY_NODE"
 _INLINE_LIMIT = 100 * 1024  # Ray's max_direct_call_object_size
+_PEEK_LIMIT = 1024 * 1024  # results up to this size are read once to spot errors
 _BATCH = 32  # completions worth one ray.get at once
-_BATCH_DELAY = 0.02  # seconds a small batch may wait while every worker has a queue
+_BATCH_DELAY = 0.05  # seconds a small batch may wait while every worker has a queue
 _OWN_OPTIONS = frozenset({"num_returns", "max_retries", "retry_exceptions"})
 _INIT_LOCK = threading.Lock()
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
@@ -127,16 +133,29 @@ def _fill(obj: Any, values: Sequence[Any]) -> Any:
     return obj
 
 
-def _function_runner(fn: Callable[..., Any], is_async: bool, name: str
-                     ) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        slots = kwargs.pop(_NESTED, 0) if kwargs else 0
-        if slots:
-            values = args[-slots:]
-            args = _fill(args[:-slots], values)
-            kwargs = _fill(kwargs, values)
-        return call_function(fn, args, kwargs, is_async, name)
+def _function_runner(fn: Callable[..., Any], is_async: bool, name: str,
+                     nested: bool = False) -> Callable[..., Any]:
+    if nested:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            slots = kwargs.pop(_NESTED)
+            if slots:
+                values = args[-slots:]
+                args = _fill(args[:-slots], values)
+                kwargs = _fill(kwargs, values)
+            return call_function(fn, args, kwargs, is_async, name)
+    else:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return call_function(fn, args, kwargs, is_async, name)
 
+        try:
+            inspect.signature(fn)
+        except (TypeError, ValueError):
+            pass
+        else:
+            # Ray binds the arguments against the signature it finds: the
+            # user's, so a wrong call fails at submit, and a call without
+            # arguments takes Ray's cheapest path, as a plain remote would.
+            run.__wrapped__ = fn  # type: ignore[attr-defined]
     run.__name__ = run.__qualname__ = name  # what Ray shows in logs and errors
     return run
 
@@ -376,7 +395,7 @@ class RayExecutionBackend:
                   **self._init_kwargs}
         loopback = self._loopback and "_node_ip_address" not in kwargs
         for attempt in (1, 2):
-            with _local_only(loopback), _quiet_init():
+            with _local_only(loopback), _quiet_init(), self._marking_children():
                 try:
                     ray.init(**kwargs)
                     break
@@ -399,20 +418,46 @@ class RayExecutionBackend:
             raise BackendStartError(f"Ray could not be started: {failure}")
         self._owns = True
 
+    @contextlib.contextmanager
+    def _marking_children(self) -> Iterator[None]:
+        """Every process ``ray.init`` starts, and everything those start (the
+        raylet's workers and agents), inherits this marker: how we find them all
+        at shutdown, even ones orphaned by a crash.  Only set while ``ray.init``
+        runs, so the application's own subprocesses do not carry it."""
+        saved = os.environ.get(_NODE_MARKER)
+        os.environ[_NODE_MARKER] = self._token
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(_NODE_MARKER, None)
+            else:
+                os.environ[_NODE_MARKER] = saved
+
     def _kill_partial_start(self) -> None:
-        procs = self._ray_processes()
         with contextlib.suppress(Exception):
             ray.shutdown()
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(procs, timeout=5)
+        self._kill_leftovers(grace=0)
+
+    def _kill_leftovers(self, grace: float) -> None:
+        """Give our Ray's processes ``grace`` seconds to exit, then SIGKILL
+        them; twice, in case a dying raylet started one more."""
+        for _ in range(2):
+            procs = self._ray_processes()
+            if not procs:
+                return
+            _, alive = psutil.wait_procs(procs, timeout=grace)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(alive, timeout=5)
 
     # -- submit -------------------------------------------------------------
     def submit(self, specs: Sequence[TaskSpec]) -> None:
         sink = self._sink
         assert sink is not None
         tasks = self._tasks
+        submitted: list[tuple[str, ray.ObjectRef]] = []
         for spec in specs:
             try:
                 remote = self._remote_for(spec)
@@ -435,10 +480,16 @@ class RayExecutionBackend:
                 sink.set_exception(spec.uid, self._submit_error(spec, exc))
                 continue
             tasks[spec.uid] = _Task(spec.name, ref, spec.command is not None)
-            if self._client:
-                ref._on_completed(functools.partial(self._on_client_value, spec.uid))
-            else:
-                ref._on_ready(functools.partial(self._on_ready, spec.uid))
+            submitted.append((spec.uid, ref))
+        # Callbacks only once the whole batch is in: while this loop holds the
+        # GIL, a callback would stall the Ray thread that dispatches the tasks.
+        if self._client:
+            for uid, ref in submitted:
+                ref._on_completed(functools.partial(self._on_client_value, uid))
+        else:
+            on_ready = self._on_ready
+            for uid, ref in submitted:
+                ref._on_ready(functools.partial(on_ready, uid))
 
     def _remote_for(self, spec: TaskSpec) -> Any:
         res = spec.resources
@@ -462,23 +513,24 @@ class RayExecutionBackend:
 
     def _runner(self, spec: TaskSpec) -> tuple[Any, Any]:
         fn = spec.function
-        key: Any = (fn, spec.is_async, spec.name)
+        nested = spec.has_remote_args  # may need the variant taking nested refs
+        key: Any = (fn, spec.is_async, spec.name, nested)
         try:
             remote = self._runners.get(key)
         except TypeError:  # an unhashable callable object
-            key = (id(fn), spec.is_async, spec.name)
+            key = (id(fn), spec.is_async, spec.name, nested)
             entry = self._by_id.get(key)
             if entry is None or entry[0] is not fn:
-                entry = self._by_id[key] = (fn, self._wrap(spec))
+                entry = self._by_id[key] = (fn, self._wrap(spec, nested))
             return entry[1], key
         if remote is None:
-            remote = self._runners[key] = self._wrap(spec)
+            remote = self._runners[key] = self._wrap(spec, nested)
         return remote, key
 
     @staticmethod
-    def _wrap(spec: TaskSpec) -> Any:
+    def _wrap(spec: TaskSpec, nested: bool) -> Any:
         assert spec.function is not None
-        runner = _function_runner(spec.function, spec.is_async, spec.name)
+        runner = _function_runner(spec.function, spec.is_async, spec.name, nested)
         return ray.remote(max_retries=0)(runner)
 
     def _task_options(self, spec: TaskSpec, res: Resources,
@@ -545,10 +597,8 @@ class RayExecutionBackend:
 
         args = tuple(native(a, True) for a in spec.args)
         kwargs = {k: native(v, True) for k, v in spec.kwargs.items()}
-        if nested:
-            args += tuple(nested)
-            kwargs[_NESTED] = len(nested)
-        return args, kwargs
+        kwargs[_NESTED] = len(nested)
+        return args + tuple(nested), kwargs
 
     @staticmethod
     def _submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
@@ -563,6 +613,8 @@ class RayExecutionBackend:
             )
         if isinstance(exc, ValueError) and "resource" in text.lower():
             return ResourceUnavailableError(f"task {spec.name!r}: {text}")
+        if isinstance(exc, TypeError):  # the arguments do not fit the signature
+            return TaskDefinitionError(f"task {spec.name!r} was called wrongly: {text}")
         return exc
 
     # -- completions ----------------------------------------------------------
@@ -631,20 +683,25 @@ class RayExecutionBackend:
         sink = self._sink
         assert sink is not None
         locations = get_local_object_locations([task.ref for _, task in done])
-        inline: list[tuple[str, _Task]] = []
+        read: list[tuple[str, _Task, bool]] = []
         for uid, task in done:
-            where = locations.get(task.ref)
-            if where and (where.get("node_ids") or (where.get("object_size") or 0)
-                          > _INLINE_LIMIT):
-                sink.set_result(uid, RayValue(self, task.ref))
+            where = locations.get(task.ref) or {}
+            size = where.get("object_size") or 0
+            if not where.get("node_ids") and size <= _INLINE_LIMIT:
+                read.append((uid, task, True))
+            elif size <= _PEEK_LIMIT:
+                # In the shared store but small: most likely a value, yet an
+                # error with a long message lands here too.  Reading it once is
+                # cheap and keeps failures failures; the value stays remote.
+                read.append((uid, task, False))
             else:
-                inline.append((uid, task))
-        if not inline:
+                sink.set_result(uid, RayValue(self, task.ref))
+        if not read:
             return
-        outcomes = _get_now([task.ref for _, task in inline])
-        for (uid, task), (ok, value) in zip(inline, outcomes, strict=True):
+        outcomes = _get_now([task.ref for _, task, _ in read])
+        for (uid, task, inline), (ok, value) in zip(read, outcomes, strict=True):
             if ok:
-                sink.set_result(uid, value)
+                sink.set_result(uid, value if inline else RayValue(self, task.ref))
             elif isinstance(value, rex.GetTimeoutError):  # pragma: no cover
                 # Not actually local yet: let a fetch wait for it off the loop.
                 sink.set_result(uid, RayValue(self, task.ref))
@@ -767,17 +824,12 @@ class RayExecutionBackend:
                     ray.shutdown()
             return
         with _INIT_LOCK:
-            procs = self._ray_processes()
             try:
                 ray.shutdown(wait_for_processes=True)
             finally:
                 # Workers exit once they notice the raylet is gone; give them a
-                # moment, then kill whatever is left.
-                _, alive = psutil.wait_procs(procs, timeout=10)
-                for proc in alive:
-                    with contextlib.suppress(psutil.Error):
-                        proc.kill()
-                psutil.wait_procs(alive, timeout=5)
+                # moment, then kill whatever is left (commands included).
+                self._kill_leftovers(grace=5)
                 _sweep(prefix, None)
                 self._restore_env()
                 _forget_cached_token()
@@ -787,18 +839,28 @@ class RayExecutionBackend:
                 self._owns = False
 
     def _ray_processes(self) -> list[psutil.Process]:
-        """Every live process of the Ray this backend started: what ``ray.init``
-        spawned (each names our temp dir on its command line) and everything
-        below it (workers and agents rename themselves ``ray::...``)."""
+        """Every live process of the Ray this backend started: those carrying
+        our marker (see ``_marking_children``), their descendants, and any
+        ``ray::`` process holding a file in our temp dir.  (Workers and agents
+        rename themselves with setproctitle, which can hide their environment;
+        an agent orphaned by a crashed raylet is found by its open log file.)"""
         if self._tmpdir is None:
             return []
         found: dict[int, psutil.Process] = {}
-        for proc in psutil.Process().children():
+        me = os.getpid()
+        for proc in psutil.process_iter(["name"]):
+            if proc.pid == me:
+                continue
             try:
-                if any(self._tmpdir in arg for arg in proc.cmdline()):
+                if proc.environ().get(_NODE_MARKER) == self._token:
                     found[proc.pid] = proc
                     found.update((c.pid, c) for c in proc.children(recursive=True))
-            except psutil.Error:
+                elif (proc.pid not in found
+                      and (proc.info["name"] or "").startswith("ray::")
+                      and any(f.path.startswith(self._tmpdir)
+                              for f in proc.open_files())):
+                    found[proc.pid] = proc
+            except (psutil.Error, OSError):
                 continue
         return list(found.values())
 

@@ -7,14 +7,17 @@ Chain: each task takes the previous result.  Raw Ray is measured twice: chained
 ObjectRefs submitted up front (Ray resolves every hop inside the runtime) and
 ``ray.get`` per hop (a driver round trip per hop, which is what any DAG engine
 that submits work only once it is ready must pay).  Hand-off: a 200 MB result
-passed to a second task; the driver's peak RSS over its baseline.
-Each figure is the median of ``--repeat`` runs, raw and asyncflow alternating.
+passed to a second task; the driver's peak RSS over its baseline.  Driver CPU per
+task (all threads of this process) is printed too: on a shared machine it is far
+steadier than wall-clock throughput.  Each figure is the median of ``--repeat``
+runs, raw and asyncflow alternating.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -48,15 +51,24 @@ class _NullSink:
     def set_running(self, uid: str) -> None: ...
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn: Callable[[], Any], cpu: list[float] | None = None) -> float:
+    start, c = time.perf_counter(), _cpu()
     fn()
+    if cpu is not None:
+        cpu.append(_cpu() - c)
     return time.perf_counter() - start
 
 
-async def atimed(coro: Any) -> float:
-    start = time.perf_counter()
+async def atimed(coro: Any, cpu: list[float] | None = None) -> float:
+    start, c = time.perf_counter(), _cpu()
     await coro
+    if cpu is not None:
+        cpu.append(_cpu() - c)
     return time.perf_counter() - start
 
 
@@ -114,12 +126,15 @@ async def bench(owner: RayExecutionBackend, sizes: list[int], chain: int,
         await af_fan(200)
         rows = []
         for n in sizes:
-            raw, af = [], []
+            raw, af, raw_cpu, af_cpu = [], [], [], []
             for _ in range(repeat):
-                raw.append(n / timed(lambda n=n: raw_fan(n)))
-                af.append(n / await atimed(af_fan(n)))
+                raw.append(n / timed(lambda n=n: raw_fan(n), raw_cpu))
+                af.append(n / await atimed(af_fan(n), af_cpu))
             rows.append((f"fan-out {n:,} (tasks/s)", statistics.median(raw),
                          statistics.median(af), True))
+            rows.append((f"fan-out {n:,} driver CPU (us/task)",
+                         statistics.median(raw_cpu) / n * 1e6,
+                         statistics.median(af_cpu) / n * 1e6, False))
         refs, gets, af = [], [], []
         for _ in range(repeat):
             refs.append(timed(raw_chain_refs) / chain * 1e3)
@@ -142,9 +157,9 @@ async def bench(owner: RayExecutionBackend, sizes: list[int], chain: int,
     cpus = ray.cluster_resources().get("CPU", 0)
     print(f"ray {ray.__version__}, {cpus:g} CPUs, median of {repeat}; ratio is "
           "asyncflow/raw (throughput: higher is better; latency: lower is better)")
-    print(f"{'':44} {'raw':>10} {'asyncflow':>10} {'ratio':>7}")
+    print(f"{'':46} {'raw':>10} {'asyncflow':>10} {'ratio':>7}")
     for label, raw_v, af_v, _ in rows:
-        print(f"{label:44} {raw_v:10.2f} {af_v:10.2f} {af_v / raw_v:7.2f}")
+        print(f"{label:46} {raw_v:10.2f} {af_v:10.2f} {af_v / raw_v:7.2f}")
     print(f"200 MB hand-off: driver peak RSS +{grew:.1f} MB over baseline")
 
 
