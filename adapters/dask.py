@@ -138,8 +138,9 @@ class _Worker:
 class _Tracked:
     __slots__ = ("future", "is_command", "key", "watcher")
 
-    def __init__(self, future: Future, key: str, is_command: bool,
-                 watcher: asyncio.Task[None]):
+    def __init__(
+        self, future: Future, key: str, is_command: bool, watcher: asyncio.Task[None]
+    ):
         self.future = future
         self.key = key
         self.is_command = is_command
@@ -166,8 +167,9 @@ class DaskExecutionBackend:
 
     def __init__(self, address: str | Client | Any | None = None, **options: Any):
         self._owns_cluster = address is None
-        self._cluster_options = {**DEFAULT_CLUSTER, **options} if address is None \
-            else {}
+        self._cluster_options = (
+            {**DEFAULT_CLUSTER, **options} if address is None else {}
+        )
         self._client_options = options if address is not None else {}
         self._user_options = options
         self._target = address
@@ -219,7 +221,8 @@ class DaskExecutionBackend:
         elif self._owns_cluster:
             o = self._cluster_options
             threads = (o.get("n_workers") or os.cpu_count() or 1) * (
-                o.get("threads_per_worker") or 1)
+                o.get("threads_per_worker") or 1
+            )
             gpus = bool((o.get("resources") or {}).get("GPU"))
         else:
             threads, gpus = 2, False  # refined once connected
@@ -243,7 +246,8 @@ class DaskExecutionBackend:
         if self._started:
             raise BackendStartError(
                 "this DaskExecutionBackend is already started; give each engine a "
-                "backend of its own (several may attach to one scheduler)")
+                "backend of its own (several may attach to one scheduler)"
+            )
         self._started = True
         self._sink = sink
         self._loop = asyncio.get_running_loop()
@@ -282,8 +286,9 @@ class DaskExecutionBackend:
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
             self._cluster = LocalCluster(asynchronous=True, **opts)
         await self._cluster
-        self._client = await Client(self._cluster, asynchronous=True,
-                                    set_as_default=False)
+        self._client = await Client(
+            self._cluster, asynchronous=True, set_as_default=False
+        )
 
     async def _connect(self) -> None:
         address, security = self._address_of(self._target)
@@ -322,8 +327,12 @@ class DaskExecutionBackend:
         assert sink is not None
         if self._closed or self._client is None:
             for spec in specs:
-                sink.set_exception(spec.uid, EngineClosedError(
-                    f"task {spec.name!r}: the Dask backend is shut down"))
+                sink.set_exception(
+                    spec.uid,
+                    EngineClosedError(
+                        f"task {spec.name!r}: the Dask backend is shut down"
+                    ),
+                )
             return
         groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
         recheck: list[TaskSpec] = []
@@ -339,8 +348,11 @@ class DaskExecutionBackend:
                 except ResourceUnavailableError as exc:
                     sink.set_exception(spec.uid, exc)
                     continue
-            if spec.command is None and (spec.args or spec.kwargs) and _payload(
-                    spec.args, spec.kwargs) > SCATTER_BYTES:
+            if (
+                spec.command is None
+                and (spec.args or spec.kwargs)
+                and _payload(spec.args, spec.kwargs) > SCATTER_BYTES
+            ):
                 scatter.append(spec)
                 continue
             self._add(groups, spec, resources)
@@ -352,8 +364,12 @@ class DaskExecutionBackend:
             self._deferred.update(spec.uid for spec in scatter)
             self._spawn(self._submit_scattered(scatter))
 
-    def _add(self, groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]],
-             spec: TaskSpec, resources: dict[str, float] | None) -> None:
+    def _add(
+        self,
+        groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]],
+        spec: TaskSpec,
+        resources: dict[str, float] | None,
+    ) -> None:
         """File ``spec`` with the others that can share one ``client.map``."""
         key = f"{spec.name}-{self._token}-{spec.uid}"
         if spec.command is not None:
@@ -371,8 +387,11 @@ class DaskExecutionBackend:
             fn = _run_function
             args = (key, blob, a, kw, spec.is_async, spec.name)
         options = spec.options
-        opts = tuple((k, repr(options[k])) for k in SUBMIT_OPTIONS if k in options) \
-            if options else ()
+        opts = (
+            tuple((k, repr(options[k])) for k in SUBMIT_OPTIONS if k in options)
+            if options
+            else ()
+        )
         gkey = (fn, tuple(sorted(resources.items())) if resources else None, opts)
         group = groups.get(gkey)
         if group is None:
@@ -380,18 +399,19 @@ class DaskExecutionBackend:
         else:
             group[1].append((spec, args))
 
-    def _map_groups(self, groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]]
-                    ) -> None:
+    def _map_groups(
+        self, groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]]
+    ) -> None:
         for (fn, _, _), (resources, items) in groups.items():
-            options = {k: v for k, v in items[0][0].options.items()
-                       if k in SUBMIT_OPTIONS}
+            options = {
+                k: v for k, v in items[0][0].options.items() if k in SUBMIT_OPTIONS
+            }
             # Keep each update-graph message small enough for Dask not to warn.
             chunk: list[_Item] = []
             size = 0
             for item in items:
                 spec = item[0]
-                n = 0 if spec.command is not None else _payload(spec.args,
-                                                                spec.kwargs)
+                n = 0 if spec.command is not None else _payload(spec.args, spec.kwargs)
                 if chunk and size + n > BATCH_BYTES:
                     self._map(fn, resources, options, chunk)
                     chunk, size = [], 0
@@ -400,15 +420,27 @@ class DaskExecutionBackend:
             if chunk:
                 self._map(fn, resources, options, chunk)
 
-    def _map(self, fn: Callable[..., Any], resources: dict[str, float] | None,
-             options: dict[str, Any], chunk: list[_Item]) -> None:
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        resources: dict[str, float] | None,
+        options: dict[str, Any],
+        chunk: list[_Item],
+    ) -> None:
         client = self._client
         assert client is not None and self._loop is not None
         keys = [args[0] for _, args in chunk]
         columns = list(zip(*(args for _, args in chunk), strict=True))
         try:
-            futures = client.map(fn, [client.id] * len(chunk), *columns, key=keys,
-                                 pure=False, resources=resources, **options)
+            futures = client.map(
+                fn,
+                [client.id] * len(chunk),
+                *columns,
+                key=keys,
+                pure=False,
+                resources=resources,
+                **options,
+            )
         except Exception as exc:
             if len(chunk) > 1:  # find the culprit: one at a time
                 for item in chunk:
@@ -419,8 +451,9 @@ class DaskExecutionBackend:
         create_task = self._loop.create_task
         for (spec, _), fut, key in zip(chunk, futures, keys, strict=True):
             watcher = create_task(self._watch(spec.uid, spec.name, fut))
-            self._tasks[spec.uid] = _Tracked(fut, key, spec.command is not None,
-                                             watcher)
+            self._tasks[spec.uid] = _Tracked(
+                fut, key, spec.command is not None, watcher
+            )
             self._keys.add(key)
 
     def _reject(self, spec: TaskSpec, exc: Exception) -> None:
@@ -480,22 +513,25 @@ class DaskExecutionBackend:
         sink.set_exception(uid, self._translate(exc, name, fut))
 
     @staticmethod
-    def _translate(exc: BaseException | None, name: str, fut: Future
-                   ) -> BaseException:
+    def _translate(exc: BaseException | None, name: str, fut: Future) -> BaseException:
         if isinstance(exc, KilledWorker):
             return WorkerLostError(
-                f"task {name!r}: the Dask worker running it died ({exc})")
+                f"task {name!r}: the Dask worker running it died ({exc})"
+            )
         if exc is None or fut.cancelled() or isinstance(exc, asyncio.CancelledError):
             reason = getattr(exc, "reason", None) or getattr(
-                getattr(fut, "_state", None), "exception", None)
+                getattr(fut, "_state", None), "exception", None
+            )
             return WorkerLostError(
                 f"task {name!r}: Dask dropped it ({reason or 'cancelled'}); was the "
-                "scheduler restarted or the connection to it lost?")
+                "scheduler restarted or the connection to it lost?"
+            )
         return exc
 
     # -- resources -----------------------------------------------------------------
-    def _dask_resources(self, spec: TaskSpec, final: bool = False
-                        ) -> dict[str, float] | None:
+    def _dask_resources(
+        self, spec: TaskSpec, final: bool = False
+    ) -> dict[str, float] | None:
         """Dask resources for ``spec``; raises if no worker could ever run it.
 
         Raises ``_Unknown`` when the cached worker list says no but a fresh one
@@ -518,22 +554,31 @@ class DaskExecutionBackend:
         if not workers:
             return want or None  # nobody to ask yet (an adaptive cluster scaling up)
         for w in workers:
-            if all(w.resources.get(k, 0) >= v for k, v in want.items()) and (
-                "CPU" in want or w.nthreads >= res.cores
-            ) and ("MEMORY" in want or not res.memory or not w.memory_limit
-                   or w.memory_limit >= res.memory * MB):
+            if (
+                all(w.resources.get(k, 0) >= v for k, v in want.items())
+                and ("CPU" in want or w.nthreads >= res.cores)
+                and (
+                    "MEMORY" in want
+                    or not res.memory
+                    or not w.memory_limit
+                    or w.memory_limit >= res.memory * MB
+                )
+            ):
                 return want or None
         if not final:
             raise _Unknown
         best = max(workers, key=lambda w: (w.nthreads, w.memory_limit))
-        limit = (f"{best.memory_limit // MB} MB memory limit" if best.memory_limit
-                 else "no memory limit")
+        limit = (
+            f"{best.memory_limit // MB} MB memory limit"
+            if best.memory_limit
+            else "no memory limit"
+        )
         raise ResourceUnavailableError(
             f"task {spec.name!r} asks for {_describe(res)}, but no Dask worker can "
             f"ever provide it ({len(workers)} worker(s); the largest has "
             f"{best.nthreads} thread(s), {limit}, resources "
             f"{best.resources or '{}'}); lower the request, or start workers with "
-            "more --nthreads / --resources (e.g. \"CPU=4 GPU=1\")"
+            'more --nthreads / --resources (e.g. "CPU=4 GPU=1")'
         )
 
     async def _recheck(self, specs: list[TaskSpec]) -> None:
@@ -554,8 +599,10 @@ class DaskExecutionBackend:
             except ResourceUnavailableError as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
-            if spec.command is None and _payload(spec.args, spec.kwargs) > \
-                    SCATTER_BYTES:
+            if (
+                spec.command is None
+                and _payload(spec.args, spec.kwargs) > SCATTER_BYTES
+            ):
                 self._deferred.add(spec.uid)
                 self._spawn(self._submit_scattered([spec]))
                 continue
@@ -580,8 +627,11 @@ class DaskExecutionBackend:
             if spec.uid not in self._deferred or self._closed:
                 continue  # cancelled meanwhile
             self._deferred.discard(spec.uid)
-            resources = None if spec.resources.is_default else \
-                self._dask_resources(spec, final=True)
+            resources = (
+                None
+                if spec.resources.is_default
+                else self._dask_resources(spec, final=True)
+            )
             groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
             self._add(groups, moved, resources)
             self._map_groups(groups)
@@ -672,8 +722,11 @@ class DaskExecutionBackend:
         except BaseException as exc:  # cancelled at shutdown
             for _, waiter in batch:
                 if not waiter.done():
-                    waiter.set_exception(EngineClosedError(
-                        f"the Dask backend shut down while fetching ({exc!r})"))
+                    waiter.set_exception(
+                        EngineClosedError(
+                            f"the Dask backend shut down while fetching ({exc!r})"
+                        )
+                    )
             raise
         finally:
             self._gathering -= 1
@@ -698,18 +751,21 @@ class DaskExecutionBackend:
             if len(futures) == 1:
                 return [_Failure(exc)]
             # Which one failed?  Ask each; the others are in memory.
-            return list(await asyncio.gather(
-                *(_capture(client.gather(f)) for f in futures)))
+            return list(
+                await asyncio.gather(*(_capture(client.gather(f)) for f in futures))
+            )
 
     @staticmethod
     def _fetch_error(exc: BaseException, fut: Future) -> BaseException:
         if isinstance(exc, KilledWorker | asyncio.CancelledError):
             return WorkerLostError(
-                f"the value of Dask task {fut.key!r} was lost with its worker ({exc})")
+                f"the value of Dask task {fut.key!r} was lost with its worker ({exc})"
+            )
         if _is_pickling_error(exc):
             err = SerializationError(
                 f"the result of Dask task {fut.key!r} cannot be serialised "
-                f"({type(exc).__name__}: {exc}); return plain data")
+                f"({type(exc).__name__}: {exc}); return plain data"
+            )
             err.__cause__ = exc
             return err
         return exc
@@ -731,8 +787,9 @@ class DaskExecutionBackend:
         background = list(self._background)
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, *(t.watcher for _, t in batch),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *background, *(t.watcher for _, t in batch), return_exceptions=True
+        )
         for _, waiter in self._fetch_queue:
             if not waiter.done():
                 waiter.set_exception(EngineClosedError("the Dask backend shut down"))
@@ -853,7 +910,8 @@ def _is_pickling_error(exc: BaseException) -> bool:
         return True
     text = f"{type(exc).__name__} {exc}".lower()
     return isinstance(exc, TypeError | AttributeError | ValueError) and (
-        "pickle" in text or "serializ" in text)
+        "pickle" in text or "serializ" in text
+    )
 
 
 def _describe(res: Resources) -> str:
@@ -871,19 +929,30 @@ def _start_error(exc: Exception, target: Any, owned: bool) -> Exception:
     if owned:
         hint = ""
         if "Nanny failed to start" in str(exc) or "bootstrapping phase" in str(exc):
-            hint = (" (a script that starts a process cluster needs the "
-                    "`if __name__ == '__main__':` guard)")
+            hint = (
+                " (a script that starts a process cluster needs the "
+                "`if __name__ == '__main__':` guard)"
+            )
         return BackendStartError(
-            f"could not start a Dask LocalCluster: {type(exc).__name__}: {exc}{hint}")
+            f"could not start a Dask LocalCluster: {type(exc).__name__}: {exc}{hint}"
+        )
     where = target if isinstance(target, str) else repr(target)
     return BackendStartError(
         f"could not connect to the Dask scheduler at {where}: "
-        f"{type(exc).__name__}: {exc}; is `dask scheduler` running there?")
+        f"{type(exc).__name__}: {exc}; is `dask scheduler` running there?"
+    )
 
 
 # -- worker side ---------------------------------------------------------------------
-def _run_function(topic: str, key: str, blob: bytes, args: tuple[Any, ...],
-                  kwargs: dict[str, Any], is_async: bool, name: str) -> Any:
+def _run_function(
+    topic: str,
+    key: str,
+    blob: bytes,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    is_async: bool,
+    name: str,
+) -> Any:
     try:
         value = call_pickled(blob, args, kwargs, is_async, name)
     except BaseException as exc:
@@ -920,8 +989,7 @@ def _push(topic: str, key: str, value: Any) -> None:
         pass
 
 
-async def _kill_on_worker(tasks: list[tuple[str, str]], dask_worker: Any = None
-                          ) -> int:
+async def _kill_on_worker(tasks: list[tuple[str, str]], dask_worker: Any = None) -> int:
     """Runs in every worker (``client.run``): kill the commands running here.
 
     A command this worker still holds (its thread may be about to start it) is

@@ -133,9 +133,11 @@ def _fill(obj: Any, values: Sequence[Any]) -> Any:
     return obj
 
 
-def _function_runner(fn: Callable[..., Any], is_async: bool, name: str,
-                     nested: bool = False) -> Callable[..., Any]:
+def _function_runner(
+    fn: Callable[..., Any], is_async: bool, name: str, nested: bool = False
+) -> Callable[..., Any]:
     if nested:
+
         def run(*args: Any, **kwargs: Any) -> Any:
             slots = kwargs.pop(_NESTED)
             if slots:
@@ -144,6 +146,7 @@ def _function_runner(fn: Callable[..., Any], is_async: bool, name: str,
                 kwargs = _fill(kwargs, values)
             return call_function(fn, args, kwargs, is_async, name)
     else:
+
         def run(*args: Any, **kwargs: Any) -> Any:
             return call_function(fn, args, kwargs, is_async, name)
 
@@ -178,8 +181,10 @@ def _sweep(prefix: str, targets: frozenset[str] | None) -> int:
             mark = proc.environ().get(MARKER)
         except (psutil.Error, OSError):
             continue
-        if mark is None or not mark.startswith(prefix) or (
-            targets is not None and mark not in targets
+        if (
+            mark is None
+            or not mark.startswith(prefix)
+            or (targets is not None and mark not in targets)
         ):
             continue
         with contextlib.suppress(OSError):
@@ -234,8 +239,14 @@ class RayExecutionBackend:
     ``runtime_env`` or ``scheduling_strategy``.
     """
 
-    def __init__(self, address: str | None = None, *, fail_infeasible: bool = True,
-                 loopback: bool = True, **init_kwargs: Any):
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        fail_infeasible: bool = True,
+        loopback: bool = True,
+        **init_kwargs: Any,
+    ):
         self._address = address
         self._init_kwargs = dict(init_kwargs)
         self._fail_infeasible = fail_infeasible
@@ -268,8 +279,11 @@ class RayExecutionBackend:
         if address is None and not ray.is_initialized():
             cpus = init_kwargs.get("num_cpus") or _usable_cpus()
             self._init_kwargs["num_cpus"] = cpus
-            self._info = self._make_info(cpus, init_kwargs.get("num_gpus") or 0,
-                                         "not known until Ray has started")
+            self._info = self._make_info(
+                cpus,
+                init_kwargs.get("num_gpus") or 0,
+                "not known until Ray has started",
+            )
         elif ray.is_initialized():
             self._info = self._info_from_cluster()
         else:
@@ -281,8 +295,15 @@ class RayExecutionBackend:
         return self._info
 
     def _make_info(self, cpus: float, gpus: float, unknown: str = "") -> BackendInfo:
-        caps = [C.FUNCTIONS, C.EXECUTABLES, C.CANCEL_RUNNING, C.KILL_EXECUTABLES,
-                C.RESOURCES, C.SERIALIZES, C.LARGE_PAYLOADS]
+        caps = [
+            C.FUNCTIONS,
+            C.EXECUTABLES,
+            C.CANCEL_RUNNING,
+            C.KILL_EXECUTABLES,
+            C.RESOURCES,
+            C.SERIALIZES,
+            C.LARGE_PAYLOADS,
+        ]
         absent: dict[str, str] = {}
         if cpus >= 2:
             caps.append(C.PARALLEL)
@@ -325,8 +346,9 @@ class RayExecutionBackend:
         self._loop = asyncio.get_running_loop()
         if self._up is None:
             self._up = concurrent.futures.Future()
-            self._thread = threading.Thread(target=self._own, name="asyncflow-ray",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._own, name="asyncflow-ray", daemon=True
+            )
             self._thread.start()
         try:
             # Shielded: an engine giving up on start must not cancel the thread's
@@ -379,8 +401,10 @@ class RayExecutionBackend:
             base = "/tmp"
         self._tmpdir = tempfile.mkdtemp(prefix="asyncflow-ray-", dir=base)
         env = {"RAY_USAGE_STATS_ENABLED": "0"}
-        if not any(k in os.environ for k in
-                   ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        if not any(
+            k in os.environ
+            for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+        ):
             # Ray 2.60 turns token auth on (setting RAY_AUTH_MODE itself) and
             # writes ~/.ray/auth_token; point it at a token in our temp dir.
             path = os.path.join(self._tmpdir, "auth_token")
@@ -391,8 +415,11 @@ class RayExecutionBackend:
             self._env_saved.setdefault(key, os.environ.get(key))
         os.environ.update(env)
         _forget_cached_token()
-        kwargs = {"include_dashboard": False, "_temp_dir": self._tmpdir,
-                  **self._init_kwargs}
+        kwargs = {
+            "include_dashboard": False,
+            "_temp_dir": self._tmpdir,
+            **self._init_kwargs,
+        }
         loopback = self._loopback and "_node_ip_address" not in kwargs
         for attempt in (1, 2):
             with _local_only(loopback), _quiet_init(), self._marking_children():
@@ -463,17 +490,22 @@ class RayExecutionBackend:
                 remote = self._remote_for(spec)
                 if spec.command is not None:
                     cmd = spec.command
-                    marked = Command(cmd.argv, {**(cmd.env or {}),
-                                                MARKER: f"{self._token}/{spec.uid}"},
-                                     cmd.cwd)
+                    marked = Command(
+                        cmd.argv,
+                        {**(cmd.env or {}), MARKER: f"{self._token}/{spec.uid}"},
+                        cmd.cwd,
+                    )
                     ref = remote.remote(marked, spec.uid, spec.name)
                 elif spec.has_remote_args:
                     args, kwargs = self._native_args(spec)
                     ref = remote.remote(*args, **kwargs)
                 else:
                     ref = remote.remote(*spec.args, **spec.kwargs)
-            except (ResourceUnavailableError, TaskDefinitionError,
-                    SerializationError) as exc:
+            except (
+                ResourceUnavailableError,
+                TaskDefinitionError,
+                SerializationError,
+            ) as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
             except Exception as exc:
@@ -508,7 +540,8 @@ class RayExecutionBackend:
         variant = self._variants.get((key, res))
         if variant is None:
             variant = self._variants[(key, res)] = base.options(
-                **self._task_options(spec, res, None))
+                **self._task_options(spec, res, None)
+            )
         return variant
 
     def _runner(self, spec: TaskSpec) -> tuple[Any, Any]:
@@ -533,8 +566,9 @@ class RayExecutionBackend:
         runner = _function_runner(spec.function, spec.is_async, spec.name, nested)
         return ray.remote(max_retries=0)(runner)
 
-    def _task_options(self, spec: TaskSpec, res: Resources,
-                      extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _task_options(
+        self, spec: TaskSpec, res: Resources, extra: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": res.cores}
         if res.gpus:
             opts["num_gpus"] = res.gpus
@@ -558,15 +592,22 @@ class RayExecutionBackend:
             )
         if not self._fail_infeasible:
             return
-        need = {"CPU": res.cores, "GPU": res.gpus,
-                "memory": (res.memory or 0) * 1024 * 1024}
+        need = {
+            "CPU": res.cores,
+            "GPU": res.gpus,
+            "memory": (res.memory or 0) * 1024 * 1024,
+        }
         for node in self._nodes:
             if all(node.get(k, 0) >= v for k, v in need.items() if v):
                 return
-        have = ", ".join(
-            f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}, "
-            f"memory: {n.get('memory', 0) / 2**20:.0f} MB}}" for n in self._nodes
-        ) or "no alive node"
+        have = (
+            ", ".join(
+                f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}, "
+                f"memory: {n.get('memory', 0) / 2**20:.0f} MB}}"
+                for n in self._nodes
+            )
+            or "no alive node"
+        )
         raise ResourceUnavailableError(
             f"task {spec.name!r} asks for cores={res.cores}, gpus={res.gpus}, "
             f"memory={res.memory} MB, which no node of this Ray cluster has "
@@ -582,7 +623,8 @@ class RayExecutionBackend:
             if t is RayValue:
                 if obj.owner is not self:  # pragma: no cover - engine fetches these
                     raise TaskDefinitionError(
-                        f"task {spec.name!r}: got a value from another backend")
+                        f"task {spec.name!r}: got a value from another backend"
+                    )
                 if top:
                     return obj.handle
                 nested.append(obj.handle)
@@ -604,8 +646,11 @@ class RayExecutionBackend:
     def _submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
         text = str(exc)
         if isinstance(exc, TypeError) and "serializ" in text.lower():
-            what = ("its function" if "function" in text.split("\n", 1)[0]
-                    else "an argument")
+            what = (
+                "its function"
+                if "function" in text.split("\n", 1)[0]
+                else "an argument"
+            )
             return SerializationError(
                 f"task {spec.name!r}: {what} cannot be serialised for Ray "
                 f"({text.splitlines()[0]}); define functions at module level and "
@@ -650,8 +695,11 @@ class RayExecutionBackend:
         the engine gets a RayValue for it.
         """
         ready = self._ready_uids
-        if (not self._deferred and len(ready) < _BATCH
-                and len(self._tasks) - len(ready) >= self._backlog):
+        if (
+            not self._deferred
+            and len(ready) < _BATCH
+            and len(self._tasks) - len(ready) >= self._backlog
+        ):
             # Every worker has queued work behind the running task, so reporting
             # a little later idles nobody, while each wake-up and ray.get here
             # costs the driver about as much CPU as a task submission.  Collect
@@ -738,8 +786,9 @@ class RayExecutionBackend:
         for delay in (0.0, 1.0):
             await asyncio.sleep(delay)
             try:
-                await run_in_thread(self._sweep_everywhere, targets,
-                                    name="asyncflow-ray-kill")
+                await run_in_thread(
+                    self._sweep_everywhere, targets, name="asyncflow-ray-kill"
+                )
             except Exception:
                 log.warning("could not kill cancelled Ray commands", exc_info=True)
 
@@ -754,7 +803,8 @@ class RayExecutionBackend:
             if node.get("Alive") and node.get("NodeManagerAddress") not in here:
                 ref = remote_sweep.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        node["NodeID"], soft=False)
+                        node["NodeID"], soft=False
+                    )
                 ).remote(prefix, targets)
                 ref._on_completed(_ignore)
 
@@ -772,11 +822,13 @@ class RayExecutionBackend:
         if batch:
             self._spawn(self._fetch_batch(batch))
 
-    async def _fetch_batch(self, batch: list[tuple[ray.ObjectRef, asyncio.Future[Any]]]
-                           ) -> None:
+    async def _fetch_batch(
+        self, batch: list[tuple[ray.ObjectRef, asyncio.Future[Any]]]
+    ) -> None:
         try:
-            outcomes = await run_in_thread(_get_many, [r for r, _ in batch],
-                                           name="asyncflow-ray-fetch")
+            outcomes = await run_in_thread(
+                _get_many, [r for r, _ in batch], name="asyncflow-ray-fetch"
+            )
         except BaseException as exc:
             outcomes = [(False, exc)] * len(batch)
         for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
@@ -785,8 +837,11 @@ class RayExecutionBackend:
             if ok:
                 fut.set_result(value)
             else:
-                fut.set_exception(_task_error("(fetch)", value)
-                                  if isinstance(value, rex.RayError) else value)
+                fut.set_exception(
+                    _task_error("(fetch)", value)
+                    if isinstance(value, rex.RayError)
+                    else value
+                )
 
     # -- shutdown -------------------------------------------------------------
     async def shutdown(self) -> None:
@@ -855,10 +910,11 @@ class RayExecutionBackend:
                 if proc.environ().get(_NODE_MARKER) == self._token:
                     found[proc.pid] = proc
                     found.update((c.pid, c) for c in proc.children(recursive=True))
-                elif (proc.pid not in found
-                      and (proc.info["name"] or "").startswith("ray::")
-                      and any(f.path.startswith(self._tmpdir)
-                              for f in proc.open_files())):
+                elif (
+                    proc.pid not in found
+                    and (proc.info["name"] or "").startswith("ray::")
+                    and any(f.path.startswith(self._tmpdir) for f in proc.open_files())
+                ):
                     found[proc.pid] = proc
             except (psutil.Error, OSError):
                 continue
@@ -896,18 +952,29 @@ def _task_error(name: str, err: rex.RayError) -> BaseException:
             return err
     if isinstance(err, rex.TaskCancelledError):
         return WorkerLostError(
-            f"task {name!r} was cancelled inside Ray, not through asyncflow ({err})")
+            f"task {name!r} was cancelled inside Ray, not through asyncflow ({err})"
+        )
     if isinstance(err, rex.OutOfMemoryError):
         return WorkerLostError(
             f"task {name!r}: Ray killed its worker because the node ran out of "
-            f"memory; ask for more with resources={{'memory': MB}} ({err})")
+            f"memory; ask for more with resources={{'memory': MB}} ({err})"
+        )
     if isinstance(err, rex.ObjectLostError):
-        return WorkerLostError(f"task {name!r}: a value it needs was lost from "
-                               f"Ray's object store ({type(err).__name__}: {err})")
-    if isinstance(err, rex.RaySystemError | rex.WorkerCrashedError
-                  | rex.NodeDiedError | rex.LocalRayletDiedError):
-        return WorkerLostError(f"task {name!r}: the Ray worker running it died "
-                               f"({type(err).__name__}: {err})")
+        return WorkerLostError(
+            f"task {name!r}: a value it needs was lost from "
+            f"Ray's object store ({type(err).__name__}: {err})"
+        )
+    if isinstance(
+        err,
+        rex.RaySystemError
+        | rex.WorkerCrashedError
+        | rex.NodeDiedError
+        | rex.LocalRayletDiedError,
+    ):
+        return WorkerLostError(
+            f"task {name!r}: the Ray worker running it died "
+            f"({type(err).__name__}: {err})"
+        )
     return err
 
 
@@ -975,8 +1042,9 @@ def _quiet_init() -> Iterator[None]:
     logger.addFilter(flt)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r"subprocess \d+ is still running",
-                                    ResourceWarning)
+            warnings.filterwarnings(
+                "ignore", r"subprocess \d+ is still running", ResourceWarning
+            )
             yield
     finally:
         logger.removeFilter(flt)
@@ -1006,7 +1074,13 @@ def _local_addresses() -> set[str]:
 
 # What a default local Ray offers, for listings that must not start Ray.
 RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined]
-    C.FUNCTIONS, C.EXECUTABLES, C.CANCEL_RUNNING, C.KILL_EXECUTABLES, C.RESOURCES,
-    C.SERIALIZES, C.LARGE_PAYLOADS, C.PARALLEL,
+    C.FUNCTIONS,
+    C.EXECUTABLES,
+    C.CANCEL_RUNNING,
+    C.KILL_EXECUTABLES,
+    C.RESOURCES,
+    C.SERIALIZES,
+    C.LARGE_PAYLOADS,
+    C.PARALLEL,
     gpus="depends on the cluster: declared when a node reports GPUs",
 )

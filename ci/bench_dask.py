@@ -54,9 +54,18 @@ class ExternalCluster:
         self.tmp = tempfile.mkdtemp(prefix="asyncflow-bench-dask-")
         sched_file = os.path.join(self.tmp, "scheduler.json")
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._spawn("scheduler", "--host", "127.0.0.1", "--port", "0",
-                    "--dashboard-address", "127.0.0.1:0", "--no-show",
-                    "--scheduler-file", sched_file)
+        self._spawn(
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--no-show",
+            "--scheduler-file",
+            sched_file,
+        )
         deadline = time.monotonic() + 60
         while not os.path.exists(sched_file):
             if time.monotonic() > deadline or self.procs[0].poll() is not None:
@@ -67,16 +76,29 @@ class ExternalCluster:
         with open(sched_file) as f:
             self.address: str = json.load(f)["address"]
         for _ in range(workers):
-            self._spawn("worker", self.address, "--nthreads", "1", "--host",
-                        "127.0.0.1", "--no-dashboard")
+            self._spawn(
+                "worker",
+                self.address,
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            )
 
     def _spawn(self, *argv: str) -> None:
         here = os.path.dirname(os.path.abspath(__file__))
         path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-        self.procs.append(subprocess.Popen(
-            [os.path.join(BIN, "dask"), *argv], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, cwd=self.tmp,
-            env={**os.environ, "PYTHONPATH": path}))
+        self.procs.append(
+            subprocess.Popen(
+                [os.path.join(BIN, "dask"), *argv],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.tmp,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+        )
 
     def close(self) -> None:
         for p in self.procs:
@@ -180,17 +202,28 @@ async def _handoff() -> dict[str, float]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     finally:
         await flow.shutdown()
-    return {"baseline_mb": base / 1024, "peak_mb": peak / 1024,
-            "delta_mb": (peak - base) / 1024, "seconds": elapsed}
+    return {
+        "baseline_mb": base / 1024,
+        "peak_mb": peak / 1024,
+        "delta_mb": (peak - base) / 1024,
+        "seconds": elapsed,
+    }
 
 
 def handoff_rss() -> dict[str, float]:
     """Run :func:`_handoff` in a fresh interpreter so ru_maxrss starts clean."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import asyncio, json, sys; sys.path.insert(0, {here!r}); "
-            "import bench_dask as b; print(json.dumps(asyncio.run(b._handoff())))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                         text=True, timeout=300, check=True)
+    code = (
+        f"import asyncio, json, sys; sys.path.insert(0, {here!r}); "
+        "import bench_dask as b; print(json.dumps(asyncio.run(b._handoff())))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -221,20 +254,26 @@ def run(client: Client, address: str, a: argparse.Namespace) -> None:
             afs.append(measured(lambda n: asyncio.run(af_fanout(address, n)), n))
         raw, af = (statistics.median(w for w, _ in xs) for xs in (raws, afs))
         rc, ac = (statistics.median(c for _, c in xs) for xs in (raws, afs))
-        print(f"fanout {n:>6}: raw {n / raw:7.0f}/s  asyncflow {n / af:7.0f}/s  "
-              f"throughput ratio {raw / af:.2f}; cpu {rc / n * 1e3:.2f} vs "
-              f"{ac / n * 1e3:.2f} ms/task, ratio {rc / ac:.2f}   (wall raw "
-              f"{_fmt(raws)} s, asyncflow {_fmt(afs)} s)", flush=True)
+        print(
+            f"fanout {n:>6}: raw {n / raw:7.0f}/s  asyncflow {n / af:7.0f}/s  "
+            f"throughput ratio {raw / af:.2f}; cpu {rc / n * 1e3:.2f} vs "
+            f"{ac / n * 1e3:.2f} ms/task, ratio {rc / ac:.2f}   (wall raw "
+            f"{_fmt(raws)} s, asyncflow {_fmt(afs)} s)",
+            flush=True,
+        )
     raws, graphs, afs = [], [], []
     for _ in range(a.repeat):
         raws.append(raw_chain_stepwise(client, a.chain))
         graphs.append(raw_chain_graph(client, a.chain))
         afs.append(asyncio.run(af_chain(address, a.chain)))
     raw, graph, af = map(statistics.median, (raws, graphs, afs))
-    print(f"chain  {a.chain:>6}: raw {raw * 1e3:.2f} ms/hop  asyncflow "
-          f"{af * 1e3:.2f} ms/hop  latency ratio {af / raw:.2f}   (raw with the "
-          f"whole chain submitted up front: {graph * 1e3:.2f} ms/hop, ratio "
-          f"{af / graph:.2f})", flush=True)
+    print(
+        f"chain  {a.chain:>6}: raw {raw * 1e3:.2f} ms/hop  asyncflow "
+        f"{af * 1e3:.2f} ms/hop  latency ratio {af / raw:.2f}   (raw with the "
+        f"whole chain submitted up front: {graph * 1e3:.2f} ms/hop, ratio "
+        f"{af / graph:.2f})",
+        flush=True,
+    )
 
 
 def _fmt(xs: list[tuple[float, float]]) -> str:
@@ -244,8 +283,10 @@ def _fmt(xs: list[tuple[float, float]]) -> str:
 # On a shared, overloaded machine a scheduler can starve long enough for the
 # kernel to drop a loopback connection with unread data (Dask's default TCP user
 # timeout is 30 s); give both sides and the cluster more slack.
-SLACK = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "300s",
-         "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "120s"}
+SLACK = {
+    "DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "300s",
+    "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "120s",
+}
 
 
 def main() -> None:
@@ -267,8 +308,10 @@ def main() -> None:
         cluster.close()
     if not a.no_handoff:
         r = handoff_rss()
-        print(f"handoff 200 MB: driver peak RSS +{r['delta_mb']:.1f} MB over a "
-              f"{r['baseline_mb']:.0f} MB baseline ({r['seconds']:.2f} s)")
+        print(
+            f"handoff 200 MB: driver peak RSS +{r['delta_mb']:.1f} MB over a "
+            f"{r['baseline_mb']:.0f} MB baseline ({r['seconds']:.2f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ async def main(sizes: list[int], chain: int, repeat: int) -> None:
         await owner.shutdown()
 
 
-async def bench(owner: RayExecutionBackend, sizes: list[int], chain: int,
-                repeat: int) -> None:
+async def bench(
+    owner: RayExecutionBackend, sizes: list[int], chain: int, repeat: int
+) -> None:
     r_noop = ray.remote(max_retries=0)(noop)
     r_inc = ray.remote(max_retries=0)(inc)
     flow = WorkflowEngine(RayExecutionBackend(address=owner.address))
@@ -130,11 +131,22 @@ async def bench(owner: RayExecutionBackend, sizes: list[int], chain: int,
             for _ in range(repeat):
                 raw.append(n / timed(lambda n=n: raw_fan(n), raw_cpu))
                 af.append(n / await atimed(af_fan(n), af_cpu))
-            rows.append((f"fan-out {n:,} (tasks/s)", statistics.median(raw),
-                         statistics.median(af), True))
-            rows.append((f"fan-out {n:,} driver CPU (us/task)",
-                         statistics.median(raw_cpu) / n * 1e6,
-                         statistics.median(af_cpu) / n * 1e6, False))
+            rows.append(
+                (
+                    f"fan-out {n:,} (tasks/s)",
+                    statistics.median(raw),
+                    statistics.median(af),
+                    True,
+                )
+            )
+            rows.append(
+                (
+                    f"fan-out {n:,} driver CPU (us/task)",
+                    statistics.median(raw_cpu) / n * 1e6,
+                    statistics.median(af_cpu) / n * 1e6,
+                    False,
+                )
+            )
         refs, gets, af = [], [], []
         for _ in range(repeat):
             refs.append(timed(raw_chain_refs) / chain * 1e3)
@@ -155,8 +167,10 @@ async def bench(owner: RayExecutionBackend, sizes: list[int], chain: int,
         await flow.shutdown()
 
     cpus = ray.cluster_resources().get("CPU", 0)
-    print(f"ray {ray.__version__}, {cpus:g} CPUs, median of {repeat}; ratio is "
-          "asyncflow/raw (throughput: higher is better; latency: lower is better)")
+    print(
+        f"ray {ray.__version__}, {cpus:g} CPUs, median of {repeat}; ratio is "
+        "asyncflow/raw (throughput: higher is better; latency: lower is better)"
+    )
     print(f"{'':46} {'raw':>10} {'asyncflow':>10} {'ratio':>7}")
     for label, raw_v, af_v, _ in rows:
         print(f"{label:46} {raw_v:10.2f} {af_v:10.2f} {af_v / raw_v:7.2f}")

@@ -8,6 +8,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 # Runtimes write caches and ids under $HOME; keep them out of the user's.
 export RAY_USAGE_STATS_ENABLED=0
 ruff check .
+ruff format --check .
 mypy
 set +e
 timeout --signal=INT --kill-after=60 85m python -m pytest "$@"

@@ -68,8 +68,9 @@ def _warm(client: Client) -> None:
 def dask_cluster() -> Iterator[LocalCluster]:
     """Two worker processes (one thread each), shared by the whole session."""
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               **LOOPBACK)
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, **LOOPBACK
+        )
     try:
         with Client(cluster) as client:
             _warm(client)
@@ -81,8 +82,12 @@ def dask_cluster() -> Iterator[LocalCluster]:
 @pytest.fixture(scope="session")
 def dask_threads_cluster() -> Iterator[LocalCluster]:
     """Two worker threads in this process (inproc transport)."""
-    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                           **{k: v for k, v in LOOPBACK.items() if k != "host"})
+    cluster = LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        **{k: v for k, v in LOOPBACK.items() if k != "host"},
+    )
     try:
         with Client(cluster) as client:
             _warm(client)
@@ -92,8 +97,7 @@ def dask_threads_cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="session")
-def dask_scheduler_address(tmp_path_factory: pytest.TempPathFactory
-                           ) -> Iterator[str]:
+def dask_scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``dask scheduler`` plus two ``dask worker`` processes on 127.0.0.1."""
     tmp = tmp_path_factory.mktemp("dask-external")
     sched_file = tmp / "scheduler.json"
@@ -102,27 +106,56 @@ def dask_scheduler_address(tmp_path_factory: pytest.TempPathFactory
 
     def spawn(*argv: str, log: str) -> None:
         with open(tmp / log, "wb") as out:
-            procs.append(subprocess.Popen(
-                [str(BIN / "dask"), *argv], env=env, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "dask"), *argv],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=tmp,
+                )
+            )
 
     try:
-        spawn("scheduler", "--host", "127.0.0.1", "--port", "0",
-              "--dashboard-address", "127.0.0.1:0", "--no-show",
-              "--scheduler-file", str(sched_file), log="scheduler.log")
+        spawn(
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--no-show",
+            "--scheduler-file",
+            str(sched_file),
+            log="scheduler.log",
+        )
         deadline = time.monotonic() + 300  # a loaded 2-core CI box is slow
         address = None
         while address is None:
             if procs[0].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dask scheduler did not start: "
-                                   + (tmp / "scheduler.log").read_text()[-2000:])
+                raise RuntimeError(
+                    "dask scheduler did not start: "
+                    + (tmp / "scheduler.log").read_text()[-2000:]
+                )
             try:  # the file appears before the scheduler finishes writing it
                 address = json.loads(sched_file.read_text())["address"]
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 time.sleep(0.1)
         for i in range(2):
-            spawn("worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-                  "--no-dashboard", "--name", f"w{i}", log=f"worker{i}.log")
+            spawn(
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--name",
+                f"w{i}",
+                log=f"worker{i}.log",
+            )
         with Client(address, timeout=300) as client:
             client.wait_for_workers(2, timeout=300)
             _warm(client)
@@ -214,8 +247,9 @@ def test_owned_cluster_defaults_and_no_process_left() -> None:
     assert info["address"].startswith("tcp://127.0.0.1:")
     workers = info["workers"]
     assert len(workers) == 2
-    assert all(w["nthreads"] == 1 and w["host"] == "127.0.0.1"
-               for w in workers.values())
+    assert all(
+        w["nthreads"] == 1 and w["host"] == "127.0.0.1" for w in workers.values()
+    )
     started = set(during) - set(before)
     assert len(started) >= 2, during
     deadline = time.monotonic() + 30
@@ -226,8 +260,9 @@ def test_owned_cluster_defaults_and_no_process_left() -> None:
 
 def test_cluster_options_pass_through() -> None:
     async def main() -> tuple[int, bool, str]:
-        backend = DaskExecutionBackend(n_workers=1, threads_per_worker=3,
-                                       processes=False)
+        backend = DaskExecutionBackend(
+            n_workers=1, threads_per_worker=3, processes=False
+        )
         async with WorkflowEngine(backend) as flow:
             assert await flow.function_task(t.inc)(1) == 2
             assert backend.client is not None
@@ -273,8 +308,7 @@ def _append(path: str) -> int:
     return 1
 
 
-def test_identical_calls_each_run(dask_cluster: LocalCluster, tmp_path: Path
-                                  ) -> None:
+def test_identical_calls_each_run(dask_cluster: LocalCluster, tmp_path: Path) -> None:
     """Every task has its own key: two identical calls are two runs."""
     marker = str(tmp_path / "runs")
 
@@ -291,24 +325,33 @@ def _resources_in_use() -> dict[str, float]:
     from distributed import get_worker
 
     state = get_worker().state
-    return {k: state.total_resources[k] - v
-            for k, v in state.available_resources.items()}
+    return {
+        k: state.total_resources[k] - v for k, v in state.available_resources.items()
+    }
 
 
 def test_resources_map_to_dask_worker_resources() -> None:
     async def main() -> None:
         backend = DaskExecutionBackend(
-            n_workers=1, threads_per_worker=4, processes=False,
-            resources={"CPU": 4, "GPU": 1, "MEMORY": 1024 * 2**20})
+            n_workers=1,
+            threads_per_worker=4,
+            processes=False,
+            resources={"CPU": 4, "GPU": 1, "MEMORY": 1024 * 2**20},
+        )
         async with WorkflowEngine(backend) as flow:
             probe = flow.function_task(_resources_in_use)
             assert Capability.GPUS in backend.info.capabilities
             used = await flow.function_task(
-                resources={"cores": 3, "gpus": 1, "memory": 512})(_resources_in_use)()
+                resources={"cores": 3, "gpus": 1, "memory": 512}
+            )(_resources_in_use)()
             assert used == {"CPU": 3, "GPU": 1, "MEMORY": 512 * 2**20}
             assert await probe() == {"CPU": 0, "GPU": 0, "MEMORY": 0}
-            for impossible in ({"cores": 5}, {"gpus": 2}, {"memory": 2048},
-                               {"ranks": 2}):
+            for impossible in (
+                {"cores": 5},
+                {"gpus": 2},
+                {"memory": 2048},
+                {"ranks": 2},
+            ):
                 task = flow.function_task(resources=impossible)(t.inc)
                 with pytest.raises(ResourceUnavailableError):
                     await asyncio.wait_for(task(1), 30)
@@ -382,8 +425,9 @@ HANDOFF = textwrap.dedent("""
 @pytest.mark.timeout(480)
 def test_200mb_handoff_never_reaches_the_driver() -> None:
     """A fresh interpreter, so its peak RSS (ru_maxrss) starts clean."""
-    out = subprocess.run([sys.executable, "-c", HANDOFF], capture_output=True,
-                         text=True, timeout=420)
+    out = subprocess.run(
+        [sys.executable, "-c", HANDOFF], capture_output=True, text=True, timeout=420
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grew = (r["peak"] - r["base"]) / 2**20

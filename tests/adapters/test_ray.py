@@ -240,7 +240,8 @@ def test_cancel_kills_the_commands_whole_process_group(
             with pytest.raises(asyncio.CancelledError):
                 await cmd
             _, alive = await asyncio.to_thread(
-                psutil.wait_procs, [psutil.Process(p) for p in (*pids, shell)], 30)
+                psutil.wait_procs, [psutil.Process(p) for p in (*pids, shell)], 30
+            )
             assert not alive, f"still running after cancel: {alive}"
 
     run(scenario, backend)
@@ -326,4 +327,3 @@ def test_zz_shutdown_leaves_no_ray_process(ray_session: RaySession) -> None:
     assert "RAY_AUTH_TOKEN_PATH" not in os.environ
     if not ray_session.had_home_token:
         assert not os.path.exists(HOME_TOKEN), "Ray's token stayed in the temp dir"
-

@@ -47,8 +47,9 @@ asyncio.run(main())
 
 def test_100k_tasks_release_memory_and_descriptors() -> None:
     """In a fresh interpreter, so other tests' runtimes cannot blur the figures."""
-    out = subprocess.run([sys.executable, "-c", SOAK], capture_output=True,
-                         text=True, timeout=500)
+    out = subprocess.run(
+        [sys.executable, "-c", SOAK], capture_output=True, text=True, timeout=500
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["grown_mb"] < 50, f"RSS grew by {r['grown_mb']:.1f} MB over 100k tasks"
