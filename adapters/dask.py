@@ -55,6 +55,7 @@ from ..errors import (
     ResourceUnavailableError,
     SerializationError,
     TaskDefinitionError,
+    UpstreamGone,
     WorkerLostError,
 )
 from ..protocol import (
@@ -63,6 +64,7 @@ from ..protocol import (
     Capability,
     CompletionSink,
     RemoteValue,
+    UpstreamRef,
 )
 from ..spec import Command, Resources, TaskSpec
 from ..worker import call_pickled, dumps_function, kill_command, run_command
@@ -109,6 +111,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
     C.SERIALIZES,
     C.LARGE_PAYLOADS,
     C.PARALLEL,
+    C.PIPELINE,
     cancel_running="Dask cannot interrupt a running Python function: its worker "
     "thread runs on and the result is discarded (executables are killed)",
     gpus="no Dask worker advertises a 'GPU' resource; start workers with "
@@ -187,6 +190,8 @@ class DaskExecutionBackend:
         self._pushed: dict[str, bytes] = {}  # key -> pickled small result
         self._pickled: dict[Any, bytes] = {}
         self._deferred: set[str] = set()  # uids awaiting a refresh or a scatter
+        self._consumed: set[str] = set()  # uids a spec of this batch takes in
+        self._topic: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._cancel_queue: list[tuple[str, _Tracked]] = []
         self._fetch_queue: list[tuple[Future, asyncio.Future[Any]]] = []
@@ -260,6 +265,7 @@ class DaskExecutionBackend:
             assert client is not None
             # Our own topic: the scheduler drops its events when we disconnect.
             client.subscribe_topic(client.id, self._on_event)
+            self._topic = client.id
             await self._refresh_workers()
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -337,6 +343,11 @@ class DaskExecutionBackend:
         groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
         recheck: list[TaskSpec] = []
         scatter: list[TaskSpec] = []
+        piped: list[tuple[TaskSpec, dict[str, float] | None]] = []
+        for spec in specs:
+            if spec.has_remote_args:
+                _refs(spec.args, self._consumed)
+                _refs(spec.kwargs, self._consumed)
         for spec in specs:
             resources = None
             if not spec.resources.is_default:
@@ -355,8 +366,14 @@ class DaskExecutionBackend:
             ):
                 scatter.append(spec)
                 continue
+            if spec.has_remote_args:
+                piped.append((spec, resources))
+                continue
             self._add(groups, spec, resources)
         self._map_groups(groups)
+        if piped:
+            self._submit_piped(piped)
+        self._consumed.clear()
         if recheck:
             self._deferred.update(spec.uid for spec in recheck)
             self._spawn(self._recheck(recheck))
@@ -364,28 +381,64 @@ class DaskExecutionBackend:
             self._deferred.update(spec.uid for spec in scatter)
             self._spawn(self._submit_scattered(scatter))
 
+    def _submit_piped(
+        self, items: list[tuple[TaskSpec, dict[str, float] | None]]
+    ) -> None:
+        """Specs naming other tasks' results, in the engine's (topological)
+        order.  Independent ones still share a ``client.map``; one naming a
+        task of the group being built flushes that group first, so the Dask
+        future it needs exists."""
+        groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
+        queued: set[str] = set()
+        for spec, resources in items:
+            try:
+                native = (_swap(spec.args, self), _swap(spec.kwargs, self))
+            except UpstreamGone as exc:
+                if exc.uid not in queued:
+                    self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
+                    continue
+                self._map_groups(groups)
+                groups = {}
+                queued.clear()
+                try:
+                    native = (_swap(spec.args, self), _swap(spec.kwargs, self))
+                except UpstreamGone as exc:  # the upstream was rejected
+                    self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
+                    continue
+            self._add(groups, spec, resources, native)
+            queued.add(spec.uid)
+        self._map_groups(groups)
+
     def _add(
         self,
         groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]],
         spec: TaskSpec,
         resources: dict[str, float] | None,
+        native: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     ) -> None:
         """File ``spec`` with the others that can share one ``client.map``."""
         key = f"{spec.name}-{self._token}-{spec.uid}"
+        # A result consumed by a task in the same batch stays on the workers:
+        # pushing it to the driver too costs a scheduler message per hop.
+        topic = None if spec.uid in self._consumed else self._topic
         if spec.command is not None:
             fn: Callable[..., Any] = _run_command
-            args: tuple[Any, ...] = (key, spec.command, spec.uid, spec.name)
+            args: tuple[Any, ...] = (topic, key, spec.command, spec.uid, spec.name)
         else:
             try:
                 blob = self._pickle(spec)
             except SerializationError as exc:
                 self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
                 return
-            a, kw = spec.args, spec.kwargs
-            if spec.has_remote_args:
-                a, kw = _swap(a, self), _swap(kw, self)
+            a, kw = native or (spec.args, spec.kwargs)
+            if spec.has_remote_args and native is None:
+                try:
+                    a, kw = _swap(a, self), _swap(kw, self)
+                except UpstreamGone as exc:
+                    self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
+                    return
             fn = _run_function
-            args = (key, blob, a, kw, spec.is_async, spec.name)
+            args = (topic, key, blob, a, kw, spec.is_async, spec.name)
         options = spec.options
         opts = (
             tuple((k, repr(options[k])) for k in SUBMIT_OPTIONS if k in options)
@@ -429,12 +482,11 @@ class DaskExecutionBackend:
     ) -> None:
         client = self._client
         assert client is not None and self._loop is not None
-        keys = [args[0] for _, args in chunk]
+        keys = [args[1] for _, args in chunk]
         columns = list(zip(*(args for _, args in chunk), strict=True))
         try:
             futures = client.map(
                 fn,
-                [client.id] * len(chunk),
                 *columns,
                 key=keys,
                 pure=False,
@@ -854,6 +906,11 @@ def _swap(obj: Any, owner: DaskExecutionBackend) -> Any:
     t = type(obj)
     if t is DaskRemoteValue:
         return obj.handle if obj.owner is owner else obj
+    if t is UpstreamRef:
+        tracked = owner._tasks.get(obj.uid)
+        if tracked is None:
+            raise UpstreamGone(obj.uid)
+        return tracked.future
     if t is tuple or t is list or t is set:
         return t(_swap(v, owner) for v in obj)
     if t is dict:
@@ -861,9 +918,21 @@ def _swap(obj: Any, owner: DaskExecutionBackend) -> Any:
     return obj
 
 
+def _refs(obj: Any, out: set[str]) -> None:
+    t = type(obj)
+    if t is UpstreamRef:
+        out.add(obj.uid)
+    elif t is dict:
+        for v in obj.values():
+            _refs(v, out)
+    elif t in _CONTAINERS:
+        for v in obj:
+            _refs(v, out)
+
+
 def _has_remote(obj: Any) -> bool:
     t = type(obj)
-    if t is DaskRemoteValue:
+    if t is DaskRemoteValue or t is UpstreamRef:
         return True
     if t is dict:
         return any(_has_remote(v) for v in obj.values())
@@ -888,7 +957,7 @@ def _size(obj: Any) -> int:
         return 32
     if t is str or t is bytes:
         return len(obj)
-    if t is DaskRemoteValue:
+    if t is DaskRemoteValue or t is UpstreamRef:
         return 64
     return int(sizeof(obj))
 
@@ -945,7 +1014,7 @@ def _start_error(exc: Exception, target: Any, owned: bool) -> Exception:
 
 # -- worker side ---------------------------------------------------------------------
 def _run_function(
-    topic: str,
+    topic: str | None,
     key: str,
     blob: bytes,
     args: tuple[Any, ...],
@@ -971,14 +1040,18 @@ def _deep(tb: Any, limit: int = 200) -> bool:
     return tb is not None
 
 
-def _run_command(topic: str, key: str, command: Command, uid: str, name: str) -> str:
+def _run_command(
+    topic: str | None, key: str, command: Command, uid: str, name: str
+) -> str:
     value = run_command(command, uid, name)
     _push(topic, key, value)
     return value
 
 
-def _push(topic: str, key: str, value: Any) -> None:
+def _push(topic: str | None, key: str, value: Any) -> None:
     """Publish a small result to the client; it stays on the worker as well."""
+    if topic is None:
+        return
     try:
         if type(value) not in _SMALL and _size(value) > PUSH_BYTES:
             return

@@ -72,6 +72,7 @@ from ..errors import (
     ResourceUnavailableError,
     SerializationError,
     TaskDefinitionError,
+    UpstreamGone,
     WorkerLostError,
 )
 from ..protocol import (
@@ -80,6 +81,7 @@ from ..protocol import (
     Capability,
     CompletionSink,
     RemoteValue,
+    UpstreamRef,
 )
 from ..spec import Command, Resources, TaskSpec
 from ..worker import call_function, run_command
@@ -303,6 +305,7 @@ class RayExecutionBackend:
             C.RESOURCES,
             C.SERIALIZES,
             C.LARGE_PAYLOADS,
+            C.PIPELINE,
         ]
         absent: dict[str, str] = {}
         if cpus >= 2:
@@ -505,6 +508,7 @@ class RayExecutionBackend:
                 ResourceUnavailableError,
                 TaskDefinitionError,
                 SerializationError,
+                UpstreamGone,
             ) as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
@@ -620,14 +624,21 @@ class RayExecutionBackend:
 
         def native(obj: Any, top: bool) -> Any:
             t = type(obj)
-            if t is RayValue:
+            if t is RayValue or t is UpstreamRef:
                 if obj.owner is not self:  # pragma: no cover - engine fetches these
                     raise TaskDefinitionError(
                         f"task {spec.name!r}: got a value from another backend"
                     )
+                if t is RayValue:
+                    handle = obj.handle
+                else:  # a task still running here (Capability.PIPELINE)
+                    running = self._tasks.get(obj.uid)
+                    if running is None:
+                        raise UpstreamGone(obj.uid)
+                    handle = running.ref
                 if top:
-                    return obj.handle
-                nested.append(obj.handle)
+                    return handle
+                nested.append(handle)
                 return _Slot(len(nested) - 1)
             if t is tuple or t is list:
                 return t(native(v, False) for v in obj)
@@ -1081,6 +1092,7 @@ RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined
     C.RESOURCES,
     C.SERIALIZES,
     C.LARGE_PAYLOADS,
+    C.PIPELINE,
     C.PARALLEL,
     gpus="depends on the cluster: declared when a node reports GPUs",
 )

@@ -76,6 +76,7 @@ class WorkflowEngine(Scheduler):
         self._starting: dict[int, asyncio.Task[None]] = {}
         self._flush_scheduled = False
         self._counter = itertools.count(1)
+        self._pipes = {}
         self._closed = False
         self._shutdown_task: asyncio.Future[None] | None = None
         self._guard: asyncio.Task[None] | None = None

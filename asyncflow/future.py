@@ -41,11 +41,13 @@ class TaskFuture(asyncio.Future):
     # Engine bookkeeping lives here, not in side tables, so that a finished task
     # is garbage as soon as the user drops its future.
     __slots__ = (
+        "_after",
         "_args",
         "_attempt",
         "_backend",
         "_decl",
         "_dependents",
+        "_early",
         "_engine",
         "_job",
         "_kwargs",
@@ -73,6 +75,10 @@ class TaskFuture(asyncio.Future):
         self._tstate = TaskState.WAITING
         self._dependents: list[TaskFuture] | None = None
         self._pending = 0
+        # piped tasks (Capability.PIPELINE): upstreams still to report, and an
+        # outcome the runtime reported before they did
+        self._after = 0
+        self._early: tuple[bool, Any] | None = None
         self._args: tuple[Any, ...] = ()
         self._kwargs: dict[str, Any] = {}
         self._backend: Any = None

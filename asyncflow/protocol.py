@@ -62,6 +62,7 @@ __all__ = [
     "CompletionSink",
     "ExecutionBackend",
     "RemoteValue",
+    "UpstreamRef",
 ]
 
 
@@ -86,6 +87,16 @@ class Capability(enum.Enum):
     """Ships functions to other processes, so unserialisable ones must fail."""
     LARGE_PAYLOADS = "large_payloads"
     """Moves arguments and results of 50 MB and more."""
+    PIPELINE = "pipeline"
+    """Accepts a function task before its upstreams on the same adapter have
+    finished.  Its args then hold an :class:`UpstreamRef` for each, which the
+    adapter turns into the runtime's own reference (a Dask future, a Ray
+    ObjectRef), so the runtime starts the task when they finish, with no round
+    trip through the driver.  The adapter's report for such a task is held back
+    until the upstreams' reports are in, so ordering and failure propagation do
+    not change.  An upstream the adapter no longer knows is answered with
+    :class:`~asyncflow.errors.UpstreamGone`, and the engine resubmits the task
+    with the upstreams' values."""
 
 
 @dataclass(frozen=True)
@@ -162,3 +173,17 @@ class RemoteValue:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.handle!r}>"
+
+
+class UpstreamRef:
+    """Stands for the result of a task still running on ``owner`` (see
+    ``Capability.PIPELINE``); ``uid`` is the upstream spec's uid."""
+
+    __slots__ = ("owner", "uid")
+
+    def __init__(self, owner: ExecutionBackend, uid: str):
+        self.owner = owner
+        self.uid = uid
+
+    def __repr__(self) -> str:
+        return f"<UpstreamRef {self.uid}>"

@@ -23,10 +23,11 @@ from .errors import (
     SerializationError,
     TaskDefinitionError,
     TaskTimeoutError,
+    UpstreamGone,
 )
 from .events import EventKind, Subscriber, TaskEvent
 from .future import TaskFuture, TaskState
-from .protocol import ExecutionBackend, RemoteValue
+from .protocol import Capability, ExecutionBackend, RemoteValue, UpstreamRef
 from .sink import _Sink
 from .spec import Command, TaskSpec
 from .tasks import TaskDecl, TaskKind, collect_futures, substitute
@@ -39,6 +40,7 @@ __all__ = ["Scheduler"]
 log = logging.getLogger("asyncflow")
 
 _FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+_LIVE = (TaskState.SUBMITTED, TaskState.RUNNING)
 # Errors that will fail the same way every time: retrying them only wastes time.
 _NOT_RETRIED = (
     TaskDefinitionError,
@@ -66,6 +68,7 @@ class Scheduler:
     _subscribers: list[Subscriber]
     _labels: dict[int, str]
     _counter: Iterator[int]
+    _pipes: dict[int, bool]
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError
@@ -92,7 +95,7 @@ class Scheduler:
             deps = collect_futures(args, kwargs) if (args or kwargs) else []
             self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
         if args or kwargs:
-            pending = 0
+            waiting: list[TaskFuture] | None = None
             for dep in collect_futures(args, kwargs):
                 state = dep._tstate
                 if state is TaskState.DONE:
@@ -103,23 +106,87 @@ class Scheduler:
                 if state is TaskState.CANCELLED:
                     self._cancel(fut, None)
                     return fut
-                if dep._dependents is None:
-                    dep._dependents = [fut]
+                if waiting is None:
+                    waiting = [dep]
                 else:
-                    dep._dependents.append(fut)
-                pending += 1
-            if pending:
-                fut._pending = pending
-                if self._subscribers:
-                    self._emit(EventKind.WAITING, fut)
-                return fut
+                    waiting.append(dep)
+            if waiting is not None:
+                for dep in waiting:
+                    if dep._dependents is None:
+                        dep._dependents = [fut]
+                    else:
+                        dep._dependents.append(fut)
+                if self._can_pipe(decl, waiting):
+                    # Hand it to the runtime now, naming the running upstreams:
+                    # the runtime starts it the moment they finish, without a
+                    # round trip through this loop (see Capability.PIPELINE).
+                    fut._after = len(waiting)
+                else:
+                    fut._pending = len(waiting)
+                    if self._subscribers:
+                        self._emit(EventKind.WAITING, fut)
+                    return fut
         self._ready(fut)
         return fut
 
     def _dep_done(self, fut: TaskFuture) -> None:
+        if fut._after:
+            self._piped_dep_done(fut)
+            return
         fut._pending -= 1
         if fut._pending == 0 and fut._tstate is TaskState.WAITING:
             self._ready(fut)
+
+    # -- pipelining -------------------------------------------------------------
+    def _can_pipe(self, decl: TaskDecl, deps: list[TaskFuture]) -> bool:
+        """Whether a new call may go to its backend before ``deps`` finish.
+
+        Only plain function tasks with no retries and no timeout are piped, on
+        both ends: a retried upstream gets a new runtime identity, and a
+        timeout must not count the time spent waiting for upstreams.
+        """
+        if decl.kind is not TaskKind.FUNCTION:
+            return False
+        opts = decl.opts
+        if opts.retries or opts.timeout is not None:
+            return False
+        target = decl.backend
+        ok = self._pipes.get(id(target))
+        if ok is None:
+            caps = target.info.capabilities  # type: ignore[union-attr]
+            ok = self._pipes[id(target)] = Capability.PIPELINE in caps
+        if not ok:
+            return False
+        for dep in deps:
+            if (
+                dep._backend is not target
+                or dep._tstate not in _LIVE
+                or dep._decl.kind is not TaskKind.FUNCTION
+                or dep._attempt < dep._decl.opts.retries
+            ):
+                return False
+        return True
+
+    def _piped_dep_done(self, fut: TaskFuture) -> None:
+        fut._after -= 1
+        if fut._after or fut._tstate in _FINAL:
+            return
+        early, fut._early = fut._early, None
+        if early is None:
+            return  # still running in the runtime: its own report finishes it
+        ok, value = early
+        if ok:
+            self._finish_ok(fut, value)
+        else:
+            self._finish_error(fut, value)
+
+    def _unpipe(self, fut: TaskFuture) -> None:
+        """The adapter could not find a running upstream (it finished before the
+        spec arrived): submit again, with the upstreams' values."""
+        fut._tstate = TaskState.WAITING
+        fut._spec = None
+        fut._backend = None
+        self._ready(fut)
 
     def _ready(self, fut: TaskFuture) -> None:
         """All dependencies are done: resolve the arguments and start the work."""
@@ -142,7 +209,10 @@ class Scheduler:
                 remote = any(d._remote is not None for d in deps)
                 args = substitute(args, _value_of)
                 kwargs = substitute(kwargs, _value_of)
-        fut._args = fut._kwargs = None  # type: ignore[assignment]
+        if fut._after:
+            remote = True  # kept: see _unpipe
+        else:
+            fut._args = fut._kwargs = None  # type: ignore[assignment]
         if kind is TaskKind.FUNCTION:
             assert target is not None
             opts = decl.opts
@@ -309,6 +379,11 @@ class Scheduler:
     def _finish_ok(self, fut: TaskFuture, value: Any) -> None:
         if fut._tstate in _FINAL:
             return
+        if fut._after:  # piped, and an upstream's report is still to come
+            fut._early = (True, value)
+            return
+        if fut._args is not None:
+            fut._args = fut._kwargs = None  # type: ignore[assignment]
         if fut._timer is not None:
             fut._timer.cancel()
             fut._timer = None
@@ -333,6 +408,12 @@ class Scheduler:
         self, fut: TaskFuture, exc: BaseException, retry: bool = True
     ) -> None:
         if fut._tstate in _FINAL:
+            return
+        if fut._after:  # piped: the upstreams' fate decides what this means
+            fut._early = (False, exc)
+            return
+        if isinstance(exc, UpstreamGone) and fut._args is not None:
+            self._unpipe(fut)
             return
         if fut._timer is not None:
             fut._timer.cancel()
@@ -383,6 +464,11 @@ class Scheduler:
                 continue
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
+            spec = dep._spec
+            if spec is not None:  # a piped dependent, already in its runtime
+                dep._spec = dep._early = None
+                if dep._engine._inflight.pop(spec.uid, None) is not None:
+                    self._backend_cancel(dep._backend, [spec.uid])
             dep._engine._open.pop(dep.uid, None)
             dep._tstate = TaskState.FAILED
             dep._args = dep._kwargs = None  # type: ignore[assignment]
@@ -417,7 +503,7 @@ class Scheduler:
                 f._job = None
             f._engine._open.pop(f.uid, None)
             f._tstate = TaskState.CANCELLED
-            f._spec = None
+            f._spec = f._early = None
             f._args = f._kwargs = None  # type: ignore[assignment]
             if f._engine._subscribers:
                 f._engine._emit(EventKind.CANCELLED, f)
@@ -472,6 +558,9 @@ class Scheduler:
 
 
 def _value_of(fut: TaskFuture) -> Any:
+    if fut._tstate is not TaskState.DONE:  # a piped upstream, still running
+        assert fut._spec is not None
+        return UpstreamRef(fut._backend, fut._spec.uid)
     remote = fut._remote
     if remote is not None:
         return remote

@@ -20,6 +20,7 @@ from __future__ import annotations
 from .base import BackendFixtures, scenario
 from .gate import Gate, gate_wait
 from .suite_core import BlockTests, DependencyTests, FailureTests, FunctionTests
+from .suite_pipeline import PipelineTests
 from .suite_runtime import (
     CancelTests,
     ExecutableTests,
@@ -44,6 +45,7 @@ __all__ = [
     "Gate",
     "ParallelTests",
     "PayloadTests",
+    "PipelineTests",
     "ResourceTests",
     "RetryTests",
     "SerializationTests",
@@ -65,6 +67,7 @@ class ConformanceSuite(
     RetryTests,
     ParallelTests,
     PayloadTests,
+    PipelineTests,
     SerializationTests,
     ResourceTests,
     ShutdownTests,
