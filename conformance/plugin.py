@@ -90,7 +90,7 @@ def pytest_collection_modifyitems(
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     state = _current
     backend = dict(report.user_properties).get(USER_PROPERTY)
-    if backend is None or (report.when != "call" and not report.skipped):
+    if not isinstance(backend, str) or (report.when != "call" and not report.skipped):
         return
     if state is None:
         return

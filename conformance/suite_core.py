@@ -120,7 +120,9 @@ class FailureTests:
             assert isinstance(info.value.__cause__, ValueError)
             assert root.uid in str(info.value)
             assert info.value.root == root.uid
-        assert child.uid in grandchild.exception().upstream
+        failure = grandchild.exception()
+        assert isinstance(failure, DependencyFailureError)
+        assert child.uid in failure.upstream
         assert await sibling == 2, "unrelated work goes on"
         late = inc(root)  # depending on an already-failed task fails at once
         with pytest.raises(DependencyFailureError):
