@@ -1,0 +1,79 @@
+"""Dask's scheduler already does what asyncflow needs from a cluster: placement,
+data locality and worker resources.  So this adapter adds as little as it can and
+keeps everything on the engine's event loop: an asynchronous ``Client`` submits
+each loop turn's ready tasks as one ``client.map`` per kind of task (one
+``update-graph`` message), and each completion is a coroutine waking on the Dask
+future's own event: no thread and no polling.
+
+Why results travel two ways: a Dask completion says only "done"; the value stays
+on the worker, and fetching it is a scheduler round trip that costs as much CPU
+as running a no-op task.  Fetching every small result that way halves a
+fan-out's throughput.  So the worker-side wrapper publishes a *small* result
+(pickled, at most ``PUSH_BYTES``) as a Dask event on the client's own topic; it
+reaches the client on the same stream just before the completion, and the task
+is reported with its plain value.  A bigger result is reported as a
+:class:`DaskRemoteValue` wrapping the Dask future: a downstream task on this
+backend gets that future as its argument, so the data moves worker to worker and
+never through the driver, and it reaches the driver only when someone awaits it
+(the fetches of one loop turn share one ``client.gather``).
+
+Ownership: ``DaskExecutionBackend()`` starts a loopback ``LocalCluster`` (its
+keyword arguments override the defaults) and closes it at shutdown.  Given an
+address, a ``Client`` or a cluster object (``LocalCluster``, a dask-jobqueue
+cluster, ...), it opens a client of its own to that scheduler and closes only
+that client: the cluster and the caller's client stay up.
+
+Resources map onto Dask worker resources: ``cores`` onto ``CPU`` when the
+workers advertise it (the owned cluster does), else onto the worker's thread
+count; ``gpus`` onto ``GPU``; ``memory`` (MB) onto ``MEMORY`` (bytes) when
+advertised, else onto the worker's memory limit.  A request that no connected
+worker could ever meet fails at once with ResourceUnavailableError instead of
+waiting in the scheduler forev
+
+The adapter is split by job:
+
+``backend``
+    :class:`DaskExecutionBackend`: construction, start (own a LocalCluster or
+    attach to a scheduler), cancel and shutdown;
+``submit`` and ``resources``
+    batching ready tasks into ``client.map`` calls, piped and scattered
+    arguments, and mapping ``Resources`` onto Dask worker resources;
+``results``
+    watching completions, pushed small results, and batched fetches of the
+    values left on the cluster;
+``values``
+    :class:`DaskRemoteValue` and the walks over task arguments (swapping in
+    Dask futures, sizing payloads);
+``worker``
+    the functions Dask runs on its workers, imported there by this path;
+``errors``
+    Dask's failures translated into asyncflow's errors;
+``base``
+    the state the parts above share.
+"""
+
+from __future__ import annotations
+
+from .backend import CLOSE_TIMEOUT as CLOSE_TIMEOUT
+from .backend import CONNECT_TIMEOUT as CONNECT_TIMEOUT
+from .backend import DEFAULT_CAPABILITIES as DEFAULT_CAPABILITIES
+from .backend import DEFAULT_CLUSTER as DEFAULT_CLUSTER
+from .backend import DaskExecutionBackend
+
+# The old single module's names stay importable from here.  Each is defined once,
+# in the module named; patch it there, not here.
+from .results import MAX_GATHERS as MAX_GATHERS
+from .submit import BATCH_BYTES as BATCH_BYTES
+from .submit import SCATTER_BYTES as SCATTER_BYTES
+from .submit import SCATTER_EACH as SCATTER_EACH
+from .submit import SUBMIT_OPTIONS as SUBMIT_OPTIONS
+from .values import MB as MB
+from .values import DaskRemoteValue
+from .worker import KILL_WATCH as KILL_WATCH
+from .worker import PUSH_BYTES as PUSH_BYTES
+from .worker import _kill_on_worker as _kill_on_worker
+from .worker import _push as _push
+from .worker import _run_command as _run_command
+from .worker import _run_function as _run_function
+
+__all__ = ["DaskExecutionBackend", "DaskRemoteValue"]

@@ -1,0 +1,92 @@
+"""Task resources mapped onto Dask worker resources.
+
+``cores`` become ``CPU`` when the workers advertise it, else a thread count;
+``gpus`` become ``GPU``; ``memory`` becomes ``MEMORY`` or the worker's memory
+limit.  The cached list of workers decides at once whether any could ever run a
+task: a request none can meet fails instead of waiting in the scheduler forever,
+and one the cache cannot meet is checked again against a fresh list first.
+"""
+
+from __future__ import annotations
+
+from ...errors import ResourceUnavailableError
+from ...spec import Resources, TaskSpec
+from .base import _DaskBase, _Worker
+from .values import MB
+
+
+class _Unknown(Exception):
+    """The cached worker list cannot meet a request; refresh and ask again."""
+
+
+def _describe(res: Resources) -> str:
+    parts = [f"cores={res.cores}"]
+    if res.gpus:
+        parts.append(f"gpus={res.gpus}")
+    if res.memory:
+        parts.append(f"memory={res.memory} MB")
+    return ", ".join(parts)
+
+
+class _ResourcesMixin(_DaskBase):
+    """The worker list, and matching requests against it."""
+
+    async def _refresh_workers(self) -> None:
+        client = self._client
+        assert client is not None
+        ident = await client.scheduler.identity(n_workers=-1)
+        self._workers = [_Worker(w) for w in ident.get("workers", {}).values()]
+        self._info = self._make_info()
+
+    # -- resources -----------------------------------------------------------------
+    def _dask_resources(
+        self, spec: TaskSpec, final: bool = False
+    ) -> dict[str, float] | None:
+        """Dask resources for ``spec``; raises if no worker could ever run it.
+
+        Raises ``_Unknown`` when the cached worker list says no but a fresh one
+        might say yes (``final`` is False), so the caller refreshes first.
+        """
+        res = spec.resources
+        if res.ranks > 1:
+            raise ResourceUnavailableError(
+                f"task {spec.name!r} asks for {res.ranks} MPI ranks, but the Dask "
+                "backend has no MPI launcher; use a backend with MPI support"
+            )
+        workers = self._workers
+        want: dict[str, float] = {}
+        if any("CPU" in w.resources for w in workers):
+            want["CPU"] = res.cores
+        if res.gpus:
+            want["GPU"] = res.gpus
+        if res.memory and any("MEMORY" in w.resources for w in workers):
+            want["MEMORY"] = res.memory * MB
+        if not workers:
+            return want or None  # nobody to ask yet (an adaptive cluster scaling up)
+        for w in workers:
+            if (
+                all(w.resources.get(k, 0) >= v for k, v in want.items())
+                and ("CPU" in want or w.nthreads >= res.cores)
+                and (
+                    "MEMORY" in want
+                    or not res.memory
+                    or not w.memory_limit
+                    or w.memory_limit >= res.memory * MB
+                )
+            ):
+                return want or None
+        if not final:
+            raise _Unknown
+        best = max(workers, key=lambda w: (w.nthreads, w.memory_limit))
+        limit = (
+            f"{best.memory_limit // MB} MB memory limit"
+            if best.memory_limit
+            else "no memory limit"
+        )
+        raise ResourceUnavailableError(
+            f"task {spec.name!r} asks for {_describe(res)}, but no Dask worker can "
+            f"ever provide it ({len(workers)} worker(s); the largest has "
+            f"{best.nthreads} thread(s), {limit}, resources "
+            f"{best.resources or '{}'}); lower the request, or start workers with "
+            'more --nthreads / --resources (e.g. "CPU=4 GPU=1")'
+        )

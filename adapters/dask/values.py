@@ -1,0 +1,100 @@
+"""Task arguments and results as Dask sees them.
+
+A result left on the cluster is a :class:`DaskRemoteValue` wrapping its Dask
+future; before submission, remote values and references to still-running
+upstream tasks are swapped for the Dask futures Dask resolves on the worker.
+Payload sizes decide what is scattered, how graphs are chunked and which
+results are pushed.  These walks are shared by submission and by the worker-side
+push, so they live apart from both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from dask.sizeof import sizeof
+
+from ...errors import UpstreamGone
+from ...protocol import RemoteValue, UpstreamRef
+
+if TYPE_CHECKING:
+    from .backend import DaskExecutionBackend
+    from .base import _DaskBase
+
+MB = 2**20
+
+
+class DaskRemoteValue(RemoteValue):
+    """A task result kept on the Dask workers; ``handle`` is the Dask future."""
+
+    __slots__ = ()
+
+    async def fetch(self) -> Any:
+        owner = cast("DaskExecutionBackend", self.owner)
+        return await owner._fetch(self.handle)
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_SMALL = (int, float, bool, type(None), complex)
+
+
+def _swap(obj: Any, owner: _DaskBase) -> Any:
+    """``obj`` with this backend's remote values replaced by their Dask futures
+    (Dask finds futures nested in lists, tuples, sets and dicts)."""
+    t = type(obj)
+    if t is DaskRemoteValue:
+        return obj.handle if obj.owner is owner else obj
+    if t is UpstreamRef:
+        tracked = owner._tasks.get(obj.uid)
+        if tracked is None:
+            raise UpstreamGone(obj.uid)
+        return tracked.future
+    if t is tuple or t is list or t is set:
+        return t(_swap(v, owner) for v in obj)
+    if t is dict:
+        return {k: _swap(v, owner) for k, v in obj.items()}
+    return obj
+
+
+def _refs(obj: Any, out: set[str]) -> None:
+    t = type(obj)
+    if t is UpstreamRef:
+        out.add(obj.uid)
+    elif t is dict:
+        for v in obj.values():
+            _refs(v, out)
+    elif t in _CONTAINERS:
+        for v in obj:
+            _refs(v, out)
+
+
+def _has_remote(obj: Any) -> bool:
+    t = type(obj)
+    if t is DaskRemoteValue or t is UpstreamRef:
+        return True
+    if t is dict:
+        return any(_has_remote(v) for v in obj.values())
+    if t in _CONTAINERS:
+        return any(_has_remote(v) for v in obj)
+    return False
+
+
+def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    n = 0
+    for a in args:
+        n += _size(a)
+    if kwargs:
+        for v in kwargs.values():
+            n += _size(v)
+    return n
+
+
+def _size(obj: Any) -> int:
+    t = type(obj)
+    if t in _SMALL:
+        return 32
+    if t is str or t is bytes:
+        return len(obj)
+    if t is DaskRemoteValue or t is UpstreamRef:
+        return 64
+    return int(sizeof(obj))

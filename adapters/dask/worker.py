@@ -1,0 +1,97 @@
+"""The functions Dask runs on its workers.
+
+Dask pickles them by reference, so a worker imports this module by its path,
+``asyncflow.adapters.dask.worker``: keep them here, at module level.  They run
+the task, and publish a small result to the client's topic (``_push``) so that
+the driver need not fetch it; ``_kill_on_worker`` stops cancelled commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from typing import Any
+
+from distributed import get_worker
+
+from ...spec import Command
+from ...worker import call_pickled, kill_command, run_command
+from .values import _SMALL, _size
+
+# Results up to this size (pickled) come back with the completion.
+PUSH_BYTES = 4096
+# How long a worker keeps looking for a cancelled command that has not started.
+KILL_WATCH = 5.0
+_EVENT = "asyncflow-result"
+
+
+def _run_function(
+    topic: str | None,
+    key: str,
+    blob: bytes,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    is_async: bool,
+    name: str,
+) -> Any:
+    try:
+        value = call_pickled(blob, args, kwargs, is_async, name)
+    except BaseException as exc:
+        if _deep(exc.__traceback__):
+            # Dask's client cannot rebuild a traceback this deep (a RecursionError
+            # would never be reported); the formatted one is in the notes anyway.
+            raise exc.with_traceback(None) from exc.__cause__
+        raise
+    _push(topic, key, value)
+    return value
+
+
+def _deep(tb: Any, limit: int = 200) -> bool:
+    while tb is not None and limit:
+        tb, limit = tb.tb_next, limit - 1
+    return tb is not None
+
+
+def _run_command(
+    topic: str | None, key: str, command: Command, uid: str, name: str
+) -> str:
+    value = run_command(command, uid, name)
+    _push(topic, key, value)
+    return value
+
+
+def _push(topic: str | None, key: str, value: Any) -> None:
+    """Publish a small result to the client; it stays on the worker as well."""
+    if topic is None:
+        return
+    try:
+        if type(value) not in _SMALL and _size(value) > PUSH_BYTES:
+            return
+        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(blob) <= PUSH_BYTES:
+            get_worker().log_event(topic, [_EVENT, key, blob])
+    except Exception:  # unpicklable here: the client fetches it the usual way
+        pass
+
+
+async def _kill_on_worker(tasks: list[tuple[str, str]], dask_worker: Any = None) -> int:
+    """Runs in every worker (``client.run``): kill the commands running here.
+
+    A command this worker still holds (its thread may be about to start it) is
+    looked for again until it starts or the worker lets go of it.
+    """
+    known = dask_worker.state.tasks
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + KILL_WATCH
+    killed = 0
+    while True:
+        waiting = []
+        for uid, key in tasks:
+            if kill_command(uid):
+                killed += 1
+            elif key in known:
+                waiting.append((uid, key))
+        if not waiting or loop.time() > deadline:
+            return killed
+        tasks = waiting
+        await asyncio.sleep(0.02)

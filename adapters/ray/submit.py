@@ -1,0 +1,207 @@
+"""Submission: each spec becomes one ``.remote()`` call.
+
+Functions are wrapped once per function (and per variant taking nested refs),
+resource requests and ``options["ray"]`` become cached ``.options()`` variants,
+and a request no node could meet fails at once instead of waiting forever.
+Remote values and references to still-running tasks become ObjectRefs, nested
+ones as extra top-level arguments.  Readiness callbacks are attached once the
+whole batch is in (see ``results``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+
+from ...errors import (
+    ResourceUnavailableError,
+    SerializationError,
+    TaskDefinitionError,
+    UpstreamGone,
+)
+from ...protocol import UpstreamRef
+from ...spec import Command, Resources, TaskSpec
+from .base import _Task
+from .errors import _submit_error
+from .results import RayValue, _ResultsMixin
+from .worker import _EXEC, _NESTED, MARKER, _function_runner, _Slot
+
+_OWN_OPTIONS = frozenset({"num_returns", "max_retries", "retry_exceptions"})
+
+
+class _SubmitMixin(_ResultsMixin):
+    """``submit`` and everything between a spec and a Ray ObjectRef."""
+
+    # -- submit -------------------------------------------------------------
+    def submit(self, specs: Sequence[TaskSpec]) -> None:
+        sink = self._sink
+        assert sink is not None
+        tasks = self._tasks
+        submitted: list[tuple[str, ray.ObjectRef]] = []
+        for spec in specs:
+            try:
+                remote = self._remote_for(spec)
+                if spec.command is not None:
+                    cmd = spec.command
+                    marked = Command(
+                        cmd.argv,
+                        {**(cmd.env or {}), MARKER: f"{self._token}/{spec.uid}"},
+                        cmd.cwd,
+                    )
+                    ref = remote.remote(marked, spec.uid, spec.name)
+                elif spec.has_remote_args:
+                    args, kwargs = self._native_args(spec)
+                    ref = remote.remote(*args, **kwargs)
+                else:
+                    ref = remote.remote(*spec.args, **spec.kwargs)
+            except (
+                ResourceUnavailableError,
+                TaskDefinitionError,
+                SerializationError,
+                UpstreamGone,
+            ) as exc:
+                sink.set_exception(spec.uid, exc)
+                continue
+            except Exception as exc:
+                sink.set_exception(spec.uid, _submit_error(spec, exc))
+                continue
+            tasks[spec.uid] = _Task(spec.name, ref, spec.command is not None)
+            submitted.append((spec.uid, ref))
+        # Callbacks only once the whole batch is in: while this loop holds the
+        # GIL, a callback would stall the Ray thread that dispatches the tasks.
+        if self._client:
+            for uid, ref in submitted:
+                ref._on_completed(functools.partial(self._on_client_value, uid))
+        else:
+            on_ready = self._on_ready
+            for uid, ref in submitted:
+                ref._on_ready(functools.partial(on_ready, uid))
+
+    def _remote_for(self, spec: TaskSpec) -> Any:
+        res = spec.resources
+        extra = spec.options.get("ray") if spec.options else None
+        if spec.command is not None:
+            base: Any = _EXEC
+            key: Any = "exec"
+        else:
+            base, key = self._runner(spec)
+        if res.is_default and not extra:
+            return base
+        if not res.is_default:
+            self._check_resources(spec, res)
+        if extra:
+            return base.options(**self._task_options(spec, res, extra))
+        variant = self._variants.get((key, res))
+        if variant is None:
+            variant = self._variants[(key, res)] = base.options(
+                **self._task_options(spec, res, None)
+            )
+        return variant
+
+    def _runner(self, spec: TaskSpec) -> tuple[Any, Any]:
+        fn = spec.function
+        nested = spec.has_remote_args  # may need the variant taking nested refs
+        key: Any = (fn, spec.is_async, spec.name, nested)
+        try:
+            remote = self._runners.get(key)
+        except TypeError:  # an unhashable callable object
+            key = (id(fn), spec.is_async, spec.name, nested)
+            entry = self._by_id.get(key)
+            if entry is None or entry[0] is not fn:
+                entry = self._by_id[key] = (fn, self._wrap(spec, nested))
+            return entry[1], key
+        if remote is None:
+            remote = self._runners[key] = self._wrap(spec, nested)
+        return remote, key
+
+    @staticmethod
+    def _wrap(spec: TaskSpec, nested: bool) -> Any:
+        assert spec.function is not None
+        runner = _function_runner(spec.function, spec.is_async, spec.name, nested)
+        return ray.remote(max_retries=0)(runner)
+
+    def _task_options(
+        self, spec: TaskSpec, res: Resources, extra: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": res.cores}
+        if res.gpus:
+            opts["num_gpus"] = res.gpus
+        if res.memory:
+            opts["memory"] = res.memory * 1024 * 1024
+        if extra:
+            if not isinstance(extra, Mapping) or _OWN_OPTIONS & set(extra):
+                raise TaskDefinitionError(
+                    f"task {spec.name!r}: options['ray'] must be a dict of Ray task "
+                    f"options other than {sorted(_OWN_OPTIONS)} (asyncflow owns "
+                    "returns and retries)"
+                )
+            opts.update(extra)
+        return opts
+
+    def _check_resources(self, spec: TaskSpec, res: Resources) -> None:
+        if res.ranks > 1:
+            raise ResourceUnavailableError(
+                f"task {spec.name!r} asks for {res.ranks} MPI ranks; the Ray "
+                "backend launches no MPI jobs: route it to an MPI-capable backend"
+            )
+        if not self._fail_infeasible:
+            return
+        need = {
+            "CPU": res.cores,
+            "GPU": res.gpus,
+            "memory": (res.memory or 0) * 1024 * 1024,
+        }
+        for node in self._nodes:
+            if all(node.get(k, 0) >= v for k, v in need.items() if v):
+                return
+        have = (
+            ", ".join(
+                f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}, "
+                f"memory: {n.get('memory', 0) / 2**20:.0f} MB}}"
+                for n in self._nodes
+            )
+            or "no alive node"
+        )
+        raise ResourceUnavailableError(
+            f"task {spec.name!r} asks for cores={res.cores}, gpus={res.gpus}, "
+            f"memory={res.memory} MB, which no node of this Ray cluster has "
+            f"({have}); Ray would wait forever. Lower the request, or pass "
+            "fail_infeasible=False for an autoscaling cluster"
+        )
+
+    def _native_args(self, spec: TaskSpec) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        nested: list[ray.ObjectRef] = []
+
+        def native(obj: Any, top: bool) -> Any:
+            t = type(obj)
+            if t is RayValue or t is UpstreamRef:
+                if obj.owner is not self:  # pragma: no cover - engine fetches these
+                    raise TaskDefinitionError(
+                        f"task {spec.name!r}: got a value from another backend"
+                    )
+                if t is RayValue:
+                    handle = obj.handle
+                else:  # a task still running here (Capability.PIPELINE)
+                    running = self._tasks.get(obj.uid)
+                    if running is None:
+                        raise UpstreamGone(obj.uid)
+                    handle = running.ref
+                if top:
+                    return handle
+                nested.append(handle)
+                return _Slot(len(nested) - 1)
+            if t is tuple or t is list:
+                return t(native(v, False) for v in obj)
+            if t is dict:
+                return {k: native(v, False) for k, v in obj.items()}
+            if t is set or t is frozenset:
+                return t(native(v, False) for v in obj)
+            return obj
+
+        args = tuple(native(a, True) for a in spec.args)
+        kwargs = {k: native(v, True) for k, v in spec.kwargs.items()}
+        kwargs[_NESTED] = len(nested)
+        return args + tuple(nested), kwargs

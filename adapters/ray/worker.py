@@ -1,0 +1,119 @@
+"""What runs in Ray workers.
+
+Ray pickles module-level functions by reference, so a worker imports this
+module by its path, ``asyncflow.adapters.ray.worker``: keep them here.  The
+function runner puts nested ObjectRefs back in place (Ray resolves only
+top-level ones), ``_EXEC`` runs executables, and ``_sweep`` kills marked
+commands on whichever host it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+
+import psutil  # isort: skip  (after ray, which can provide a vendored copy)
+
+from ...spec import Command
+from ...worker import call_function, run_command
+
+#: Environment variable set on every command this adapter runs: "<token>/<uid>".
+MARKER = "ASYNCFLOW_RAY_TASK"
+
+
+# -- worker side --------------------------------------------------------------
+# Keyword naming how many trailing positional arguments are nested ObjectRefs.
+_NESTED = "_asyncflow_nested_refs_"
+
+
+class _Slot:
+    """Stands for the n-th extra top-level argument, a nested ObjectRef."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self) -> tuple[type[_Slot], tuple[int]]:
+        return (_Slot, (self.index,))
+
+
+def _fill(obj: Any, values: Sequence[Any]) -> Any:
+    t = type(obj)
+    if t is _Slot:
+        return values[obj.index]
+    if t is tuple or t is list:
+        return t(_fill(v, values) for v in obj)
+    if t is dict:
+        return {k: _fill(v, values) for k, v in obj.items()}
+    if t is set or t is frozenset:
+        return t(_fill(v, values) for v in obj)
+    return obj
+
+
+def _function_runner(
+    fn: Callable[..., Any], is_async: bool, name: str, nested: bool = False
+) -> Callable[..., Any]:
+    if nested:
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            slots = kwargs.pop(_NESTED)
+            if slots:
+                values = args[-slots:]
+                args = _fill(args[:-slots], values)
+                kwargs = _fill(kwargs, values)
+            return call_function(fn, args, kwargs, is_async, name)
+    else:
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return call_function(fn, args, kwargs, is_async, name)
+
+        try:
+            inspect.signature(fn)
+        except (TypeError, ValueError):
+            pass
+        else:
+            # Ray binds the arguments against the signature it finds: the
+            # user's, so a wrong call fails at submit, and a call without
+            # arguments takes Ray's cheapest path, as a plain remote would.
+            run.__wrapped__ = fn  # type: ignore[attr-defined]
+    run.__name__ = run.__qualname__ = name  # what Ray shows in logs and errors
+    return run
+
+
+def _run_command(command: Command, uid: str, name: str) -> str:
+    return run_command(command, uid, name)
+
+
+# Shared by every backend; Ray re-exports it to each new cluster or job.
+_EXEC = ray.remote(max_retries=0)(_run_command)
+
+
+def _sweep(prefix: str, targets: frozenset[str] | None) -> int:
+    """SIGKILL, on this host, every process whose MARKER starts with ``prefix``
+    (and is in ``targets`` if given), with the process group of each command."""
+    own_group = os.getpgrp()
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            mark = proc.environ().get(MARKER)
+        except (psutil.Error, OSError):
+            continue
+        if (
+            mark is None
+            or not mark.startswith(prefix)
+            or (targets is not None and mark not in targets)
+        ):
+            continue
+        with contextlib.suppress(OSError):
+            if os.getpgid(proc.pid) == proc.pid != own_group:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command and its group
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+    return killed
