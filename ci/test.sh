@@ -9,7 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 export RAY_USAGE_STATS_ENABLED=0
 ruff check .
 ruff format --check .
-mypy
+bash ci/typecheck.sh
 set +e
 timeout --signal=INT --kill-after=60 85m python -m pytest "$@"
 rc=$?
