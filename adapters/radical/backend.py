@@ -1,0 +1,328 @@
+"""The protocol adapter: asyncflow specs in, sink reports out.
+
+Everything slow lives in :class:`~.runtime.RadicalRuntime`; this class only
+decides, on the event loop and without a round trip, what radical.pilot could
+never run (a task larger than the pilot, a function task with no raptor), and
+turns radical.pilot's final task states into the results and exceptions every
+other adapter reports, including complete stdout and stderr, which
+``task.stdout`` truncates to 1024 characters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..._util import run_in_thread
+from ...errors import (
+    BackendError,
+    EngineClosedError,
+    ExecutableFailedError,
+    ResourceUnavailableError,
+    TaskDefinitionError,
+    WorkerLostError,
+)
+from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
+from ...spec import Resources, TaskSpec
+from ._rp import rp, ru
+from .config import Layout
+from .dispatch import Record
+from .runtime import RadicalRuntime
+from .worker import unpack_result
+
+__all__ = ["RadicalExecutionBackend"]
+
+C = Capability
+
+_ABSENT = {
+    "cancel_running": "a raptor worker cannot stop a running function; it runs to "
+    "the end and its result is dropped",
+    "large_payloads": "arguments and results travel inside radical.pilot task "
+    "messages, copied through half a dozen ZMQ components; keep them small or "
+    "pass file paths",
+    "pipeline": "a radical.pilot task gets its arguments when it is submitted and "
+    "cannot refer to another task's pending result, so the engine submits a task "
+    "once its inputs are in",
+}
+
+#: what a default pilot (raptor workers, two or more cores) supports
+DEFAULT_CAPABILITIES = Capabilities.of(
+    C.EXECUTABLES,
+    C.FUNCTIONS,
+    C.GPUS,
+    C.KILL_EXECUTABLES,
+    C.PARALLEL,
+    C.RESOURCES,
+    C.SERIALIZES,
+    **_ABSENT,
+)
+
+
+class RadicalExecutionBackend:
+    """Runs tasks on a radical.pilot pilot.
+
+    ``RadicalExecutionBackend({'resource': 'local.localhost'})`` starts a session
+    and pilot in the background right away; the keys are the docs page's
+    (``resource``, ``queue``, ``nodes``, ``cores_per_node``, ``gpus_per_node``,
+    ``walltime`` in minutes, ``project``/``account``) or PilotDescription keys.
+    Keyword options are :class:`RadicalRuntime`'s.  ``runtime=`` attaches to a
+    running :class:`RadicalRuntime` instead, which this backend then never
+    closes.
+
+    ``resources={'cores': c, 'gpus': g, 'ranks': r}`` map to ``cores_per_rank``,
+    ``gpus_per_rank`` and ``ranks`` (cores and GPUs are per rank).  Per task,
+    ``options={'radical': {...}}`` adds TaskDescription keys such as ``pre_exec``.
+    """
+
+    CAPABILITIES = DEFAULT_CAPABILITIES
+
+    def __init__(
+        self,
+        resources: Mapping[str, Any] | None = None,
+        *,
+        runtime: RadicalRuntime | None = None,
+        **options: Any,
+    ):
+        if runtime is None:
+            self._runtime = RadicalRuntime(resources, **options)
+            self._owns = True
+            self._runtime.start()
+        else:
+            if resources is not None or options:
+                raise TaskDefinitionError(
+                    "RadicalExecutionBackend(runtime=...) attaches to a running "
+                    "runtime; describe the pilot when creating the RadicalRuntime"
+                )
+            self._runtime = runtime
+            self._owns = False
+        self._sink: CompletionSink | None = None
+        self._records: dict[str, Record] = {}
+        self._closed = False
+        self._info = self._make_info()
+
+    @property
+    def runtime(self) -> RadicalRuntime:
+        return self._runtime
+
+    def _make_info(self) -> BackendInfo:
+        lay = self._runtime.layout
+        caps = [C.EXECUTABLES, C.KILL_EXECUTABLES, C.RESOURCES, C.GPUS]
+        absent = dict(_ABSENT)
+        if lay.function_cores:
+            caps += [C.FUNCTIONS, C.SERIALIZES]
+        else:
+            absent["functions"] = "started with function_cores=0 (no raptor workers)"
+            absent["serializes"] = "no function tasks"
+        if min(lay.task_cores, lay.function_cores or lay.task_cores) >= 2:
+            caps.append(C.PARALLEL)
+        else:
+            absent["parallel"] = "the pilot has a single core for tasks"
+        return BackendInfo(
+            name=f"radical-{lay.resource}",
+            runtime="radical.pilot",
+            runtime_version=rp.version,
+            capabilities=Capabilities.of(*caps, **absent),
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    async def start(self, sink: CompletionSink) -> None:
+        if self._closed:
+            raise EngineClosedError("this RadicalExecutionBackend was shut down")
+        self._sink = sink
+        ready = self._runtime.start()
+        if not ready.done():
+            # not asyncio.wrap_future: cancelling this await would cancel the
+            # runtime's future, which other backends share
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+
+            def wake(_: object) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(_resolve, waiter)
+
+            ready.add_done_callback(wake)
+            await waiter
+        ready.result()
+
+    # -- submit ----------------------------------------------------------------------
+    def submit(self, specs: Sequence[TaskSpec]) -> None:
+        sink = self._sink
+        assert sink is not None
+        lay = self._runtime.layout
+        batch: list[Record] = []
+        for spec in specs:
+            why = self._refuse(spec, lay)
+            if why is not None:
+                sink.set_exception(spec.uid, why)
+                continue
+            rec = Record(self, spec.uid, spec.name, spec.command, spec)
+            self._records[spec.uid] = rec
+            batch.append(rec)
+        if batch:
+            self._runtime.dispatcher.submit(batch)
+
+    def _refuse(self, spec: TaskSpec, lay: Layout) -> BaseException | None:
+        rt = self._runtime
+        if self._closed:
+            return EngineClosedError(f"task {spec.name!r}: the backend is shut down")
+        if rt.broken:
+            return WorkerLostError(f"task {spec.name!r}: {rt.broken}")
+        if spec.command is None:
+            if not lay.function_cores:
+                return TaskDefinitionError(
+                    f"task {spec.name!r}: this backend runs no function tasks "
+                    "(function_cores=0)"
+                )
+            if rt.functions_broken:
+                return WorkerLostError(f"task {spec.name!r}: {rt.functions_broken}")
+        elif (
+            spec.command.cwd is not None
+            and lay.local
+            and not os.path.isdir(spec.command.cwd)
+        ):
+            return TaskDefinitionError(
+                f"executable task {spec.name!r}: cwd {spec.command.cwd!r} does not "
+                "exist on the worker; create the directory first or fix the path"
+            )
+        if spec.resources.is_default:
+            return None
+        command = spec.command is not None
+        return _check_resources(spec.name, spec.resources, command, lay)
+
+    # -- completions (called by the dispatcher, on radical.pilot's threads) -----------
+    def _deliver_running(self, rec: Record) -> None:
+        if self._sink is not None and not rec.cancelled:
+            self._sink.set_running(rec.uid)
+
+    def _deliver_error(self, rec: Record, exc: BaseException) -> None:
+        if self._records.pop(rec.uid, None) is not None and self._sink is not None:
+            self._sink.set_exception(rec.uid, exc)
+
+    def _deliver(self, rec: Record, task: Any, state: str) -> None:
+        if rec.cancelled or self._records.pop(rec.uid, None) is None:
+            return
+        sink = self._sink
+        assert sink is not None
+        if rec.command is not None:
+            self._deliver_command(rec, task, state, sink)
+        elif state == rp.DONE:
+            ok, value = unpack_result(rec.name, task.return_value)
+            if ok:
+                sink.set_result(rec.uid, value)
+            else:
+                sink.set_exception(rec.uid, value)
+        else:
+            sink.set_exception(rec.uid, _lost(rec.name, task, state))
+
+    def _deliver_command(
+        self, rec: Record, task: Any, state: str, sink: CompletionSink
+    ) -> None:
+        code = task.exit_code
+        if state == rp.CANCELED or code is None:
+            sink.set_exception(rec.uid, _lost(rec.name, task, state))
+            return
+        try:
+            sbox = ru.Url(task.sandbox).path
+        except Exception:
+            sbox = ""
+        out = _read(os.path.join(sbox, f"{task.uid}.out"), task.stdout)
+        if state == rp.DONE and code == 0:
+            sink.set_result(rec.uid, out)
+            return
+        err = _read(os.path.join(sbox, f"{task.uid}.err"), task.stderr)
+        assert rec.command is not None
+        sink.set_exception(
+            rec.uid,
+            ExecutableFailedError(rec.name, int(code), out, err, rec.command.argv),
+        )
+
+    # -- cancel and shutdown -----------------------------------------------------------
+    def cancel(self, uids: Sequence[str]) -> None:
+        rp_uids = []
+        for uid in uids:
+            rec = self._records.pop(uid, None)
+            if rec is None:
+                continue
+            rec.cancelled = True
+            if rec.rp_uid:
+                rp_uids.append(rec.rp_uid)
+        if rp_uids:
+            self._runtime.dispatcher.cancel(rp_uids)
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel(list(self._records))
+        if self._owns:
+            await run_in_thread(self._runtime.close, name="asyncflow-radical-close")
+
+
+def _check_resources(
+    name: str, res: Resources, command: bool, lay: Layout
+) -> BaseException | None:
+    if command:
+        where = (
+            f"the pilot leaves {lay.task_cores} core(s) for executables "
+            f"({lay.cores_per_node} per node), {lay.gpus} GPU(s)"
+        )
+        if res.ranks > 1 and not lay.mpi:
+            return ResourceUnavailableError(
+                f"task {name!r} asks for {res.ranks} MPI ranks, but no mpiexec or "
+                "mpirun is on PATH here; install MPI or use ranks=1"
+            )
+        if (lay.task_cores and res.cores * res.ranks > lay.task_cores) or (
+            lay.cores_per_node and res.cores > lay.cores_per_node
+        ):
+            return ResourceUnavailableError(
+                f"task {name!r} asks for {res.cores} core(s) x {res.ranks} rank(s), "
+                f"but {where}; lower the request or ask for a bigger pilot"
+            )
+        if res.gpus * res.ranks > lay.gpus:
+            return ResourceUnavailableError(
+                f"task {name!r} asks for {res.gpus} GPU(s) x {res.ranks} rank(s), "
+                f"but {where}; add 'gpus_per_node' to the pilot description"
+            )
+    elif res.ranks > 1 or res.gpus or res.cores > lay.worker_cores:
+        return ResourceUnavailableError(
+            f"task {name!r} asks for {res}, but function tasks run in raptor "
+            f"workers with {lay.worker_cores} core(s) and no GPUs each; lower the "
+            "request or make it an executable task"
+        )
+    if res.memory and lay.memory and res.memory > lay.memory:
+        return ResourceUnavailableError(
+            f"task {name!r} asks for {res.memory} MB, but the pilot has {lay.memory} MB"
+        )
+    return None
+
+
+def _lost(name: str, task: Any, state: str) -> BaseException:
+    """What a task that did not run to an exit code becomes."""
+    detail = task.exception or ""
+    tail = (task.exception_detail or "").strip().splitlines()[-3:]
+    text = f"{detail} {' | '.join(tail)}".strip() or "no detail"
+    pilot_gone = "pilot" in text and ("died" in text or "final" in text)
+    if state == rp.CANCELED or pilot_gone:
+        return WorkerLostError(
+            f"task {name!r}: radical.pilot ended it as {state} ({text})"
+        )
+    return BackendError(f"task {name!r}: radical.pilot reports {state}: {text}")
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _read(path: str, fallback: str | None) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return fallback or ""
