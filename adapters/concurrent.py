@@ -65,6 +65,8 @@ THREAD_CAPABILITIES = Capabilities.of(
     *_COMMON,
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
+    pipeline="concurrent.futures has no task dependencies: the engine submits a "
+    "task when its inputs are ready",
     serializes="threads share the driver's memory",
 )
 PROCESS_CAPABILITIES = Capabilities.of(
@@ -72,6 +74,8 @@ PROCESS_CAPABILITIES = Capabilities.of(
     C.SERIALIZES,
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
+    pipeline="concurrent.futures has no task dependencies: the engine submits a "
+    "task when its inputs are ready",
 )
 
 
@@ -102,6 +106,9 @@ class ConcurrentExecutionBackend:
             else self._executor
         )
         self._futures: dict[str, Future[Any]] = {}
+        # Running pool work the engine cancelled: the pool still runs it, and
+        # shutdown must stop it instead of waiting for it.
+        self._abandoned: set[Future[Any]] = set()
         self._pickled: dict[Any, bytes] = {}
         self._sink: CompletionSink | None = None
         self._closed = False
@@ -270,26 +277,31 @@ class ConcurrentExecutionBackend:
     def cancel(self, uids: Sequence[str]) -> None:
         for uid in uids:
             f = self._futures.pop(uid, None)
-            if f is not None and not f.cancel():
-                kill_command(uid)
+            if f is not None and not f.cancel() and not kill_command(uid):
+                self._abandon(f)
+
+    def _abandon(self, f: Future[Any]) -> None:
+        if self._processes and not f.done():
+            self._abandoned.add(f)
+            f.add_done_callback(self._abandoned.discard)
 
     async def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        abandoned = False
         for uid, f in list(self._futures.items()):
-            if not f.cancel():
-                abandoned = True
-                kill_command(uid)
+            if not f.cancel() and not kill_command(uid):
+                self._abandon(f)
+        abandoned = any(not f.done() for f in list(self._abandoned))
         executors = [self._commands] if self._commands is not self._executor else []
         if self._owns:
             executors.append(self._executor)
         for ex in executors:
             if abandoned and isinstance(ex, ProcessPoolExecutor):
                 # Work the engine abandoned would hold shutdown hostage: stop it.
-                for proc in list(getattr(ex, "_processes", {}).values()):
-                    proc.terminate()
+                # SIGKILL, as a task may ignore SIGTERM; the whole pool goes.
+                for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                    proc.kill()
             await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
         self._pickled.clear()
 

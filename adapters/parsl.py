@@ -93,6 +93,15 @@ C = Capability
 _INTERNAL = "_parsl_internal"
 _tokens = itertools.count(1)
 _NO_GPUS = "no accelerators configured (available_accelerators)"
+#: How often a backend checks that the HTEX interchanges it uses still run.
+_WATCH_PERIOD = 0.5
+#: How long cleaning up may wait for a DFK whose interchange died (Parsl's own
+#: cleanup then blocks forever on its command channel).
+_BROKEN_CLEANUP = 5.0
+
+
+class _InterchangeLost(WorkerLostError):
+    """An HTEX interchange exited under its executor (set as its bad state)."""
 
 
 class QuietFileLogging(LogConfig):
@@ -135,22 +144,28 @@ def local_htex_config(
     label: str = "htex",
     log_level: int = logging.WARNING,
     heartbeat_period: int = 2,
+    worker_tmpdir: str | None = None,
 ) -> Config:
     """The configuration ``ParslExecutionBackend()`` loads.
 
     One block of ``max_workers`` HTEX workers on this machine, every socket on
     127.0.0.1, blocks started on the first strategy tick (0.2 s, not Parsl's
     5 s), no autoscaling, and the workers given this interpreter's ``bin/`` and
-    ``sys.path`` so that they import what the driver imports.
+    ``sys.path`` so that they import what the driver imports.  ``worker_tmpdir``
+    becomes the workers' ``TMPDIR`` (created if missing): the worker pool's
+    multiprocessing manager leaves a ``pymp-*`` directory there when its block
+    is stopped, so the default backend points it into the temp dir it removes.
     """
     bindir = os.path.dirname(sys.executable)
     paths = [p or os.getcwd() for p in sys.path]
-    worker_init = "\n".join(
-        [
-            f'export PATH={shlex.quote(bindir)}:"$PATH"',
-            f"export PYTHONPATH={shlex.quote(os.pathsep.join(dict.fromkeys(paths)))}",
-        ]
-    )
+    lines = [
+        f'export PATH={shlex.quote(bindir)}:"$PATH"',
+        f"export PYTHONPATH={shlex.quote(os.pathsep.join(dict.fromkeys(paths)))}",
+    ]
+    if worker_tmpdir is not None:
+        quoted = shlex.quote(worker_tmpdir)
+        lines.append(f"mkdir -p {quoted} && export TMPDIR={quoted}")
+    worker_init = "\n".join(lines)
     htex = HighThroughputExecutor(
         label=label,
         address="127.0.0.1",
@@ -746,18 +761,64 @@ class _Runtime:
             self._remove_tmpdir()
             return
         groups = _local_block_groups(dfk)
+        broken = bool(_dead_interchanges(dfk))
         try:
             if not dfk.cleanup_called:
-                dfk.cleanup()
+                if broken:
+                    _bounded_cleanup(dfk)
+                else:
+                    dfk.cleanup()
             if parsl.DataFlowKernelLoader._dfk is dfk:
                 parsl.clear()
         finally:
-            _reap(groups)
+            # Without an interchange the blocks' managers would wait out their
+            # heartbeat threshold: stop them now.
+            _reap(groups, grace=0.0 if broken else 5.0)
             self._remove_tmpdir()
 
     def _remove_tmpdir(self) -> None:
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _dead_interchanges(
+    dfk: DataFlowKernel,
+) -> list[tuple[HighThroughputExecutor, int]]:
+    """The HTEX executors of ``dfk`` whose interchange process has exited, with
+    its exit code (the interchange is always a child of this process)."""
+    dead = []
+    for ex in dfk.executors.values():
+        if not isinstance(ex, HighThroughputExecutor):
+            continue
+        proc = getattr(ex, "interchange_proc", None)
+        poll = getattr(proc, "poll", None)
+        if poll is None:
+            continue
+        with contextlib.suppress(Exception):
+            code = poll()
+            if code is not None:
+                dead.append((ex, code))
+    return dead
+
+
+def _bounded_cleanup(dfk: DataFlowKernel) -> None:
+    """``dfk.cleanup()``, given up on after ``_BROKEN_CLEANUP`` seconds.
+
+    With its interchange gone, Parsl's job status poller blocks forever on the
+    command channel, and ``cleanup()`` joins it.  The abandoned threads are
+    daemons blocked on sockets; the worker blocks are reaped by the caller.
+    """
+    thread = threading.Thread(
+        target=dfk.cleanup, name="asyncflow-parsl-cleanup", daemon=True
+    )
+    thread.start()
+    thread.join(_BROKEN_CLEANUP)
+    if thread.is_alive():
+        log.warning(
+            "Parsl's cleanup did not finish within %.0f s because an HTEX "
+            "interchange died; its threads are abandoned",
+            _BROKEN_CLEANUP,
+        )
 
 
 def _fix_path(executors: Iterable[ParslExecutor]) -> None:
@@ -860,9 +921,13 @@ class ParslExecutionBackend:
             runtime = _runtime
         elif config is None:
             tmpdir = tempfile.mkdtemp(prefix="asyncflow-parsl-")
+            worker_tmp = os.path.join(tmpdir, "tmp")
             try:
                 cfg = local_htex_config(
-                    os.path.join(tmpdir, "runinfo"), max_workers=max_workers
+                    os.path.join(tmpdir, "runinfo"),
+                    max_workers=max_workers,
+                    # unix socket paths below it must stay under 108 bytes
+                    worker_tmpdir=worker_tmp if len(worker_tmp) <= 60 else None,
                 )
             except BaseException:
                 shutil.rmtree(tmpdir, ignore_errors=True)
@@ -906,6 +971,7 @@ class ParslExecutionBackend:
         self._sink: CompletionSink | None = None
         self._dfk: DataFlowKernel | None = None
         self._start_job: asyncio.Future[None] | None = None
+        self._watch: asyncio.TimerHandle | None = None
         self._started = False
         self._closed = False
         self._info = self._describe()
@@ -1004,11 +1070,41 @@ class ParslExecutionBackend:
         await asyncio.shield(self._start_job)
         self._dfk = self._runtime.dfk
         self._started = True
+        if self._watch is None and any(p.htex for p in self._profiles.values()):
+            loop = asyncio.get_running_loop()
+            self._watch = loop.call_later(_WATCH_PERIOD, self._check_interchanges)
+
+    def _check_interchanges(self) -> None:
+        """Parsl does not notice when an HTEX interchange dies: its tasks would
+        wait forever.  Mark such an executor bad, which fails every task it
+        holds (and any later one) with WorkerLostError."""
+        self._watch = None
+        dfk = self._dfk
+        if self._closed or dfk is None or dfk.cleanup_called:
+            return
+        for ex, code in _dead_interchanges(dfk):
+            if ex.label not in self._profiles or ex.bad_state_is_set:
+                continue
+            err = _InterchangeLost(
+                f"the interchange of Parsl executor {ex.label!r} exited (code "
+                f"{code}), so the executor can run no more tasks; start a new "
+                "backend"
+            )
+            try:
+                ex.set_bad_state_and_fail_all(err)
+            except Exception:  # its task table changed under us: try again
+                log.warning("could not fail the tasks of %s", ex.label, exc_info=True)
+                continue
+        loop = asyncio.get_running_loop()
+        self._watch = loop.call_later(_WATCH_PERIOD, self._check_interchanges)
 
     async def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         job = self._start_job
         if job is None:
             runtime = self._runtime
@@ -1234,9 +1330,16 @@ class ParslExecutionBackend:
         if isinstance(exc, ParslSerializationError | DeserializationError):
             return SerializationError(f"task {task.name!r}: {exc}")
         if isinstance(exc, BadStateException):
-            return WorkerLostError(
-                f"task {task.name!r}: Parsl executor {task.label!r} failed ({exc})"
-            )
+            # Parsl keeps only the text of the bad state's exception here.
+            cause = getattr(getattr(exc, "executor", None), "executor_exception", None)
+            if isinstance(cause, _InterchangeLost):
+                exc = cause
+            else:
+                return WorkerLostError(
+                    f"task {task.name!r}: Parsl executor {task.label!r} failed ({exc})"
+                )
+        if isinstance(exc, _InterchangeLost):  # raised by submit once marked bad
+            return WorkerLostError(f"task {task.name!r}: {exc}")
         return exc
 
     # -- cancellation ------------------------------------------------------------
