@@ -1,27 +1,37 @@
 """One backend's whole benchmark, run in a fresh process by ``asyncflow bench``.
 
-It writes one JSON object per line to stdout: start-up and shutdown times, then
-one record per (side, workload, size, repeat).  Start-up and shutdown are timed
-separately from the work.
+A fresh process per backend, so that one runtime's threads, imports and leftover
+processes cannot slow the next.  It writes one JSON object per line to stdout:
+start-up and shutdown times (timed apart from the work, each up to a first
+no-op result or down to a closed runtime), one record per (side, workload,
+size, repeat) with the machine's load at that moment, and notes, skips and
+errors.  A failing workload is reported and the next one runs, so that one
+broken case does not hide every other figure; the parent fails the run for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import cProfile
 import json
 import os
+import signal
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..engine import WorkflowEngine
 from ..registry import load_backend
 from .raw import make_raw
-from .workloads import WORKLOADS, ident, task_count
+from .workloads import WARMUP, WORKLOADS, ident, sizes_for, task_count
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "threads": {"max_workers": 2},
     "processes": {"max_workers": 2},
+    "radical": {"resources": {"resource": "local.localhost"}},
 }
 
 
@@ -30,82 +40,144 @@ def emit(**record: Any) -> None:
     sys.stdout.flush()
 
 
-async def run_asyncflow(
-    backend: str, workloads: list[str], sizes: list[int], repeat: int
+def _error(side: str, what: str, exc: BaseException) -> None:
+    tail = "".join(traceback.format_exception(exc)[-3:]).strip()
+    emit(kind="error", side=side, text=f"{what}: {type(exc).__name__}: {exc}\n{tail}")
+
+
+class Plan:
+    """What this backend runs: workloads, their (possibly capped) sizes, repeats."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.backend: str = spec["backend"]
+        self.repeat: int = spec["repeat"]
+        self.quick: bool = spec.get("quick", False)
+        self.profile: str | None = spec.get("profile")  # a directory
+        self.cases: list[tuple[str, int]] = []
+        for workload in spec["workloads"]:
+            sizes, _ = sizes_for(self.backend, workload, spec["sizes"], self.quick)
+            self.cases += [(workload, n) for n in sizes]
+
+
+def measure(
+    side: str,
+    plan: Plan,
+    run: Callable[[str, int], Any],
+    skip: Callable[[str], str | None] = lambda _: None,
 ) -> None:
+    """Warm each workload up once, untimed (not with ``--quick``), then time
+    every size and repeat."""
+    warmed: set[str] = set()
+    for workload, n in plan.cases:
+        why = skip(workload)
+        if why:
+            if workload not in warmed:
+                emit(kind="skip", side=side, workload=workload, text=why)
+            warmed.add(workload)
+            continue
+        try:
+            if workload not in warmed:
+                warmed.add(workload)
+                if not plan.quick:
+                    run(workload, WARMUP)
+            for r in range(plan.repeat):
+                c0, t0 = time.process_time(), time.perf_counter()
+                result = run(workload, n)
+                emit(
+                    kind="run",
+                    side=side,
+                    workload=workload,
+                    size=n,
+                    repeat=r,
+                    seconds=time.perf_counter() - t0,
+                    # every thread of this driver process: what the front end
+                    # costs, and less skewed by other users' load than seconds
+                    cpu_s=time.process_time() - c0,
+                    tasks=task_count(workload, n),
+                    result=result,
+                    load=os.getloadavg()[0],
+                )
+        except Exception as exc:
+            _error(side, f"{workload} size {n}", exc)
+
+
+@contextlib.contextmanager
+def profiled(plan: Plan, side: str) -> Iterator[None]:
+    """With ``--profile``: cProfile the driver's thread (the event loop's, for
+    asyncflow), where any overhead asyncflow adds is spent."""
+    if not plan.profile:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        path = os.path.join(plan.profile, f"profile-{plan.backend}-{side}.pstats")
+        prof.dump_stats(path)
+        emit(kind="note", side=side, text=f"profile written to {path}")
+
+
+async def run_asyncflow(plan: Plan) -> None:
+    backend = plan.backend
     t0 = time.perf_counter()
     flow = WorkflowEngine(backend=load_backend(backend, **OPTIONS.get(backend, {})))
-    await flow.start()
-    emit(kind="startup", side="asyncflow", seconds=time.perf_counter() - t0)
     try:
-        for workload in workloads:
-            af, _ = WORKLOADS[workload]
-            for n in sizes:
-                for r in range(repeat):
-                    t0 = time.perf_counter()
-                    result = await af(flow, n)
-                    emit(
-                        kind="run",
-                        side="asyncflow",
-                        workload=workload,
-                        size=n,
-                        repeat=r,
-                        seconds=time.perf_counter() - t0,
-                        tasks=task_count(workload, n),
-                        result=result,
-                    )
+        await flow.start()
+        await flow.function_task(ident)(0)  # first result: the runtime is up
+        emit(kind="startup", side="asyncflow", seconds=time.perf_counter() - t0)
+        loop = asyncio.get_running_loop()
+
+        def run(workload: str, n: int) -> Any:
+            fut = asyncio.run_coroutine_threadsafe(
+                WORKLOADS[workload][0](flow, n), loop
+            )
+            return fut.result()
+
+        # the timing loop is shared with the raw side, which is synchronous
+        with profiled(plan, "asyncflow"):
+            await asyncio.to_thread(measure, "asyncflow", plan, run)
     finally:
         t0 = time.perf_counter()
         await flow.shutdown()
         emit(kind="shutdown", side="asyncflow", seconds=time.perf_counter() - t0)
 
 
-def run_raw(backend: str, workloads: list[str], sizes: list[int], repeat: int) -> None:
+def run_raw(plan: Plan) -> None:
     t0 = time.perf_counter()
-    raw = make_raw(backend)
+    raw = make_raw(plan.backend)
     if raw is None:
         emit(kind="note", side="raw", text="no raw baseline for this runtime here")
         return
-    raw.gather([raw.submit(ident, 0)])  # first result: the runtime is up
-    emit(kind="startup", side="raw", seconds=time.perf_counter() - t0, api=raw.name)
     try:
-        for workload in workloads:
-            _, fn = WORKLOADS[workload]
-            for n in sizes:
-                for r in range(repeat):
-                    t0 = time.perf_counter()
-                    result = fn(raw, n)
-                    emit(
-                        kind="run",
-                        side="raw",
-                        workload=workload,
-                        size=n,
-                        repeat=r,
-                        seconds=time.perf_counter() - t0,
-                        tasks=task_count(workload, n),
-                        result=result,
-                    )
+        raw.gather([raw.submit(ident, 0)])  # first result: the runtime is up
+        emit(kind="startup", side="raw", seconds=time.perf_counter() - t0, api=raw.name)
+        with profiled(plan, "raw"):
+            measure("raw", plan, lambda w, n: WORKLOADS[w][1](raw, n), raw.skip)
     finally:
         t0 = time.perf_counter()
         raw.shutdown()
         emit(kind="shutdown", side="raw", seconds=time.perf_counter() - t0)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(f"asyncflow bench: signal {signum}")  # unwinds, closes runtimes
+
+
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    backend, workloads, sizes, repeat = (
-        spec["backend"],
-        spec["workloads"],
-        spec["sizes"],
-        spec["repeat"],
-    )
+    plan = Plan(json.loads(sys.argv[1]))
+    signal.signal(signal.SIGTERM, _terminate)
     emit(kind="meta", pid=os.getpid(), load=os.getloadavg())
     # Raw first, then asyncflow: each starts and stops its own runtime.
     try:
-        run_raw(backend, workloads, sizes, repeat)
+        run_raw(plan)
     except Exception as exc:  # a raw failure must not hide asyncflow's figures
-        emit(kind="error", side="raw", text=f"{type(exc).__name__}: {exc}")
-    asyncio.run(run_asyncflow(backend, workloads, sizes, repeat))
+        _error("raw", "runtime", exc)
+    try:
+        asyncio.run(run_asyncflow(plan))
+    except Exception as exc:
+        _error("asyncflow", "runtime", exc)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Each runtime's own API, behind the smallest common shape: ``submit(fn,
-*args)`` where args may be earlier handles, and ``gather(handles)``.
+*args)`` where args may be earlier handles, ``map`` for independent tasks,
+``executables`` for command-line tasks, and ``gather(handles)``.
 
 Dask, Ray and Parsl resolve handles passed as arguments themselves; a
 ``concurrent.futures`` executor cannot, so its upstream results are waited for in
-the driver, which is what a user of the raw executor would write.
+the driver, which is what a user of the raw executor would write.  radical.pilot
+lives in :mod:`.rawrp`: it is big enough for a module of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,21 @@ class Raw:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
+
+    def map(self, fn: Callable[..., Any], arglists: list[tuple[Any, ...]]) -> list[Any]:
+        """Independent calls; a runtime with a bulk submission overrides this."""
+        return [self.submit(fn, *args) for args in arglists]
+
+    def executables(
+        self, argv: list[str], n: int, as_function: Callable[[], Any]
+    ) -> list[Any]:
+        """``n`` runs of a command.  Runtimes without an executable-task API run
+        it the way the asyncflow adapters do: from a function in a worker."""
+        return self.map(as_function, [()] * n)
+
+    def skip(self, workload: str) -> str | None:
+        """Why this runtime's own API cannot run ``workload``, if it cannot."""
+        return None
 
     def gather(self, handles: list[Any]) -> list[Any]:
         raise NotImplementedError
@@ -169,4 +186,8 @@ def make_raw(backend: str) -> Raw | None:
         return RayRaw()
     if backend == "parsl":
         return ParslRaw()
+    if backend == "radical":
+        from .rawrp import RadicalRaw
+
+        return RadicalRaw()
     return None
