@@ -190,6 +190,9 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
             opts["scheduler_kwargs"] = sched
         if not opts.get("processes", True) and "host" not in self._user_options:
             opts.pop("host", None)  # inproc addresses name no interface
+            # ...so an in-process worker would start its HTTP server (metrics,
+            # health) on every interface: pin it to loopback.
+            opts.setdefault("worker_dashboard_address", "127.0.0.1:0")
         if "resources" not in opts:
             opts["resources"] = {"CPU": opts.get("threads_per_worker") or 1}
         # The engine owns retries: a task whose worker dies fails at once with

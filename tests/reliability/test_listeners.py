@@ -9,7 +9,8 @@ The 0.0.0.0 listener earlier runs found inside the pytest process is Dask's: a
 worker living in the driver process (``processes=False``, as in
 ``tests/adapters/test_dask.py``'s threads cluster) starts its HTTP server (metrics,
 health; ``worker_dashboard_address=None`` does not stop it) on every interface,
-because its inproc address names no host to bind to.  See the xfail below.
+because its inproc address names no host to bind to.  The adapter pins it to
+127.0.0.1; the last test keeps it there.
 """
 
 from __future__ import annotations
@@ -75,13 +76,6 @@ async def test_default_backend_listens_on_loopback_only(
     _check(name, listening)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/dask/backend.py _start_cluster(): with processes=False the "
-    "LocalCluster's worker runs in the driver and distributed starts its HTTP "
-    "server on every interface (0.0.0.0 and ::), because the inproc address names "
-    "no host; pass worker_dashboard_address='127.0.0.1:0' to LocalCluster",
-)
 async def test_dask_in_process_workers_listen_on_loopback_only(
     tracker: Tracker,
 ) -> None:
