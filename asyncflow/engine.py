@@ -6,6 +6,7 @@ The DAG machinery it runs on lives in :mod:`asyncflow.scheduler`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import Callable, Mapping
@@ -77,6 +78,7 @@ class WorkflowEngine(Scheduler):
         self._flush_scheduled = False
         self._counter = itertools.count(1)
         self._pipes = {}
+        self._replay = collections.deque()
         self._closed = False
         self._shutdown_task: asyncio.Future[None] | None = None
         self._guard: asyncio.Task[None] | None = None

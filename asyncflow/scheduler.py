@@ -11,6 +11,7 @@ lists, transitively and at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ class Scheduler:
     _labels: dict[int, str]
     _counter: Iterator[int]
     _pipes: dict[int, bool]
+    _replay: collections.deque[tuple[TaskFuture, tuple[bool, Any]]]
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError
@@ -174,11 +176,19 @@ class Scheduler:
         early, fut._early = fut._early, None
         if early is None:
             return  # still running in the runtime: its own report finishes it
-        ok, value = early
-        if ok:
-            self._finish_ok(fut, value)
-        else:
-            self._finish_error(fut, value)
+        # Replaying a report can release the next held-back one, and so on down
+        # a long chain: a loop, not recursion, so 10,000 hops cannot overflow.
+        replay = self._replay
+        replay.append((fut, early))
+        if len(replay) > 1:
+            return  # an outer call is draining
+        while replay:
+            f, (ok, value) = replay[0]
+            if ok:
+                self._finish_ok(f, value)
+            else:
+                self._finish_error(f, value)
+            replay.popleft()
 
     def _unpipe(self, fut: TaskFuture) -> None:
         """The adapter could not find a running upstream (it finished before the

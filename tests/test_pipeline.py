@@ -153,3 +153,20 @@ async def test_no_pipelining_with_retries_or_timeouts() -> None:
     c = flow.function_task(timeout=5)(down)(a)
     assert b.state is TaskState.WAITING and c.state is TaskState.WAITING
     await flow.shutdown()
+
+
+async def test_a_long_chain_of_held_back_reports_does_not_recurse() -> None:
+    backend = Cranked()
+    flow = WorkflowEngine(backend=backend)
+    await flow.start()
+    step = flow.function_task(down)
+    first = flow.function_task(up)()
+    futs = [first]
+    for _ in range(5000):
+        futs.append(step(futs[-1]))
+    await backend.arrived.wait()
+    specs = [f._spec for f in futs]
+    for i, spec in reversed(list(enumerate(specs))):  # every downstream first
+        backend.sink.set_result(spec.uid, i + 1)
+    assert await futs[-1] == 5001
+    await flow.shutdown()
