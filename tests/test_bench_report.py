@@ -174,3 +174,10 @@ def test_markdown_states_machine_and_load() -> None:
     text = markdown(meta, [], [], [], ["radical: chain capped"])
     assert "2 cores, 24 GiB" in text and "load average 1.5 before" in text
     assert "ray 2.60.0" in text and "- radical: chain capped" in text
+    assert "Failed" not in text
+    text = markdown(meta, [], [], [], [], ["dask asyncflow: chain 10000: hung\nTrace"])
+    assert (
+        "**Failed in this run**" in text
+        and "- dask asyncflow: chain 10000: hung" in text
+    )
+    assert "Trace" not in text

@@ -119,6 +119,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help=f"sizes {QUICK_SIZES} (radical: smaller), one repeat: a smoke test",
     )
     p.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: redo tables, Markdown and plots from OUT/bench.json",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="cProfile each side's driver thread into OUT/profile-*.pstats "
@@ -208,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.progress import Progress
 
     console = Console(stderr=True)
+    if ns.render:
+        return _render(Path(ns.out), console)
     notes: list[str] = []
     backends = []
     for name in wanted:
@@ -275,7 +282,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["load_after"] = os.getloadavg()
     meta["load_max"] = max(loads) if loads else None
     meta["notes"] = notes
+    meta["failures"] = failures
     return _finish(Path(ns.out), meta, records, notes, failures, console)
+
+
+def _render(out: Path, console: Any) -> int:
+    """``--render``: the files of an earlier run, from its bench.json."""
+    data = json.loads((out / "bench.json").read_text())
+    meta, records = data["meta"], data["records"]
+    failures = meta.get("failures")
+    if failures is None:  # written before failures were kept in meta
+        failures = [
+            f"{r['backend']} {r['side']}: {r['text']}"
+            for r in records
+            if r["kind"] == "error"
+        ]
+    return _finish(out, meta, records, meta.get("notes", []), failures, console)
 
 
 def _finish(
@@ -293,7 +315,8 @@ def _finish(
     starts = startup_rows(records)
     goals = targets(rows)
     problems = cross_check(records)
-    write_files(out, meta, records, rows, markdown(meta, rows, starts, goals, notes))
+    text = markdown(meta, rows, starts, goals, notes, failures)
+    write_files(out, meta, records, rows, text)
     table = Table(title=f"asyncflow bench — {machine_line(meta)}")
     for i, col in enumerate(COLUMNS):
         table.add_column(col, justify="left" if i < 2 else "right")

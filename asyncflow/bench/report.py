@@ -264,9 +264,11 @@ def markdown(
     starts: list[dict[str, Any]],
     goals: list[dict[str, Any]],
     notes: list[str],
+    failures: list[str] | None = None,
 ) -> str:
     """The run as Markdown: what ``docs/bench/bench.md`` holds and the README
-    section is spliced from."""
+    section is spliced from.  Failures come first: figures next to them are
+    incomplete."""
     versions = ", ".join(
         f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items())
     )
@@ -316,6 +318,9 @@ def markdown(
     ]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    if failures:
+        lines += ["", "**Failed in this run** (the figures above lack what broke):"]
+        lines += [f"- {f.splitlines()[0]}" for f in failures]
     return "\n".join(lines) + "\n"
 
 

@@ -338,18 +338,6 @@ def tracker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tracker]:
     kill_all(found.processes())
 
 
-def temp_entries() -> set[str]:
-    """Entries of the temp dir that a backend may create (and must remove)."""
-    base = Path(tempfile.gettempdir())
-    names = {p.name for p in base.iterdir()}
-    scratch = base / "dask-scratch-space"
-    if scratch.is_dir():
-        names |= {f"dask-scratch-space/{p.name}" for p in scratch.iterdir()}
-    if base != Path("/tmp") and Path("/tmp").is_dir():
-        names |= {f"/tmp/{p.name}" for p in Path("/tmp").iterdir()}
-    return names
-
-
 # -- subprocess drivers ---------------------------------------------------------------
 DRIVERS = Path(__file__).with_name("drivers.py")
 
@@ -462,35 +450,43 @@ def external_dask(tmp: Path) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def ray_head() -> Iterator[tuple[str, int, str]]:
+def ray_head() -> Iterator[tuple[str, int, dict[str, str]]]:
     """A local Ray kept up by another process (``drivers.py ray-head``), for
     drivers that attach to it; yields its address, that process's pid and the
-    path of its auth token."""
+    environment an attaching driver needs (Ray's auth token settings)."""
     token = uuid.uuid4().hex
-    keeper = subprocess.Popen(
-        [sys.executable, str(DRIVERS), "ray-head", "ray"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, MARK: token, "RAY_USAGE_STATS_ENABLED": "0"},
-    )
-    try:
-        assert keeper.stdout is not None
-        line = keeper.stdout.readline()
-        assert line, "the Ray head keeper exited before Ray was up"
-        info = json.loads(line)
-        yield info["address"], keeper.pid, info["token_path"]
-    finally:
-        with contextlib.suppress(OSError):
-            assert keeper.stdin is not None
-            keeper.stdin.close()
-        try:
-            keeper.wait(30)
-        except subprocess.TimeoutExpired:
-            keeper.kill()
-            keeper.wait()
-        kill_all(marked_processes(token))
+    tracker = Tracker(token)
+    with tempfile.TemporaryFile("w+") as errors:
+        keeper = subprocess.Popen(
+            [sys.executable, str(DRIVERS), "ray-head", "ray"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            env={**os.environ, MARK: token, "RAY_USAGE_STATS_ENABLED": "0"},
+        )
+        assert keeper.stdin is not None and keeper.stdout is not None
+        with keeper.stdin, keeper.stdout:
+            try:
+                line = keeper.stdout.readline()
+                if not line:
+                    keeper.wait()
+                    errors.seek(0)
+                    raise AssertionError(
+                        "the Ray head keeper exited before Ray was up:\n"
+                        + errors.read()[-3000:]
+                    )
+                info = json.loads(line)
+                yield info["address"], keeper.pid, info["auth"]
+            finally:
+                with contextlib.suppress(OSError):
+                    keeper.stdin.close()  # the keeper shuts its Ray down
+                try:
+                    keeper.wait(30)
+                except subprocess.TimeoutExpired:
+                    keeper.kill()
+                    keeper.wait()
+                kill_all(tracker.processes())
 
 
 # -- the table of measured outcomes ---------------------------------------------------

@@ -362,8 +362,9 @@ def ray_head() -> None:
         return str(backend.address)  # type: ignore[attr-defined]
 
     address = asyncio.run(up())
-    token = os.environ.get("RAY_AUTH_TOKEN_PATH")  # set by the backend for its Ray
-    print(json.dumps({"address": address, "token_path": token}), flush=True)
+    # What an attaching driver needs to authenticate (the backend set them).
+    auth = {k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH_")}
+    print(json.dumps({"address": address, "auth": auth}), flush=True)
     sys.stdin.read()
     asyncio.run(backend.shutdown())
 

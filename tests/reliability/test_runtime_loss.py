@@ -90,8 +90,8 @@ def test_ray_head_killed_owned(measure: Measure) -> None:
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=RAY_HEAD_LOST)
 def test_ray_head_killed_attached(measure: Measure) -> None:
     require("ray")
-    with ray_head() as (address, pid, token):
-        env = {**RAY_GCS_GRACE, **({"RAY_AUTH_TOKEN_PATH": token} if token else {})}
+    with ray_head() as (address, pid, auth):
+        env = {**RAY_GCS_GRACE, **auth}
         result = run_driver(
             "runtime-loss", "ray", f"{address}@{pid}", timeout=250, env=env
         )
