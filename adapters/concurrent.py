@@ -252,8 +252,9 @@ class ConcurrentExecutionBackend:
         if isinstance(exc, BrokenProcessPool):
             self._replace_broken_pool()
             exc = WorkerLostError(
-                f"task {name!r}: a process-pool worker died while running it ({exc}); "
-                "the pool was replaced, use retries= to re-run such tasks"
+                f"task {name!r}: a worker of its process pool died while the task "
+                f"ran or waited in that pool ({exc}); a dead worker breaks the whole "
+                "pool, which was replaced: use retries= to re-run such tasks"
             )
         elif isinstance(exc, pickle.PicklingError | TypeError | AttributeError) and (
             self._processes and "pickle" in str(exc).lower()
@@ -271,7 +272,7 @@ class ConcurrentExecutionBackend:
             old = self._executor
             if not (self._owns and getattr(old, "_broken", False)) or self._closed:
                 return
-            self._executor = ProcessPoolExecutor(self._workers)
+            self._executor = _like(old, self._workers)
         old.shutdown(wait=False, cancel_futures=True)
 
     def cancel(self, uids: Sequence[str]) -> None:
@@ -304,6 +305,20 @@ class ConcurrentExecutionBackend:
                     proc.kill()
             await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
         self._pickled.clear()
+
+
+def _like(old: Executor, workers: int) -> ProcessPoolExecutor:
+    """A fresh pool configured as ``old`` was (start method, initializer and
+    worker recycling carry over)."""
+    opts: dict[str, Any] = {
+        "mp_context": getattr(old, "_mp_context", None),
+        "initializer": getattr(old, "_initializer", None),
+        "initargs": getattr(old, "_initargs", ()),
+    }
+    recycle = getattr(old, "_max_tasks_per_child", None)
+    if recycle is not None:
+        opts["max_tasks_per_child"] = recycle
+    return ProcessPoolExecutor(workers, **opts)
 
 
 def _shutdown_executor(ex: Executor) -> None:
