@@ -71,7 +71,7 @@ def test_dask_scheduler_killed(tmp_path: Path, measure: Measure) -> None:
 
 #: Ray ends a driver that cannot reach the GCS for this long (60 s by default;
 #: shortened to keep the suite quick, the outcome is the same).
-RAY_GCS_GRACE = {"RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+RAY_GCS_GRACE = {"RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
 RAY_HEAD_LOST = (
     "adapters/ray: nothing notices that the GCS and raylet died, so no in-flight "
     "future fails; Ray itself then ends the whole driver process (exit 1, 'Failed "
