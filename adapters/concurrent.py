@@ -6,6 +6,12 @@ by the function object.  Executables never occupy a process-pool worker: they ar
 subprocesses anyway, so they run from a thread in the driver, where cancelling
 can kill their process group.
 
+Function tasks on a thread pool do not go through ``executor.submit`` one by
+one: they wait in a deque, and at most ``max_workers`` runner jobs on the
+executor pop from it until it is empty.  Parallelism is the same (a free worker
+takes the next task), but the per-task cost of a ``Future``, a work item, a lock
+and a semaphore is gone, which is most of what a no-op task costs.
+
 Ownership: the backend shuts down the executor it was given (the page's
 ``ConcurrentExecutionBackend(ThreadPoolExecutor())`` leaves no thread behind).
 Pass ``shutdown_executor=False`` to keep a shared executor alive.
@@ -17,6 +23,7 @@ import os
 import pickle
 import sys
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import (
     CancelledError,
@@ -110,6 +117,14 @@ class ConcurrentExecutionBackend:
         # shutdown must stop it instead of waiting for it.
         self._abandoned: set[Future[Any]] = set()
         self._pickled: dict[Any, bytes] = {}
+        # Thread-pool function tasks waiting for a runner, and the uids among
+        # them still wanted (cancel() removes one; a runner skips it).
+        self._queue: deque[TaskSpec] = deque()
+        self._queued: set[str] = set()
+        self._runners = 0
+        self._drain = not self._processes and isinstance(
+            self._executor, ThreadPoolExecutor
+        )
         self._sink: CompletionSink | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -141,6 +156,8 @@ class ConcurrentExecutionBackend:
         assert sink is not None
         futures = self._futures
         submit = self._executor.submit
+        drain = self._drain
+        queued = 0
         for spec in specs:
             res = spec.resources
             if not res.is_default and (
@@ -155,6 +172,11 @@ class ConcurrentExecutionBackend:
                         "backend"
                     ),
                 )
+                continue
+            if drain and spec.command is None:
+                self._queued.add(spec.uid)
+                self._queue.append(spec)
+                queued += 1
                 continue
             try:
                 if spec.command is not None:
@@ -185,6 +207,53 @@ class ConcurrentExecutionBackend:
                 )
                 continue
             futures[spec.uid] = f
+        if queued:
+            self._start_runners()
+
+    def _start_runners(self) -> None:
+        with self._lock:
+            need = min(self._workers - self._runners, len(self._queue))
+            if need <= 0:
+                return
+            self._runners += need
+        try:
+            for _ in range(need):
+                self._executor.submit(self._runner)
+        except RuntimeError:  # executor shut down under us: fail what waits
+            with self._lock:
+                self._runners = 0
+            sink = self._sink
+            assert sink is not None
+            while self._queue:
+                spec = self._queue.popleft()
+                if spec.uid in self._queued:
+                    self._queued.discard(spec.uid)
+                    sink.set_exception(
+                        spec.uid,
+                        EngineClosedError(
+                            f"task {spec.name!r}: the executor is shut down"
+                        ),
+                    )
+
+    def _runner(self) -> None:
+        """An executor job that runs queued function tasks until none is left."""
+        queue = self._queue
+        queued = self._queued
+        run = self._run_here
+        while True:
+            try:
+                spec = queue.popleft()
+            except IndexError:
+                with self._lock:
+                    if queue:  # appended after the pop, before the lock
+                        continue
+                    self._runners -= 1
+                    return
+            try:
+                queued.remove(spec.uid)
+            except KeyError:
+                continue  # cancelled while it waited
+            run(spec)
 
     def _run_here(self, spec: TaskSpec) -> None:
         """Worker-thread entry: run and report straight to the sink.
@@ -276,7 +345,11 @@ class ConcurrentExecutionBackend:
         old.shutdown(wait=False, cancel_futures=True)
 
     def cancel(self, uids: Sequence[str]) -> None:
+        queued = self._queued
         for uid in uids:
+            if uid in queued:
+                queued.discard(uid)  # a runner that got there first runs it
+                continue
             f = self._futures.pop(uid, None)
             if f is not None and not f.cancel() and not kill_command(uid):
                 self._abandon(f)
@@ -290,6 +363,7 @@ class ConcurrentExecutionBackend:
         if self._closed:
             return
         self._closed = True
+        self._queued.clear()
         for uid, f in list(self._futures.items()):
             if not f.cancel() and not kill_command(uid):
                 self._abandon(f)
