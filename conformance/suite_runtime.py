@@ -301,6 +301,10 @@ def _new_threads_after_join(before: set[int | None]) -> list[str]:
     for th in threading.enumerate():
         if th.ident in before or th is threading.current_thread():
             continue
+        # enumerate() lists threads still starting, which join() refuses.
+        started = getattr(th, "_started", None)
+        if started is not None:
+            started.wait(10)
         th.join(10)
         if th.is_alive() and not th.name.startswith("asyncio_"):
             left.append(th.name)
