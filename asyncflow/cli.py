@@ -52,6 +52,7 @@ def _configure_logging(level: str | None) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    from . import _signals
     from .engine import WorkflowEngine, creation_hooks
 
     if ns.backend:
@@ -77,8 +78,18 @@ def cmd_run(ns: argparse.Namespace) -> int:
     creation_hooks.append(attach)
 
     def on_sigterm(signum: int, frame: object) -> None:
+        # While an engine's loop runs, the loop handles SIGTERM itself (see
+        # asyncflow._signals) and this handler is not installed.  Outside it,
+        # with no engine left open, there is nothing to shut down: exit now, as
+        # Python's default would, rather than raise an exception that a gc
+        # callback or __del__ could swallow.
+        if not any(not engine._closed for engine in engines):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(_signals.EXIT_CODE)
         raise Terminated()
 
+    on_sigterm._asyncflow_sigterm = True  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     sys.argv = [ns.script, *ns.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))

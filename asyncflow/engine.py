@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
+from . import _signals
 from .errors import (
     AsyncflowError,
     EngineClosedError,
@@ -196,6 +197,7 @@ class WorkflowEngine(Scheduler):
         self._loop = loop
         self._sink = _Sink(self, loop)
         self._guard = loop.create_task(self._shut_down_with_loop())
+        _signals.watch(loop)
         for backend in self._backends.values():
             key = id(backend)
             if key not in self._starting:

@@ -27,7 +27,7 @@ from .errors import _start_error
 from .resources import _ResourcesMixin
 from .results import _ResultsMixin
 from .submit import _SubmitMixin
-from .worker import _kill_on_worker
+from .worker import CommandReaper, _kill_on_worker
 
 C = Capability
 
@@ -98,6 +98,9 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         self._consumed: set[str] = set()  # uids a spec of this batch takes in
         self._topic: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # cancel()'s _stop() jobs: shutdown waits for them (they kill running
+        # commands) instead of cancelling them with the other background jobs.
+        self._stops: set[asyncio.Task[Any]] = set()
         self._cancel_queue: list[tuple[str, _Tracked]] = []
         self._fetch_queue: list[tuple[Future, asyncio.Future[Any]]] = []
         self._fetch_scheduled = False
@@ -203,6 +206,7 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         self._client = await Client(
             self._cluster, asynchronous=True, set_as_default=False
         )
+        await self._client.register_plugin(CommandReaper())
 
     async def _connect(self) -> None:
         address, security = self._address_of(self._target)
@@ -247,7 +251,9 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
     def _flush_cancels(self) -> None:
         batch, self._cancel_queue = self._cancel_queue, []
         if batch and not self._closed:
-            self._spawn(self._stop(batch))
+            task = self._spawn(self._stop(batch))
+            self._stops.add(task)
+            task.add_done_callback(self._stops.discard)
 
     async def _stop(self, batch: list[tuple[str, _Tracked]]) -> None:
         """Cancel ``batch`` in Dask and kill its running commands."""
@@ -276,6 +282,8 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         if client is not None and batch and client.status == "running":
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._stop(batch), CLOSE_TIMEOUT)
+        if self._stops:
+            await asyncio.wait(list(self._stops), timeout=CLOSE_TIMEOUT)
         background = list(self._background)
         for task in background:
             task.cancel()

@@ -66,6 +66,7 @@ class _DaskBase:
     _consumed: set[str]
     _topic: str | None
     _background: set[asyncio.Task[Any]]
+    _stops: set[asyncio.Task[Any]]
     _cancel_queue: list[tuple[str, _Tracked]]
     _fetch_queue: list[tuple[Future, asyncio.Future[Any]]]
     _fetch_scheduled: bool
@@ -88,11 +89,12 @@ class _DaskBase:
         def _make_info(self) -> BackendInfo: ...
 
     # -- helpers -------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         assert self._loop is not None
         task = self._loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)

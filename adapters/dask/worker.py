@@ -12,7 +12,7 @@ import asyncio
 import pickle
 from typing import Any
 
-from distributed import get_worker
+from distributed import WorkerPlugin, get_worker
 
 from ...spec import Command
 from ...worker import call_pickled, kill_command, run_command
@@ -55,9 +55,36 @@ def _deep(tb: Any, limit: int = 200) -> bool:
 def _run_command(
     topic: str | None, key: str, command: Command, uid: str, name: str
 ) -> str:
-    value = run_command(command, uid, name)
+    started = _COMMANDS.setdefault(get_worker().id, set())
+    started.add(uid)
+    try:
+        value = run_command(command, uid, name)
+    finally:
+        started.discard(uid)
     _push(topic, key, value)
     return value
+
+
+#: worker id -> uids of the commands it runs (several in-process workers may
+#: share this module)
+_COMMANDS: dict[str, set[str]] = {}
+
+
+class CommandReaper(WorkerPlugin):
+    """Kills the commands a worker runs when that worker closes.
+
+    A command has a session of its own, so nothing else stops it when its worker
+    goes: not the nanny's SIGKILL after a slow close, and not a driver whose
+    client was torn down with its event loop (Ctrl-C or SIGTERM in
+    ``asyncio.run`` cancels the client's tasks before the adapter's cancel
+    request can reach the worker).  Registered on clusters the adapter owns.
+    """
+
+    name = "asyncflow-command-reaper"
+
+    def teardown(self, worker: Any) -> None:
+        for uid in list(_COMMANDS.pop(worker.id, ())):
+            kill_command(uid)
 
 
 def _push(topic: str | None, key: str, value: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from ... import _signals
 from ...errors import BackendStartError, EngineClosedError
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from .base import _Task, log
@@ -172,6 +173,9 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin):
                 f"Ray could not be {'attached' if self._address else 'started'}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        # ray.init put its C++ failure-signal handler on SIGTERM, which aborts
+        # the driver instead of letting the engine shut down.
+        _signals.restore_handlers()
 
     # -- cancel -------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> None:

@@ -75,6 +75,12 @@ class _ResultsMixin(_RayBase):
         the engine gets a RayValue for it.
         """
         ready = self._ready_uids
+        if self._closed:
+            # After shutdown every call into Ray is off limits: with the owned
+            # Ray gone, ray.get() would start a new one.
+            ready.clear()
+            self._drain_scheduled = self._deferred = False
+            return
         if (
             not self._deferred
             and len(ready) < _BATCH

@@ -342,11 +342,22 @@ def tracker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tracker]:
 DRIVERS = Path(__file__).with_name("drivers.py")
 
 
+class DriverDied(AssertionError):
+    """The driver process ended without reporting (a runtime took it down)."""
+
+
 def run_driver(
-    *args: str, timeout: float, env: dict[str, str] | None = None
+    *args: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    after: str | None = None,
 ) -> dict[str, Any]:
     """Run ``drivers.py ARGS`` in a fresh interpreter and return its JSON line;
-    kill whatever it left running afterwards (after recording it)."""
+    kill whatever it left running afterwards (after recording it).
+
+    A driver that ends without a report raises :class:`DriverDied` if it had
+    written ``after`` (a progress note: the fault was injected), and a plain
+    RuntimeError otherwise (it failed before the point under test)."""
     token = uuid.uuid4().hex
     full_env = {
         **os.environ,
@@ -367,10 +378,14 @@ def run_driver(
         left = marked_processes(token, before)
         kill_all(left)
     lines = out.stdout.strip().splitlines()
-    assert out.returncode == 0 and lines, (
-        f"driver {args} exited {out.returncode}:\n{out.stdout[-2000:]}\n"
-        f"{out.stderr[-4000:]}"
-    )
+    if out.returncode != 0 or not lines:
+        text = (
+            f"driver {args} exited {out.returncode}:\n{out.stdout[-2000:]}\n"
+            f"{out.stderr[-4000:]}"
+        )
+        if after is not None and after not in out.stderr:
+            raise RuntimeError(f"before {after!r}: {text}")
+        raise DriverDied(text)
     result: dict[str, Any] = json.loads(lines[-1])
     result["left_after_exit"] = describe(left)
     result["stderr"] = out.stderr[-4000:]

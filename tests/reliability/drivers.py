@@ -238,6 +238,7 @@ async def ray_late_completion() -> dict[str, Any]:
         await asyncio.wait_for(gate.arrived("held"), 60)
         refs = {uid: task.ref for uid, task in backend._tasks.items()}
         await flow.shutdown()
+        note("shut down; now the late completions")
         for uid, ref in refs.items():
             backend._cancelled.setdefault(uid, ref)  # not reported yet
             backend._on_ready(uid, None)

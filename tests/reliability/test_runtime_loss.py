@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import external_dask, ray_head, require, run_driver
+from .conftest import DriverDied, external_dask, ray_head, require, run_driver
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,6 +32,8 @@ Measure = Callable[[str, str, str, float], None]
 BOUND = 60.0
 #: seconds shutdown() may take afterwards
 SHUTDOWN_BOUND = 30.0
+#: the driver's progress note once it has killed the runtime
+KILLED = "] killed ["
 #: what "a clear error" may be: asyncflow's own, naming the task
 CLEAR = {"WorkerLostError", "BackendError", "DependencyFailureError"}
 
@@ -80,20 +82,27 @@ RAY_HEAD_LOST = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RAY_HEAD_LOST)
+@pytest.mark.xfail(strict=True, raises=DriverDied, reason=RAY_HEAD_LOST)
 def test_ray_head_killed_owned(measure: Measure) -> None:
     require("ray")
-    result = run_driver("runtime-loss", "ray", "owned", timeout=250, env=RAY_GCS_GRACE)
+    result = run_driver(
+        "runtime-loss", "ray", "owned", timeout=250, env=RAY_GCS_GRACE, after=KILLED
+    )
     _check(result, "Ray head killed (owned)", measure)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RAY_HEAD_LOST)
+@pytest.mark.xfail(strict=True, raises=DriverDied, reason=RAY_HEAD_LOST)
 def test_ray_head_killed_attached(measure: Measure) -> None:
     require("ray")
     with ray_head() as (address, pid, auth):
         env = {**RAY_GCS_GRACE, **auth}
         result = run_driver(
-            "runtime-loss", "ray", f"{address}@{pid}", timeout=250, env=env
+            "runtime-loss",
+            "ray",
+            f"{address}@{pid}",
+            timeout=250,
+            env=env,
+            after=KILLED,
         )
     _check(result, "Ray head killed (attached)", measure)
 

@@ -30,12 +30,6 @@ per_backend = pytest.mark.parametrize("outcome", BACKENDS, indirect=True)
 
 Measure = Callable[[str, str, str, float], None]
 
-DASK_KILL = (
-    "adapters/dask/backend.py DaskExecutionBackend.shutdown(): it cancels its "
-    "background jobs, among them the _stop() job that cancel() spawned just before "
-    "(client.run(_kill_on_worker)), so a running executable is never killed and "
-    "outlives the cluster in its own session"
-)
 #: Threads that runtimes start once per interpreter and keep for its life; they
 #: belong to no backend.
 GLOBAL_THREADS = ("Dask-Offload",)  # distributed's process-wide offload executor
@@ -92,6 +86,7 @@ def test_no_temp_file_remains(
         request.applymarker(
             pytest.mark.xfail(
                 strict=True,
+                raises=AssertionError,
                 reason="adapters/dask/backend.py: the owned LocalCluster's nannies "
                 "SIGKILL workers still running a task after 4 s, leaving their "
                 "dask-scratch-space/worker-*.dirlock files in the temp dir",
@@ -105,8 +100,6 @@ def test_shutdown_kills_a_running_executable(
     name: str, request: pytest.FixtureRequest, measure: Measure
 ) -> None:
     require(name)
-    if name == "dask":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=DASK_KILL))
     tmp = tempfile.mkdtemp(prefix="afr-", dir="/tmp")
     try:
         result = run_driver("shutdown-command", name, timeout=200, env={"TMPDIR": tmp})
@@ -124,16 +117,10 @@ def test_shutdown_kills_a_running_executable(
     assert not result["processes_left"], result["processes_left"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="adapters/ray/results.py RayExecutionBackend._drain(): a completion Ray "
-    "reports after the owned Ray was shut down makes it call ray.get() "
-    "(_get_now(dropped)), which auto-starts a new Ray without the auth token and "
-    "aborts the driver process (SIGABRT in authentication_token_loader.cc)",
-)
 def test_ray_completion_after_shutdown_touches_no_ray() -> None:
     require("ray")
-    result = run_driver("ray-late-completion", "ray", timeout=200)
+    result = run_driver(
+        "ray-late-completion", "ray", timeout=200, after="now the late completions"
+    )
     assert result["reported"], "no task was in flight"
     assert not result["calls_after_shutdown"], result["calls_after_shutdown"][0]
