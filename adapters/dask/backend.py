@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +103,7 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         # cancel()'s _stop() jobs: shutdown waits for them (they kill running
         # commands) instead of cancelling them with the other background jobs.
         self._stops: set[asyncio.Task[Any]] = set()
+        self._scratch: str | None = None
         self._cancel_queue: list[tuple[str, _Tracked]] = []
         self._fetch_queue: list[tuple[Future, asyncio.Future[Any]]] = []
         self._fetch_scheduled = False
@@ -198,6 +201,12 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
             opts.setdefault("worker_dashboard_address", "127.0.0.1:0")
         if "resources" not in opts:
             opts["resources"] = {"CPU": opts.get("threads_per_worker") or 1}
+        if "local_directory" not in opts:
+            # Workers' scratch space in a directory of ours: a nanny that SIGKILLs
+            # a slow-closing worker leaves its lock files behind, and shutdown
+            # removes the whole directory.
+            self._scratch = tempfile.mkdtemp(prefix="asyncflow-dask-")
+            opts["local_directory"] = self._scratch
         # The engine owns retries: a task whose worker dies fails at once with
         # WorkerLostError instead of being re-run (and killing) three more times.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -310,5 +319,10 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
                     # "remove-client" event on the comm we are closing
                     client.unsubscribe_topic(client.id)
                 await client.close(timeout=CLOSE_TIMEOUT)
-        if cluster is not None:
-            await cluster.close(timeout=CLOSE_TIMEOUT)
+        try:
+            if cluster is not None:
+                await cluster.close(timeout=CLOSE_TIMEOUT)
+        finally:
+            scratch, self._scratch = self._scratch, None
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)

@@ -79,19 +79,7 @@ def test_no_thread_remains(outcome: dict[str, Any]) -> None:
 
 
 @per_backend
-def test_no_temp_file_remains(
-    outcome: dict[str, Any], request: pytest.FixtureRequest
-) -> None:
-    if outcome["backend"] == "dask":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="adapters/dask/backend.py: the owned LocalCluster's nannies "
-                "SIGKILL workers still running a task after 4 s, leaving their "
-                "dask-scratch-space/worker-*.dirlock files in the temp dir",
-            )
-        )
+def test_no_temp_file_remains(outcome: dict[str, Any]) -> None:
     assert not outcome["files_left"], outcome["files_left"]
 
 
