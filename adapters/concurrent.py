@@ -6,11 +6,9 @@ by the function object.  Executables never occupy a process-pool worker: they ar
 subprocesses anyway, so they run from a thread in the driver, where cancelling
 can kill their process group.
 
-Function tasks on a thread pool do not go through ``executor.submit`` one by
-one: they wait in a deque, and at most ``max_workers`` runner jobs on the
-executor pop from it until it is empty.  Parallelism is the same (a free worker
-takes the next task), but the per-task cost of a ``Future``, a work item, a lock
-and a semaphore is gone, which is most of what a no-op task costs.
+Function tasks on a thread pool go through a queue drained by at most
+``max_workers`` runner jobs, not one ``executor.submit`` each, and piped chains
+run hop after hop in one thread (see ``_threadqueue``).
 
 Ownership: the backend shuts down the executor it was given (the page's
 ``ConcurrentExecutionBackend(ThreadPoolExecutor())`` leaves no thread behind).
@@ -23,7 +21,6 @@ import os
 import pickle
 import sys
 import threading
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import (
     CancelledError,
@@ -51,6 +48,7 @@ from ..worker import (
     kill_command,
     run_command,
 )
+from ._threadqueue import ThreadQueue
 
 __all__ = ["ConcurrentExecutionBackend", "process_backend"]
 
@@ -68,12 +66,15 @@ _NO_INTERRUPT = (
     "a running thread or pool process cannot be interrupted; the engine "
     "abandons its result"
 )
+_NO_PIPELINE = (
+    "concurrent.futures has no task dependencies: the engine submits a task when "
+    "its inputs are ready"
+)
 THREAD_CAPABILITIES = Capabilities.of(
     *_COMMON,
+    C.PIPELINE,
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
-    pipeline="concurrent.futures has no task dependencies: the engine submits a "
-    "task when its inputs are ready",
     serializes="threads share the driver's memory",
 )
 PROCESS_CAPABILITIES = Capabilities.of(
@@ -81,8 +82,7 @@ PROCESS_CAPABILITIES = Capabilities.of(
     C.SERIALIZES,
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
-    pipeline="concurrent.futures has no task dependencies: the engine submits a "
-    "task when its inputs are ready",
+    pipeline=_NO_PIPELINE,
 )
 
 
@@ -117,18 +117,19 @@ class ConcurrentExecutionBackend:
         # shutdown must stop it instead of waiting for it.
         self._abandoned: set[Future[Any]] = set()
         self._pickled: dict[Any, bytes] = {}
-        # Thread-pool function tasks waiting for a runner, and the uids among
-        # them still wanted (cancel() removes one; a runner skips it).
-        self._queue: deque[TaskSpec] = deque()
-        self._queued: set[str] = set()
-        self._runners = 0
         self._drain = not self._processes and isinstance(
             self._executor, ThreadPoolExecutor
         )
+        self._threads: ThreadQueue | None = None  # made at start, with the sink
         self._sink: CompletionSink | None = None
         self._closed = False
         self._lock = threading.Lock()
         caps = PROCESS_CAPABILITIES if self._processes else THREAD_CAPABILITIES
+        if not self._processes and not self._drain:
+            caps = Capabilities(
+                caps.supported - {C.PIPELINE},
+                {**caps.reasons, C.PIPELINE: _NO_PIPELINE},
+            )
         if self._workers < 2:
             caps = Capabilities(
                 caps.supported - {C.PARALLEL},
@@ -150,14 +151,16 @@ class ConcurrentExecutionBackend:
         if self._closed:
             raise EngineClosedError("this ConcurrentExecutionBackend was shut down")
         self._sink = sink
+        if self._drain:
+            self._threads = ThreadQueue(self._executor, self._workers, sink)
 
     def submit(self, specs: Sequence[TaskSpec]) -> None:
         sink = self._sink
         assert sink is not None
         futures = self._futures
         submit = self._executor.submit
-        drain = self._drain
-        queued = 0
+        threads = self._threads
+        queued: list[TaskSpec] = []
         for spec in specs:
             res = spec.resources
             if not res.is_default and (
@@ -173,10 +176,8 @@ class ConcurrentExecutionBackend:
                     ),
                 )
                 continue
-            if drain and spec.command is None:
-                self._queued.add(spec.uid)
-                self._queue.append(spec)
-                queued += 1
+            if threads is not None and spec.command is None:
+                queued.append(spec)
                 continue
             try:
                 if spec.command is not None:
@@ -208,52 +209,8 @@ class ConcurrentExecutionBackend:
                 continue
             futures[spec.uid] = f
         if queued:
-            self._start_runners()
-
-    def _start_runners(self) -> None:
-        with self._lock:
-            need = min(self._workers - self._runners, len(self._queue))
-            if need <= 0:
-                return
-            self._runners += need
-        try:
-            for _ in range(need):
-                self._executor.submit(self._runner)
-        except RuntimeError:  # executor shut down under us: fail what waits
-            with self._lock:
-                self._runners = 0
-            sink = self._sink
-            assert sink is not None
-            while self._queue:
-                spec = self._queue.popleft()
-                if spec.uid in self._queued:
-                    self._queued.discard(spec.uid)
-                    sink.set_exception(
-                        spec.uid,
-                        EngineClosedError(
-                            f"task {spec.name!r}: the executor is shut down"
-                        ),
-                    )
-
-    def _runner(self) -> None:
-        """An executor job that runs queued function tasks until none is left."""
-        queue = self._queue
-        queued = self._queued
-        run = self._run_here
-        while True:
-            try:
-                spec = queue.popleft()
-            except IndexError:
-                with self._lock:
-                    if queue:  # appended after the pop, before the lock
-                        continue
-                    self._runners -= 1
-                    return
-            try:
-                queued.remove(spec.uid)
-            except KeyError:
-                continue  # cancelled while it waited
-            run(spec)
+            assert threads is not None
+            threads.put(queued)
 
     def _run_here(self, spec: TaskSpec) -> None:
         """Worker-thread entry: run and report straight to the sink.
@@ -345,10 +302,9 @@ class ConcurrentExecutionBackend:
         old.shutdown(wait=False, cancel_futures=True)
 
     def cancel(self, uids: Sequence[str]) -> None:
-        queued = self._queued
+        threads = self._threads
         for uid in uids:
-            if uid in queued:
-                queued.discard(uid)  # a runner that got there first runs it
+            if threads is not None and threads.cancel(uid):
                 continue
             f = self._futures.pop(uid, None)
             if f is not None and not f.cancel() and not kill_command(uid):
@@ -363,7 +319,8 @@ class ConcurrentExecutionBackend:
         if self._closed:
             return
         self._closed = True
-        self._queued.clear()
+        if self._threads is not None:
+            self._threads.close()
         for uid, f in list(self._futures.items()):
             if not f.cancel() and not kill_command(uid):
                 self._abandon(f)
