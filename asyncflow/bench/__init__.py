@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: benchmark children still running (``--quick`` runs several at once)
+_LIVE: set[subprocess.Popen[str]] = set()
+
+
 def _run_child(
     spec: dict[str, Any], timeout: float, on_record: Any
 ) -> tuple[int, bool]:
@@ -152,6 +157,7 @@ def _run_child(
         text=True,
         start_new_session=True,
     )
+    _LIVE.add(proc)
     expired = threading.Event()
 
     def stop() -> None:
@@ -180,6 +186,7 @@ def _run_child(
         raise
     finally:
         timer.cancel()
+        _LIVE.discard(proc)
 
 
 def _signal_group(proc: subprocess.Popen[str], sig: int) -> None:
@@ -243,11 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[str] = []
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("benchmarking", total=sum(runs.values()))
-        for name in backends:
-            done_before = progress.tasks[0].completed
+
+        def run_one(name: str) -> None:
             progress.update(bar, description=f"benchmarking {name}")
 
-            def on_record(rec: dict[str, Any], name: str = name) -> None:
+            def on_record(rec: dict[str, Any]) -> None:
                 rec["backend"] = name
                 records.append(rec)
                 if rec["kind"] == "run":
@@ -271,13 +278,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "profile": str(Path(ns.out).resolve()) if ns.profile else None,
             }
             code, expired = _run_child(spec, ns.timeout, on_record)
+            problem = None
             if expired:
-                failures.append(f"{name}: stopped after --timeout {ns.timeout:.0f} s")
+                problem = f"{name}: stopped after --timeout {ns.timeout:.0f} s"
             elif code != 0:
-                failures.append(f"{name}: benchmark process exited {code}")
-            if failures and failures[-1].startswith(f"{name}:"):
-                console.print(f"[red]{failures[-1]}")
-            progress.update(bar, completed=done_before + runs[name])
+                problem = f"{name}: benchmark process exited {code}"
+            if problem:
+                failures.append(problem)
+                console.print(f"[red]{problem}")
+
+        if ns.quick:
+            # A smoke test, whose figures are not for comparing: the backends run
+            # side by side, so the slowest start-up (radical.pilot's pilots) sets
+            # the wall time instead of the sum of them all.
+            with ThreadPoolExecutor(max(1, len(backends))) as pool:
+                try:
+                    list(pool.map(run_one, backends))
+                except BaseException:  # Ctrl-C: the children have sessions of their own
+                    for proc in list(_LIVE):
+                        _signal_group(proc, signal.SIGTERM)
+                    raise
+        else:
+            for name in backends:
+                run_one(name)
     loads = [r["load"] for r in records if r["kind"] == "run" and "load" in r]
     meta["load_after"] = os.getloadavg()
     meta["load_max"] = max(loads) if loads else None
