@@ -27,11 +27,12 @@ from .base import _Task, log
 from .process import _ProcessMixin, _usable_cpus
 from .results import _BATCH, _ResultsMixin
 from .submit import _SubmitMixin
+from .watch import _WatchMixin
 
 C = Capability
 
 
-class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin):
+class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixin):
     """Runs tasks on Ray.
 
     ``RayExecutionBackend()`` starts a local Ray (``num_cpus`` defaults to the
@@ -87,6 +88,8 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin):
         self._tmpdir: str | None = None
         self._env_saved: dict[str, str | None] = {}
         self._closed = False
+        self._pidfds: list[int] = []
+        self._lost: str | None = None  # why Ray is gone (see watch.py)
         if address is None and not ray.is_initialized():
             cpus = init_kwargs.get("num_cpus") or _usable_cpus()
             self._init_kwargs["num_cpus"] = cpus
@@ -176,6 +179,7 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin):
         # ray.init put its C++ failure-signal handler on SIGTERM, which aborts
         # the driver instead of letting the engine shut down.
         _signals.restore_handlers()
+        self._watch_head()
 
     # -- cancel -------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> None:
@@ -201,6 +205,7 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin):
         if self._closed:
             return
         self._closed = True
+        self._unwatch_head()
         leftover = list(self._tasks)
         if leftover:
             self.cancel(leftover)

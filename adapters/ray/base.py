@@ -66,6 +66,7 @@ class _RayBase:
     _tmpdir: str | None
     _env_saved: dict[str, str | None]
     _closed: bool
+    _lost: str | None
     _info: BackendInfo
 
     if TYPE_CHECKING:

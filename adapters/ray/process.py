@@ -193,7 +193,7 @@ class _ProcessMixin(_RayBase):
     def _shutdown_blocking(self) -> None:
         prefix = f"{self._token}/"
         if not self._owns:
-            if ray.is_initialized():
+            if ray.is_initialized() and self._lost is None:  # else it waits on GCS
                 with contextlib.suppress(Exception):
                     self._sweep_everywhere(None)
             if self._connected:

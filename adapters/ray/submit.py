@@ -21,6 +21,7 @@ from ...errors import (
     SerializationError,
     TaskDefinitionError,
     UpstreamGone,
+    WorkerLostError,
 )
 from ...protocol import UpstreamRef
 from ...spec import Command, Resources, TaskSpec
@@ -42,6 +43,11 @@ class _SubmitMixin(_ResultsMixin):
         tasks = self._tasks
         submitted: list[tuple[str, ray.ObjectRef]] = []
         for spec in specs:
+            if self._lost is not None:
+                sink.set_exception(
+                    spec.uid, WorkerLostError(f"task {spec.name!r}: {self._lost}")
+                )
+                continue
             try:
                 remote = self._remote_for(spec)
                 if spec.command is not None:
