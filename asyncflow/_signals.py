@@ -20,6 +20,7 @@ alone; one marked with ``_asyncflow_sigterm`` (``asyncflow run``'s) is not.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import weakref
@@ -47,6 +48,28 @@ def watch(loop: asyncio.AbstractEventLoop) -> None:
     except (NotImplementedError, RuntimeError, ValueError):
         return  # no Unix signals on this loop (Windows, a foreign loop)
     _loops.add(loop)
+    global _fork_hook
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forget_in_child)
+        _fork_hook = True
+
+
+_fork_hook = False
+
+
+def _forget_in_child() -> None:
+    """A forked child (a process-pool worker, say) inherits the loop's signal
+    set-up: a do-nothing SIGTERM handler and the wakeup fd, a socket shared with
+    this process.  So SIGTERM would not end the child, and would end this
+    process instead.  The child gets Python's defaults back."""
+    if not _loops:
+        return
+    _loops.clear()
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread
+        pass
 
 
 def _on_sigterm(loop: asyncio.AbstractEventLoop) -> None:
