@@ -1,0 +1,142 @@
+"""What asyncflow knows about each Parsl executor, and the resources it offers.
+
+A :class:`_Profile` records where an executor runs its tasks (in the driver
+process, in worker processes on this host, or elsewhere), how many task slots it
+has and what one slot offers.  The backend's capabilities and its way of
+cancelling follow from it.  A task's ``resources`` are checked against one
+worker slot (HTEX, thread pool), so that a request that does not fit fails at
+once with ResourceUnavailableError naming the task, or translated into a
+``parsl_resource_specification`` (WorkQueue, TaskVine, MPI).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from parsl.executors import HighThroughputExecutor
+from parsl.executors import ThreadPoolExecutor as ParslThreadPoolExecutor
+from parsl.executors.base import ParslExecutor
+from parsl.launchers import SimpleLauncher, SingleNodeLauncher
+from parsl.providers import LocalProvider
+
+from ...errors import ResourceUnavailableError
+from ...spec import Resources
+
+
+class _Profile:
+    """What asyncflow knows about one Parsl executor."""
+
+    __slots__ = (
+        "cores",
+        "gpus",
+        "htex",
+        "in_process",
+        "kind",
+        "label",
+        "local",
+        "memory",
+        "mpi",
+        "slots",
+    )
+
+    def __init__(self, ex: ParslExecutor):
+        self.label: str = ex.label
+        self.kind = type(ex).__name__
+        self.in_process = isinstance(ex, ParslThreadPoolExecutor)
+        self.htex = isinstance(ex, HighThroughputExecutor)
+        self.mpi = bool(getattr(ex, "enable_mpi_mode", False))
+        self.memory: float | None = None  # MB per task slot, None: unknown
+        self.gpus = 0
+        if isinstance(ex, ParslThreadPoolExecutor):
+            self.slots = int(ex.max_threads or 1)
+            self.cores: float | None = float(self.slots)
+            self.local = True
+        elif isinstance(ex, HighThroughputExecutor):
+            provider = ex.provider
+            launcher = getattr(provider, "launcher", None)
+            self.local = (
+                isinstance(provider, LocalProvider)
+                and isinstance(launcher, SingleNodeLauncher | SimpleLauncher)
+                and sys.platform.startswith("linux")
+            )
+            per_node = ex.workers_per_node
+            blocks = max(getattr(provider, "max_blocks", 1), 1)
+            nodes = max(getattr(provider, "nodes_per_block", 1), 1)
+            finite = math.isfinite(per_node)
+            self.slots = int(per_node * blocks * nodes) if finite else 2
+            self.cores = float(ex.cores_per_worker)
+            if ex.mem_per_worker:
+                self.memory = ex.mem_per_worker * 1024
+            elif self.local:
+                self.memory = _physical_memory_mb()
+            self.gpus = 1 if ex.available_accelerators else 0
+        elif self.kind in ("WorkQueueExecutor", "TaskVineExecutor"):
+            self.local = False
+            self.slots = 2
+            self.cores = None
+            self.gpus = -1  # scheduled by the manager
+        else:
+            self.local = False
+            self.slots = 2
+            self.cores = None
+
+    @property
+    def translates(self) -> bool:
+        return self.kind in ("WorkQueueExecutor", "TaskVineExecutor")
+
+    def checks(self) -> bool:
+        return self.in_process or self.htex or self.translates
+
+    def resource_spec(self, res: Resources, name: str) -> dict[str, Any]:
+        """Parsl's ``parsl_resource_specification`` for ``res``, or raise."""
+        if self.translates:
+            if res.ranks > 1:
+                self._refuse(res, name, "no MPI launch")
+            out: dict[str, Any] = {"cores": res.cores}
+            if res.memory is not None:
+                out["memory"] = res.memory
+            if res.gpus:
+                out["gpus"] = res.gpus
+            return out
+        if self.mpi:
+            if res.gpus or res.memory is not None or res.cores > 1:
+                self._refuse(res, name, "MPI ranks only (ask for ranks=N)")
+            return {"num_nodes": 1, "num_ranks": res.ranks, "ranks_per_node": res.ranks}
+        if not self.checks():
+            self._refuse(res, name, "no per-task resources asyncflow can express")
+        if res.ranks > 1:
+            self._refuse(res, name, "no MPI launch (use Parsl's MPIExecutor)")
+        if self.cores is not None and res.cores > self.cores:
+            self._refuse(
+                res,
+                name,
+                f"{self.cores:g} core(s) per worker"
+                + ("" if self.in_process else "; raise cores_per_worker"),
+            )
+        if res.gpus > self.gpus:
+            self._refuse(
+                res,
+                name,
+                f"{self.gpus} accelerator(s) per worker (available_accelerators)",
+            )
+        memory = self.memory
+        if res.memory is not None and memory is not None and res.memory > memory:
+            self._refuse(res, name, f"{self.memory:.0f} MB per worker")
+        return {}
+
+    def _refuse(self, res: Resources, name: str, why: str) -> None:
+        raise ResourceUnavailableError(
+            f"task {name!r} asks for {res}, but Parsl executor {self.label!r} "
+            f"({self.kind}) offers {why}; lower the request or route the task to "
+            "another executor with options={'executor': ...}"
+        )
+
+
+def _physical_memory_mb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -1,0 +1,241 @@
+"""One DataFlowKernel's life: loading it, sharing it and cleaning up after it.
+
+The backends built on one DFK (``per_executor``) share a :class:`_Runtime`,
+which loads the DFK on first use and, if it was loaded here, cleans it up when
+the last of them shuts down; a DFK the caller passed in stays up.  The DFK is
+built directly (not with ``parsl.load``), so a user's global DFK stays
+untouched.  Cleaning up goes further than ``dfk.cleanup()``: the local worker
+blocks' process groups are reaped, and a DFK whose HTEX interchange died gets a
+time limit, because Parsl's own cleanup then blocks forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Sequence
+
+import parsl
+from parsl.config import Config
+from parsl.dataflow.dflow import DataFlowKernel
+from parsl.executors import HighThroughputExecutor
+from parsl.executors.base import ParslExecutor
+from parsl.providers import LocalProvider
+
+from ...errors import BackendStartError, EngineClosedError
+from .base import log
+from .cancel import _Control
+from .config import _fix_path
+from .executors import _Profile
+
+_INTERNAL = "_parsl_internal"
+#: How long cleaning up may wait for a DFK whose interchange died (Parsl's own
+#: cleanup then blocks forever on its command channel).
+_BROKEN_CLEANUP = 5.0
+
+
+class _Runtime:
+    """One DataFlowKernel, shared by the backends built on it.
+
+    ``owned``: the DFK was loaded here and is cleaned up when the last backend
+    using it shuts down; otherwise it belongs to the caller and stays up.
+    """
+
+    def __init__(
+        self,
+        config: Config | None,
+        dfk: DataFlowKernel | None,
+        tmpdir: str | None,
+        wait_for_workers: float | None,
+    ):
+        self.fix_path = tmpdir is None  # the default config brings its own PATH
+        self.config = config
+        self.dfk = dfk
+        self.owned = dfk is None
+        self.tmpdir = tmpdir
+        self.wait_for_workers = wait_for_workers
+        self.users = 0
+        self.closed = False
+        self._lock = threading.Lock()
+        self.control: _Control | None = None
+
+    @property
+    def executors(self) -> Sequence[ParslExecutor]:
+        if self.dfk is not None:
+            return [e for lbl, e in self.dfk.executors.items() if lbl != _INTERNAL]
+        assert self.config is not None
+        return list(self.config.executors)
+
+    def acquire(self) -> None:
+        """Load the DFK if needed (blocking; run from a thread)."""
+        with self._lock:
+            if self.closed:
+                raise EngineClosedError("this Parsl DataFlowKernel was cleaned up")
+            self.users += 1
+            if self.dfk is None:
+                try:
+                    self._load()
+                except BaseException:
+                    self.users -= 1
+                    self.closed = True  # a Config cannot be loaded twice
+                    self._remove_tmpdir()
+                    raise
+            assert self.dfk is not None
+            profiles = [_Profile(e) for e in self.executors]
+            if self.control is None and any(
+                p.local and not p.in_process for p in profiles
+            ):
+                self.control = _Control(os.path.join(self.dfk.run_dir, "asyncflow-ctl"))
+
+    def _load(self) -> None:
+        assert self.config is not None
+        if self.fix_path:
+            _fix_path(self.config.executors)
+        try:
+            dfk = DataFlowKernel(self.config)
+        except Exception as exc:
+            raise BackendStartError(
+                f"Parsl could not load its configuration ({type(exc).__name__}: "
+                f"{exc}); "
+                "a Config can be loaded only once, and HTEX needs "
+                "process_worker_pool.py and interchange.py on PATH"
+            ) from exc
+        self.dfk = dfk
+        if self.wait_for_workers:
+            try:
+                self._await_workers(self.wait_for_workers)
+            except BaseException:
+                self._cleanup()
+                raise
+
+    def _await_workers(self, timeout: float) -> None:
+        assert self.dfk is not None
+        deadline = time.monotonic() + timeout
+        for ex in self.executors:
+            if not isinstance(ex, HighThroughputExecutor):
+                continue
+            while True:
+                if ex.bad_state_is_set:
+                    raise BackendStartError(
+                        f"Parsl executor {ex.label!r} failed to start its workers: "
+                        f"{ex.executor_exception}; see {ex.logdir}"
+                    )
+                if sum(m["worker_count"] for m in ex.connected_managers()) > 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise BackendStartError(
+                        f"no HTEX worker of executor {ex.label!r} connected within "
+                        f"{timeout:g}s; check that process_worker_pool.py runs here "
+                        f"(submit scripts and logs under {self.dfk.run_dir})"
+                    )
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users > 0 or self.closed:
+                return
+            if self.control is not None:
+                self.control.close()
+            if not self.owned:
+                self.control = None  # a later backend on this DFK opens a new one
+                return
+            self.closed = True
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        dfk = self.dfk
+        if dfk is None:
+            self._remove_tmpdir()
+            return
+        groups = _local_block_groups(dfk)
+        broken = bool(_dead_interchanges(dfk))
+        try:
+            if not dfk.cleanup_called:
+                if broken:
+                    _bounded_cleanup(dfk)
+                else:
+                    dfk.cleanup()
+            if parsl.DataFlowKernelLoader._dfk is dfk:
+                parsl.clear()
+        finally:
+            # Without an interchange the blocks' managers would wait out their
+            # heartbeat threshold: stop them now.
+            _reap(groups, grace=0.0 if broken else 5.0)
+            self._remove_tmpdir()
+
+    def _remove_tmpdir(self) -> None:
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _dead_interchanges(
+    dfk: DataFlowKernel,
+) -> list[tuple[HighThroughputExecutor, int]]:
+    """The HTEX executors of ``dfk`` whose interchange process has exited, with
+    its exit code (the interchange is always a child of this process)."""
+    dead = []
+    for ex in dfk.executors.values():
+        if not isinstance(ex, HighThroughputExecutor):
+            continue
+        proc = getattr(ex, "interchange_proc", None)
+        poll = getattr(proc, "poll", None)
+        if poll is None:
+            continue
+        with contextlib.suppress(Exception):
+            code = poll()
+            if code is not None:
+                dead.append((ex, code))
+    return dead
+
+
+def _bounded_cleanup(dfk: DataFlowKernel) -> None:
+    """``dfk.cleanup()``, given up on after ``_BROKEN_CLEANUP`` seconds.
+
+    With its interchange gone, Parsl's job status poller blocks forever on the
+    command channel, and ``cleanup()`` joins it.  The abandoned threads are
+    daemons blocked on sockets; the worker blocks are reaped by the caller.
+    """
+    thread = threading.Thread(
+        target=dfk.cleanup, name="asyncflow-parsl-cleanup", daemon=True
+    )
+    thread.start()
+    thread.join(_BROKEN_CLEANUP)
+    if thread.is_alive():
+        log.warning(
+            "Parsl's cleanup did not finish within %.0f s because an HTEX "
+            "interchange died; its threads are abandoned",
+            _BROKEN_CLEANUP,
+        )
+
+
+def _local_block_groups(dfk: DataFlowKernel) -> list[int]:
+    groups = []
+    for ex in dfk.executors.values():
+        provider = getattr(ex, "provider", None)
+        if not isinstance(provider, LocalProvider):
+            continue
+        for job in provider.resources.values():
+            with contextlib.suppress(OSError, KeyError, TypeError):
+                groups.append(os.getpgid(job["remote_pid"]))
+    return [g for g in groups if g != os.getpgrp()]
+
+
+def _reap(groups: list[int], grace: float = 5.0) -> None:
+    """Wait for the worker blocks' process groups to empty; SIGKILL leftovers."""
+    deadline = time.monotonic() + grace
+    for pgid in groups:
+        while True:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(OSError):
+                    os.killpg(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
