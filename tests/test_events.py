@@ -26,7 +26,9 @@ async def test_every_state_change_is_an_event(tmp_path: Path) -> None:
         flow.subscribe(seen.append)
         inc, boom = flow.function_task(t.inc), flow.function_task(t.boom)
         flaky = flow.function_task(retries=1)(t.flaky)
-        await inc(inc(1))
+        # A timeout keeps the dependent out of the runtime until its input is
+        # in (a piped task never waits in the engine, so never emits WAITING).
+        await flow.function_task(timeout=60)(t.inc)(inc(1))
         with pytest.raises(ValueError):
             await boom()
         await flaky(str(tmp_path / "f"), 1)
