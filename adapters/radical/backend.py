@@ -31,7 +31,7 @@ from ._rp import rp, ru
 from .config import Layout
 from .dispatch import Record
 from .runtime import RadicalRuntime
-from .worker import unpack_result
+from .worker import LOST, unpack_result
 
 __all__ = ["RadicalExecutionBackend"]
 
@@ -305,6 +305,8 @@ def _check_resources(
 def _lost(name: str, task: Any, state: str) -> BaseException:
     """What a task that did not run to an exit code becomes."""
     detail = task.exception or ""
+    if detail == LOST:  # its process died: AsyncflowWorker says how
+        return WorkerLostError(f"task {name!r}: {task.exception_detail}")
     tail = (task.exception_detail or "").strip().splitlines()[-3:]
     text = f"{detail} {' | '.join(tail)}".strip() or "no detail"
     pilot_gone = "pilot" in text and ("died" in text or "final" in text)

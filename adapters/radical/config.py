@@ -224,6 +224,9 @@ def plan(
         pd["memory"] = _positive_int("memory", memory)
     mem_per_node = int(rcfg.get("mem_per_node") or 0)
     mem_total = pd.get("memory") or (mem_per_node * n_nodes if mem_per_node else None)
+    # radical.pilot's default ends the driver (SIGTERM to its main thread) when
+    # the pilot fails; asyncflow fails the pilot's tasks instead
+    pd["exit_on_error"] = False
     pd.update(cfg)  # the remaining native keys pass through
     try:
         rp.PilotDescription(dict(pd)).verify()

@@ -102,6 +102,7 @@ class Dispatcher:
         self._cancels: list[str] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.broken: str | None = None  # the pilot is gone: why
 
     def attach(self, tmgr: Any) -> None:
         self.tmgr = tmgr
@@ -146,6 +147,23 @@ class Dispatcher:
                     ),
                 )
 
+    def fail_all(self, reason: str) -> None:
+        """The pilot is gone: report every task in flight as lost, and every task
+        submitted from now on (radical.pilot would hold them for a pilot that
+        never comes back)."""
+        with self._cond:
+            self.broken = reason
+            queued, self._queue = self._queue, []
+        self._lose([*queued, *list(self.routes.values())], reason)
+
+    def _lose(self, records: list[Record], reason: str) -> None:
+        for rec in records:
+            if rec.rp_uid and self.routes.pop(rec.rp_uid, None) is None:
+                continue  # already reported
+            rec.backend._deliver_error(
+                rec, WorkerLostError(f"task {rec.name!r}: {reason}")
+            )
+
     # -- the submitter thread ----------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -183,6 +201,9 @@ class Dispatcher:
             self.routes[td.uid] = rec
             tds.append(td)
         if not tds:
+            return
+        if self.broken:  # checked after the routes are in: see fail_all
+            self._lose([r for td in tds if (r := self.routes.get(td.uid))], self.broken)
             return
         try:
             self.tmgr.submit_tasks(tds)

@@ -312,11 +312,14 @@ class RadicalRuntime:
     def _on_pilot_state(self, pilots: Any, *_: Any) -> None:
         # radical.pilot 1.103 calls pilot callbacks with a list of pilots
         for pilot in pilots if isinstance(pilots, list) else [pilots]:
-            if pilot.state in FINAL and not self._closed:
+            if pilot.state in FINAL and not self._closed and not self.broken:
                 self.broken = (
                     f"the pilot {pilot.uid} on {self.layout.resource!r} "
                     f"ended ({pilot.state})"
                 )
+                # radical.pilot fails the tasks it holds, but not those on
+                # their way to it, which would then wait forever
+                self.dispatcher.fail_all(f"{self.broken} with the task in flight")
 
     def _lost_raptor(self, task: Any, state: str) -> None:
         detail = task.exception or "no detail"

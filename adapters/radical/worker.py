@@ -7,12 +7,21 @@ not be run with ``asyncio.run``.  So every function task is sent as a call to
 :func:`call_remote`, which runs the task in a thread of its own and returns a
 cloudpickled ``(ok, value)`` envelope that :func:`unpack_result` opens in the
 driver.
+
+Nor does raptor notice a task whose process dies (SIGKILL, the OOM killer, a
+crash in C code): it forks a process per task and only ever reads results that
+process sends, so the task would never end and its slot would stay taken.
+:class:`AsyncflowWorker` reports such a task as lost (:data:`LOST`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib
+import multiprocessing as mp
+import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -25,7 +34,11 @@ from ...spec import TaskSpec
 from ...worker import call_function
 from ._rp import rp, ru
 
-__all__ = ["AsyncflowWorker", "call_remote", "pack_call", "unpack_result"]
+__all__ = ["LOST", "AsyncflowWorker", "call_remote", "pack_call", "unpack_result"]
+
+#: the ``exception`` of a function task whose process died before it reported;
+#: its ``exception_detail`` says how it died
+LOST = "WorkerLostError"
 
 #: what the adapter writes as the raptor worker's ``raptor_file``
 WORKER_FILE = "from asyncflow.adapters.radical.worker import AsyncflowWorker\n"
@@ -125,6 +138,87 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
                     except BaseException:  # the task itself will report it
                         _FAILED_IMPORTS.add(name)
         return super()._request_cb(tasks)
+
+    # The two methods below replace DefaultWorker's (radical.pilot 1.103), which
+    # wait for the task's process and report nothing if it dies before reporting.
+    def _dispatch(self, task: dict[str, Any], env: dict[str, str]) -> None:
+        """Runs in a process forked per task: run the task in a child of its own
+        and report it, including a child that ended without reporting."""
+        task["pid"] = os.getpid()
+        os.environ.update(env)
+        os.environ.update(task.get("environment") or {})
+        reported = mp.RawValue("b", 0)
+        proc = mp.Process(target=self._run_task, args=(task, reported), daemon=True)
+        proc.start()
+        timeout = task["description"].get("timeout") or None
+        proc.join(timeout)
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.terminate()
+            proc.join()
+        if not reported.value:
+            if timed_out:
+                exc = ['TimeoutError("task timed out")', None]
+                err, code = f"timeout (>{timeout})", 1
+            else:
+                code = proc.exitcode or 1
+                how = f"exited with code {code}"
+                if code < 0:
+                    how = f"was killed by signal {-code} ({_signame(-code)})"
+                err = (
+                    f"the process running it (pid {proc.pid}) {how} before it "
+                    "reported a result"
+                )
+                exc = [LOST, err]
+            self._result_queue.put([task, None, err, code, None, exc])
+        self._result_queue.close()
+        self._result_queue.join_thread()
+        sys.exit(1)
+
+    def _run_task(self, task: dict[str, Any], reported: Any) -> None:
+        import setproctitle
+
+        setproctitle.setproctitle(f"rp.dispatch.{task['uid']}")
+        gpus = task["slots"][0]["gpus"]
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        out = err = val = None
+        ret = 1
+        exc: Any = [None, None]
+        try:
+            sbox = task["task_sandbox_path"]
+            ru.rec_makedir(sbox)
+            os.chdir(sbox)
+            mode = task["description"]["mode"]
+            dispatcher = self.get_dispatcher(mode)
+            if mode in (rp.TASK_FUNCTION, rp.TASK_METHOD):
+                out, err, ret, val, exc = asyncio.run(dispatcher(task))
+            else:
+                out, err, ret, val, exc = dispatcher(task)
+        except Exception as e:
+            exc = [repr(e), "\n".join(ru.get_exception_trace())]
+        finally:
+            os.chdir(self._sbox)
+        self._result_queue.put([task, out, err, ret, val, exc])
+        # flushed before the flag: a result is either in the pipe, or reported
+        # lost by _dispatch (both, if this process dies between the two lines:
+        # _result_cb drops the second)
+        self._result_queue.close()
+        self._result_queue.join_thread()
+        reported.value = 1
+
+    def _result_cb(self, result: list[Any]) -> None:
+        with self._plock:
+            known = result[0]["pid"] in self._pool
+        if known:  # else a task reported twice (see _run_task)
+            super()._result_cb(result)
+
+
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "unknown signal"
 
 
 _FAILED_IMPORTS: set[str] = set()

@@ -105,6 +105,7 @@ def test_page_configurations_become_valid_pilot_descriptions() -> None:
     assert (cpu["cores"], cpu["runtime"]) == (56_000, 240) and "nodes" not in cpu
     local = pilot_description({"resource": "local.localhost"})
     assert local["cores"] == 2 + 1 + 2, "2 task cores + raptor master + 2 slots"
+    assert local["exit_on_error"] is False, "a failed pilot must not end the driver"
     acct = pilot_description(
         {"resource": "local.localhost", "account": "abc", "cores": 4}
     )

@@ -36,6 +36,10 @@ RUNTIMES = {
     "dask": ("distributed", "dask"),
     "ray": ("ray", "ray"),
     "parsl": ("parsl", "parsl"),
+    # Not in BACKENDS: a pilot per test would take hours (see test_radical.py).
+    # The adapter's module, which imports radical.pilot with its import-time
+    # ResourceWarning silenced (this suite turns warnings into errors).
+    "radical": ("asyncflow.adapters.radical", "radical"),
 }
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 #: Environment variable carried by every process a test's runtime starts.
@@ -351,9 +355,10 @@ def run_driver(
     timeout: float,
     env: dict[str, str] | None = None,
     after: str | None = None,
+    script: Path = DRIVERS,
 ) -> dict[str, Any]:
-    """Run ``drivers.py ARGS`` in a fresh interpreter and return its JSON line;
-    kill whatever it left running afterwards (after recording it).
+    """Run ``drivers.py ARGS`` (or ``script``) in a fresh interpreter and return
+    its JSON line; kill whatever it left running afterwards (after recording it).
 
     A driver that ends without a report raises :class:`DriverDied` if it had
     written ``after`` (a progress note: the fault was injected), and a plain
@@ -368,7 +373,7 @@ def run_driver(
     before = frozenset(p.pid for p in psutil.Process().children(recursive=True))
     try:
         out = subprocess.run(
-            [sys.executable, str(DRIVERS), *args],
+            [sys.executable, str(script), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
