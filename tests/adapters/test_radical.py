@@ -258,11 +258,12 @@ asyncio.run(main())
 """
 
 
-def _driver(tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+def _driver(tmp_path: Path, cli: bool = False) -> tuple[subprocess.Popen[str], str]:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
+    runner = ["-m", "asyncflow", "run"] if cli else []
     proc = subprocess.Popen(
-        [sys.executable, str(script)],
+        [sys.executable, *runner, str(script)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
@@ -306,6 +307,25 @@ def test_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     took = _gone_within(base, 5)
     print(
         f"Ctrl-C: driver gone after {time.monotonic() - t0:.1f}s, nothing left "
+        f"{took:.1f}s later"
+    )
+
+
+@STARTS_A_PILOT
+@pytest.mark.parametrize("how", ["script", "cli"])
+def test_sigterm_leaves_nothing(tmp_path: Path, how: str) -> None:
+    """SIGTERM to the driver alone (``kill PID``, a batch system's time limit),
+    run as ``python driver.py`` or ``asyncflow run driver.py``: the engine shuts
+    the pilot down and the driver exits 143."""
+    proc, base = _driver(tmp_path, cli=how == "cli")
+    with proc:
+        assert len(_leftovers(base)) > 10, "the pilot's processes are running"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    took = _gone_within(base, 5)
+    print(
+        f"SIGTERM: driver gone after {time.monotonic() - t0:.1f}s, nothing left "
         f"{took:.1f}s later"
     )
 
