@@ -184,11 +184,24 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixi
     # -- cancel -------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> None:
         commands = []
+        # Ray 2.60 aborts the driver (ReferenceCounter CHECK failure) when a task
+        # still resolving its arguments is cancelled and they resolve later.  A
+        # piped task whose upstreams are in flight is left alone: it fails with
+        # them or runs unseen; its report is dropped like any cancelled one's.
+        tasks = self._tasks
+        resolving = {
+            uid
+            for uid in uids
+            if (task := tasks.get(uid)) is not None
+            and any(u in tasks for u in task.upstreams)
+        }
         for uid in uids:
             task = self._tasks.pop(uid, None)
             if task is None:
                 continue
             self._cancelled[uid] = task.ref
+            if uid in resolving:
+                continue
             try:
                 # A command is stopped by killing its process group below; the
                 # worker may live on.  A function can only be stopped with it.

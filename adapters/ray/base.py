@@ -26,12 +26,19 @@ log = logging.getLogger("asyncflow.ray")
 
 
 class _Task:
-    __slots__ = ("command", "name", "ref")
+    __slots__ = ("command", "name", "ref", "upstreams")
 
-    def __init__(self, name: str, ref: ray.ObjectRef, command: bool):
+    def __init__(
+        self,
+        name: str,
+        ref: ray.ObjectRef,
+        command: bool,
+        upstreams: frozenset[str] = frozenset(),
+    ):
         self.name = name
         self.ref = ref
         self.command = command
+        self.upstreams = upstreams  # piped: the uids of tasks it waits for
 
 
 class _RayBase:

@@ -25,6 +25,7 @@ from ...errors import (
 )
 from ...protocol import UpstreamRef
 from ...spec import Command, Resources, TaskSpec
+from .._threadqueue import _collect
 from .base import _Task
 from .errors import _submit_error
 from .results import RayValue, _ResultsMixin
@@ -74,7 +75,13 @@ class _SubmitMixin(_ResultsMixin):
             except Exception as exc:
                 sink.set_exception(spec.uid, _submit_error(spec, exc))
                 continue
-            tasks[spec.uid] = _Task(spec.name, ref, spec.command is not None)
+            upstreams: set[str] = set()
+            if spec.has_remote_args:
+                _collect(spec.args, upstreams)
+                _collect(spec.kwargs, upstreams)
+            tasks[spec.uid] = _Task(
+                spec.name, ref, spec.command is not None, frozenset(upstreams)
+            )
             submitted.append((spec.uid, ref))
         # Callbacks only once the whole batch is in: while this loop holds the
         # GIL, a callback would stall the Ray thread that dispatches the tasks.
