@@ -309,20 +309,6 @@ def describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-def wait_gone(procs: list[psutil.Process], within: float) -> list[psutil.Process]:
-    """The processes still alive (zombies count as gone) after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        alive = []
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
-
-
 def kill_all(procs: list[psutil.Process]) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):

@@ -47,6 +47,7 @@ from drivers import (
     emit,
     left_after,
     note,
+    wait_gone,
 )
 
 from asyncflow import WorkflowEngine
@@ -161,7 +162,7 @@ async def shutdown_load(runtime: Any) -> dict[str, Any]:
             }
         )
         # Inside the gate: a held command still running blocks on it, not EOF.
-        alive = _wait_gone(_processes(pids), 30)
+        alive = wait_gone(_processes(pids), 30)
         res["held_left"] = describe(alive)
 
         async def drained() -> None:  # radical.pilot reported each task final
@@ -184,19 +185,6 @@ def _processes(pids: list[int]) -> list[psutil.Process]:
     return out
 
 
-def _wait_gone(procs: list[psutil.Process], within: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + within
-    while True:
-        alive = []
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
-
-
 # -- 3. the pilot goes away ------------------------------------------------------------
 def kill_pilot(sandbox: str) -> list[str]:
     """SIGKILL every process working under the pilot's sandbox, and their
@@ -214,7 +202,7 @@ def kill_pilot(sandbox: str) -> list[str]:
                 root = psutil.Process(pid)
                 procs[pid] = root
                 procs.update((c.pid, c) for c in root.children(recursive=True))
-        alive = [p for p in _wait_gone(list(procs.values()), 0) if p.pid not in me]
+        alive = [p for p in wait_gone(list(procs.values()), 0) if p.pid not in me]
         if not alive:
             break
         for p, text in zip(alive, describe(alive), strict=False):

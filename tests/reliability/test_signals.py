@@ -30,7 +30,8 @@ import pytest
 from asyncflow.conformance import Gate
 from tests.test_cli import _held_processes
 
-from .conftest import BACKENDS, MARK, Tracker, describe, kill_all, require, wait_gone
+from .conftest import BACKENDS, MARK, Tracker, describe, kill_all, require
+from .drivers import wait_gone
 
 pytestmark = pytest.mark.timeout(240)
 
