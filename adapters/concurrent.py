@@ -307,7 +307,7 @@ class ConcurrentExecutionBackend:
             if threads is not None and threads.cancel(uid):
                 continue
             f = self._futures.pop(uid, None)
-            if f is not None and not f.cancel() and not kill_command(uid):
+            if f is not None and not _cancel(f) and not kill_command(uid):
                 self._abandon(f)
 
     def _abandon(self, f: Future[Any]) -> None:
@@ -322,7 +322,7 @@ class ConcurrentExecutionBackend:
         if self._threads is not None:
             self._threads.close()
         for uid, f in list(self._futures.items()):
-            if not f.cancel() and not kill_command(uid):
+            if not _cancel(f) and not kill_command(uid):
                 self._abandon(f)
         abandoned = any(not f.done() for f in list(self._abandoned))
         executors = [self._commands] if self._commands is not self._executor else []
@@ -336,6 +336,29 @@ class ConcurrentExecutionBackend:
                     proc.kill()
             await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
         self._pickled.clear()
+
+
+def _cancel(f: Future[Any]) -> bool:
+    """``f.cancel()``, made safe for a ProcessPoolExecutor that breaks later.
+
+    Before Python 3.12, a pool that breaks (a worker died, or shutdown killed
+    abandoned work) calls ``set_exception`` on every pending future, and a future
+    cancelled while still pending makes that raise ``InvalidStateError``: the
+    pool's manager thread dies half-way, the futures after it never finish and its
+    queue thread is never closed (CPython gh-107219).  A cancelled future takes no
+    exception anyway, so it ignores the call."""
+    if not f.cancel():
+        return False
+    if _SET_EXCEPTION_AFTER_CANCEL_RAISES:
+        f.set_exception = _ignore  # type: ignore[method-assign]
+    return True
+
+
+_SET_EXCEPTION_AFTER_CANCEL_RAISES = sys.version_info < (3, 12)
+
+
+def _ignore(exc: BaseException | None) -> None:
+    pass
 
 
 def _like(old: Executor, workers: int) -> ProcessPoolExecutor:

@@ -97,3 +97,33 @@ async def test_killed_worker_task_is_rerun_with_retries(
         gate.release("bystander")
         assert await asyncio.wait_for(bystander, 60) == "go"
         assert gate.count("bystander") == (1 if runtime.isolates_workers else 2)
+
+
+async def test_killed_worker_with_cancelled_tasks_queued_behind_it(
+    runtime: Runtime,
+) -> None:
+    """Tasks cancelled while queued do not stop the rest from finishing when a
+    worker dies (concurrent.futures before Python 3.12 stopped failing a broken
+    pool's futures at the first cancelled one, and the rest hung)."""
+    async with WorkflowEngine(runtime.backend()) as flow, Gate() as gate:
+        wait = flow.function_task(t.gate_wait)
+        inc = flow.function_task(t.inc)
+        victim = wait(gate.address, "victim", 120)
+        (pid,) = await asyncio.wait_for(gate.arrived("victim"), 60)
+        bystander = wait(gate.address, "bystander", 120)
+        await asyncio.wait_for(gate.arrived("bystander"), 60)
+        queued = [inc(i) for i in range(12)]
+        await asyncio.sleep(0)  # one loop turn: they reach the runtime
+        cancelled, kept = queued[::2], queued[1::2]
+        for f in cancelled:
+            f.cancel()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match="gate_wait"):
+            await asyncio.wait_for(victim, BOUND)
+        gate.release("bystander")
+        _, pending = await asyncio.wait([bystander, *kept], timeout=60)
+        assert not pending, f"{len(pending)} futures never finished"
+        assert all(f.cancelled() for f in cancelled)
+        for i, f in zip(range(1, 12, 2), kept, strict=True):
+            # A broken pool loses what it held; everything else runs.
+            assert isinstance(f.exception(), WorkerLostError) or f.result() == i + 1
