@@ -350,7 +350,7 @@ def _cancel(f: Future[Any]) -> bool:
     if not f.cancel():
         return False
     if _SET_EXCEPTION_AFTER_CANCEL_RAISES:
-        f.set_exception = _ignore  # type: ignore[method-assign]
+        f.set_exception = _ignore  # type: ignore[method-assign,assignment]
     return True
 
 
