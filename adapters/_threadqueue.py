@@ -7,37 +7,27 @@ executor pop from it until it is empty.  Parallelism is the same (a free worker
 takes the next task), and the executor stays the user's: its threads, its
 limits, its shutdown.
 
-Piped tasks (``Capability.PIPELINE``) wait here for upstream tasks of the same
-pool.  The runner that finishes an upstream runs its ready dependent next, in the
-same thread, so a chain of tasks never crosses to the event loop between hops.
+Piped tasks (``Capability.PIPELINE``) wait in ``_pipes`` for upstream tasks of
+the same pool.  The runner that finishes an upstream runs its ready dependent
+next, in the same thread, so a chain of tasks never crosses to the event loop
+between hops.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-from ..errors import EngineClosedError, UpstreamGone
-from ..protocol import CompletionSink, UpstreamRef
+from ..errors import EngineClosedError
+from ..protocol import CompletionSink
 from ..spec import TaskSpec
 from ..worker import call_function
+from ._pipes import Pipes
 
 __all__ = ["ThreadQueue"]
-
-
-class _Waiting:
-    """A piped spec and what it still waits for."""
-
-    __slots__ = ("missing", "spec", "values")
-
-    def __init__(self, spec: TaskSpec, missing: set[str]):
-        self.spec = spec
-        self.missing = missing
-        self.values: dict[str, Any] = {}
 
 
 class ThreadQueue:
@@ -49,9 +39,8 @@ class ThreadQueue:
         self._sink = sink
         self._queue: deque[TaskSpec] = deque()
         self._queued: set[str] = set()  # in the deque and still wanted
-        self._live: set[str] = set()  # here and unfinished: queued, running, waiting
-        self._waiting: dict[str, _Waiting] = {}  # piped, by uid
-        self._waiters: dict[str, list[_Waiting]] = {}  # by upstream uid
+        self._pipes = Pipes(sink)
+        self._live = self._pipes.live  # here and unfinished: queued, running, piped
         self._runners = 0
         self._lock = threading.Lock()
 
@@ -60,7 +49,7 @@ class ThreadQueue:
         queued = False
         for spec in specs:
             if spec.has_remote_args:
-                self._pipe(spec)
+                self._pipes.park(spec)
                 continue
             self._live.add(spec.uid)
             self._queued.add(spec.uid)
@@ -69,40 +58,17 @@ class ThreadQueue:
         if queued:
             self._start_runners()
 
-    def _pipe(self, spec: TaskSpec) -> None:
-        upstreams: set[str] = set()
-        _collect(spec.args, upstreams)
-        _collect(spec.kwargs, upstreams)
-        with self._lock:
-            gone = upstreams - self._live
-            if not gone:
-                waiting = _Waiting(spec, upstreams)
-                self._waiting[spec.uid] = waiting
-                self._live.add(spec.uid)
-                for uid in upstreams:
-                    self._waiters.setdefault(uid, []).append(waiting)
-                return
-        # Finished meanwhile: the engine resubmits it with the value.
-        self._sink.set_exception(spec.uid, UpstreamGone(next(iter(gone))))
-
     def cancel(self, uid: str) -> bool:
         """Drop a task that has not started; whether it was here to drop."""
         if uid in self._queued:
             self._queued.discard(uid)  # a runner that got there first runs it
             self._live.discard(uid)
             return True
-        with self._lock:
-            if self._waiting.pop(uid, None) is None:
-                return False
-            self._live.discard(uid)
-        return True
+        return self._pipes.drop(uid)
 
     def close(self) -> None:
-        with self._lock:
-            self._queued.clear()
-            self._waiting.clear()
-            self._waiters.clear()
-            self._live.clear()
+        self._queued.clear()
+        self._pipes.clear()
 
     # -- the runners' side ---------------------------------------------------------
     def _start_runners(self) -> None:
@@ -168,23 +134,7 @@ class ThreadQueue:
         return self._finished(uid, True, value)
 
     def _finished(self, uid: str, ok: bool, value: Any) -> TaskSpec | None:
-        with self._lock:
-            self._live.discard(uid)
-            if not self._waiters:
-                return None
-            waiters = self._waiters.pop(uid, None)
-            if not waiters or not ok:
-                # A failed upstream: the engine fails and cancels its dependents.
-                return None
-            ready = []
-            for w in waiters:
-                if self._waiting.get(w.spec.uid) is not w:
-                    continue  # cancelled
-                w.values[uid] = value
-                w.missing.discard(uid)
-                if not w.missing:
-                    del self._waiting[w.spec.uid]
-                    ready.append(_resolved(w))
+        ready = self._pipes.finished(uid, ok, value)
         if not ready:
             return None
         for spec in ready[1:]:
@@ -193,36 +143,3 @@ class ThreadQueue:
         if len(ready) > 1:
             self._start_runners()
         return ready[0]
-
-
-def _collect(obj: Any, into: set[str]) -> None:
-    t = type(obj)
-    if t is UpstreamRef:
-        into.add(obj.uid)
-    elif t is tuple or t is list or t is set or t is frozenset:
-        for v in obj:
-            _collect(v, into)
-    elif t is dict:
-        for v in obj.values():
-            _collect(v, into)
-
-
-def _swap(obj: Any, values: dict[str, Any]) -> Any:
-    t = type(obj)
-    if t is UpstreamRef:
-        return values[obj.uid]
-    if t is tuple or t is list or t is set or t is frozenset:
-        return t(_swap(v, values) for v in obj)
-    if t is dict:
-        return {k: _swap(v, values) for k, v in obj.items()}
-    return obj
-
-
-def _resolved(w: _Waiting) -> TaskSpec:
-    spec = w.spec
-    return dataclasses.replace(
-        spec,
-        args=_swap(spec.args, w.values),
-        kwargs=_swap(spec.kwargs, w.values),
-        has_remote_args=False,
-    )

@@ -8,7 +8,9 @@ can kill their process group.
 
 Function tasks on a thread pool go through a queue drained by at most
 ``max_workers`` runner jobs, not one ``executor.submit`` each, and piped chains
-run hop after hop in one thread (see ``_threadqueue``).
+run hop after hop in one thread (see ``_threadqueue``).  On a process pool they
+wait in a queue too and travel in chunks sized to a few milliseconds of work,
+and piped chains hop from the pool's own thread (see ``_processqueue``).
 
 Ownership: the backend shuts down the executor it was given (the page's
 ``ConcurrentExecutionBackend(ThreadPoolExecutor())`` leaves no thread behind).
@@ -18,18 +20,15 @@ Pass ``shutdown_executor=False`` to keep a shared executor alive.
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import (
-    CancelledError,
     Executor,
     Future,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
 )
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .._util import run_in_thread
@@ -37,17 +36,16 @@ from ..errors import (
     EngineClosedError,
     ResourceUnavailableError,
     SerializationError,
-    WorkerLostError,
 )
 from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ..spec import TaskSpec
 from ..worker import (
     call_function,
-    call_pickled,
     dumps_function,
     kill_command,
     run_command,
 )
+from ._processqueue import ProcessQueue, cancel_future
 from ._threadqueue import ThreadQueue
 
 __all__ = ["ConcurrentExecutionBackend", "process_backend"]
@@ -80,9 +78,9 @@ THREAD_CAPABILITIES = Capabilities.of(
 PROCESS_CAPABILITIES = Capabilities.of(
     *_COMMON,
     C.SERIALIZES,
+    C.PIPELINE,
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
-    pipeline=_NO_PIPELINE,
 )
 
 
@@ -121,6 +119,7 @@ class ConcurrentExecutionBackend:
             self._executor, ThreadPoolExecutor
         )
         self._threads: ThreadQueue | None = None  # made at start, with the sink
+        self._procs: ProcessQueue | None = None  # likewise
         self._sink: CompletionSink | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -153,13 +152,21 @@ class ConcurrentExecutionBackend:
         self._sink = sink
         if self._drain:
             self._threads = ThreadQueue(self._executor, self._workers, sink)
+        elif self._processes:
+            self._procs = ProcessQueue(
+                lambda: self._executor,
+                self._workers,
+                sink,
+                self._pickle,
+                self._replace_broken_pool,
+            )
 
     def submit(self, specs: Sequence[TaskSpec]) -> None:
         sink = self._sink
         assert sink is not None
         futures = self._futures
         submit = self._executor.submit
-        threads = self._threads
+        pool = self._threads or self._procs
         queued: list[TaskSpec] = []
         for spec in specs:
             res = spec.resources
@@ -176,29 +183,14 @@ class ConcurrentExecutionBackend:
                     ),
                 )
                 continue
-            if threads is not None and spec.command is None:
+            if pool is not None and spec.command is None:
                 queued.append(spec)
                 continue
             try:
                 if spec.command is not None:
                     f = self._commands.submit(self._run_here, spec)
-                elif self._processes:
-                    f = submit(
-                        call_pickled,
-                        self._pickle(spec),
-                        spec.args,
-                        spec.kwargs,
-                        spec.is_async,
-                        spec.name,
-                    )
-                    f.uid = spec.uid  # type: ignore[attr-defined]
-                    f.task_name = spec.name  # type: ignore[attr-defined]
-                    f.add_done_callback(self._done)
                 else:
                     f = submit(self._run_here, spec)
-            except SerializationError as exc:
-                sink.set_exception(spec.uid, exc)
-                continue
             except RuntimeError as exc:  # executor already shut down
                 sink.set_exception(
                     spec.uid,
@@ -209,8 +201,8 @@ class ConcurrentExecutionBackend:
                 continue
             futures[spec.uid] = f
         if queued:
-            assert threads is not None
-            threads.put(queued)
+            assert pool is not None
+            pool.put(queued)
 
     def _run_here(self, spec: TaskSpec) -> None:
         """Worker-thread entry: run and report straight to the sink.
@@ -262,35 +254,6 @@ class ConcurrentExecutionBackend:
                 "level and do not capture locks, sockets or open files"
             ) from exc
 
-    def _done(self, f: Future[Any]) -> None:
-        uid: str = f.uid  # type: ignore[attr-defined]
-        self._futures.pop(uid, None)
-        sink = self._sink
-        assert sink is not None
-        try:
-            exc = f.exception()
-        except CancelledError:
-            return
-        if exc is None:
-            sink.set_result(uid, f.result())
-            return
-        name = f.task_name  # type: ignore[attr-defined]
-        if isinstance(exc, BrokenProcessPool):
-            self._replace_broken_pool()
-            exc = WorkerLostError(
-                f"task {name!r}: a worker of its process pool died while the task "
-                f"ran or waited in that pool ({exc}); a dead worker breaks the whole "
-                "pool, which was replaced: use retries= to re-run such tasks"
-            )
-        elif isinstance(exc, pickle.PicklingError | TypeError | AttributeError) and (
-            self._processes and "pickle" in str(exc).lower()
-        ):
-            exc = SerializationError(
-                f"task {name!r}: an argument or result cannot be pickled ({exc}); "
-                "pass plain data or define the types at module level"
-            )
-        sink.set_exception(uid, exc)
-
     def _replace_broken_pool(self) -> None:
         """A dead worker breaks a ProcessPoolExecutor for good; the rest of the
         workflow needs a fresh one."""
@@ -302,13 +265,16 @@ class ConcurrentExecutionBackend:
         old.shutdown(wait=False, cancel_futures=True)
 
     def cancel(self, uids: Sequence[str]) -> None:
-        threads = self._threads
+        threads, procs = self._threads, self._procs
         for uid in uids:
             if threads is not None and threads.cancel(uid):
                 continue
             f = self._futures.pop(uid, None)
-            if f is not None and not _cancel(f) and not kill_command(uid):
-                self._abandon(f)
+            if f is not None:
+                if not cancel_future(f) and not kill_command(uid):
+                    self._abandon(f)
+            elif procs is not None and (stuck := procs.cancel(uid)) is not None:
+                self._abandon(stuck)
 
     def _abandon(self, f: Future[Any]) -> None:
         if self._processes and not f.done():
@@ -321,8 +287,12 @@ class ConcurrentExecutionBackend:
         self._closed = True
         if self._threads is not None:
             self._threads.close()
+        if self._procs is not None:
+            for f in self._procs.close():
+                if not cancel_future(f):
+                    self._abandon(f)
         for uid, f in list(self._futures.items()):
-            if not _cancel(f) and not kill_command(uid):
+            if not cancel_future(f) and not kill_command(uid):
                 self._abandon(f)
         abandoned = any(not f.done() for f in list(self._abandoned))
         executors = [self._commands] if self._commands is not self._executor else []
@@ -336,29 +306,6 @@ class ConcurrentExecutionBackend:
                     proc.kill()
             await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
         self._pickled.clear()
-
-
-def _cancel(f: Future[Any]) -> bool:
-    """``f.cancel()``, made safe for a ProcessPoolExecutor that breaks later.
-
-    Before Python 3.12, a pool that breaks (a worker died, or shutdown killed
-    abandoned work) calls ``set_exception`` on every pending future, and a future
-    cancelled while still pending makes that raise ``InvalidStateError``: the
-    pool's manager thread dies half-way, the futures after it never finish and its
-    queue thread is never closed (CPython gh-107219).  A cancelled future takes no
-    exception anyway, so it ignores the call."""
-    if not f.cancel():
-        return False
-    if _SET_EXCEPTION_AFTER_CANCEL_RAISES:
-        f.set_exception = _ignore  # type: ignore[method-assign,assignment]
-    return True
-
-
-_SET_EXCEPTION_AFTER_CANCEL_RAISES = sys.version_info < (3, 12)
-
-
-def _ignore(exc: BaseException | None) -> None:
-    pass
 
 
 def _like(old: Executor, workers: int) -> ProcessPoolExecutor:

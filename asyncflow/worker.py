@@ -11,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import pickle
 import signal
 import subprocess
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from .errors import ExecutableFailedError, TaskDefinitionError, TaskInterruptedError
+from .errors import (
+    ExecutableFailedError,
+    SerializationError,
+    TaskDefinitionError,
+    TaskInterruptedError,
+)
 from .spec import Command, TaskSpec
 
 __all__ = [
@@ -28,9 +35,16 @@ __all__ = [
     "call_pickled",
     "dumps_function",
     "kill_command",
+    "run_chunk",
     "run_command",
     "run_spec",
 ]
+
+#: Held while a command's Popen has its pipes open, and by anything in this
+#: process that forks without exec (a fork-context process pool starting its
+#: workers): a worker forked inside Popen would inherit the write ends of the
+#: command's pipes and keep its caller waiting until that worker exits.
+FORK_LOCK = threading.Lock()
 
 _RUNNING: dict[str, subprocess.Popen[str] | None] = {}
 _RUNNING_LOCK = threading.Lock()
@@ -89,6 +103,114 @@ def call_pickled(
     return call_function(_loads(blob), args, kwargs, is_async, name)
 
 
+#: one pickled call: (function blob, pickled (args, kwargs), is_async, task name,
+#: whether the arguments hold ChunkRefs)
+Call = tuple[bytes, bytes, bool, str, bool]
+
+
+class ChunkRef:
+    """Stands for the value of an earlier call of the same chunk (a dependent
+    that travels with its upstream, so a chain runs on in the worker)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ChunkRef, (self.index,)
+
+
+class _Skip(Exception):
+    """An upstream in the chunk failed: the driver fails this call itself."""
+
+
+#: a call's outcome: (ok, value or pickled value, pickled?); ok None: skipped
+Outcome = tuple[bool | None, Any, bool]
+
+
+def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[float]]:
+    """Run several calls in one pool process, one after the other.
+
+    Each outcome is pickled on its own, so that a result or exception that
+    cannot be pickled fails its own task and not the chunk; only values of types
+    that always pickle (numbers, strings, bytes, plain numpy arrays) travel as
+    they are, so a large array is not copied twice.  A call whose
+    upstream in the chunk failed is skipped (outcome ``None``).  Also returns the
+    seconds each call took, from which the sender sizes later chunks.
+    """
+    out: list[Outcome] = []
+    seconds: list[float] = []
+    values: list[Any] = []
+    clock = time.perf_counter
+    for blob, payload, is_async, name, linked in calls:
+        start = clock()
+        ok = False
+        try:
+            args, kwargs = pickle.loads(payload)
+            if linked:
+                args, kwargs = _link(args, values), _link(kwargs, values)
+            value = call_pickled(blob, args, kwargs, is_async, name)
+            ok = True
+        except _Skip:
+            values.append(_SKIPPED)
+            out.append((None, None, False))
+            seconds.append(-1.0)
+            continue
+        except BaseException as exc:
+            value = exc
+        values.append(value if ok else _SKIPPED)
+        if ok and _always_pickles(value):
+            out.append((True, value, False))
+            seconds.append(clock() - start)
+            continue
+        try:
+            out.append((ok, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), True))
+        except Exception as exc:
+            values[-1] = _SKIPPED  # the driver fails it: so do its dependents here
+            what = "result" if ok else f"exception ({type(value).__name__})"
+            error = SerializationError(
+                f"task {name!r}: its {what} cannot be pickled back to the driver "
+                f"({type(exc).__name__}: {exc}); return plain data, or define its "
+                "types at module level"
+            )
+            out.append((False, pickle.dumps(error), True))
+        seconds.append(clock() - start)
+    return out, seconds
+
+
+_SKIPPED = object()
+_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def _always_pickles(value: Any) -> bool:
+    t = type(value)
+    if t in _PLAIN:
+        return True
+    if t.__name__ == "ndarray" and t.__module__ == "numpy":
+        return not value.dtype.hasobject
+    return False
+
+
+def _link(obj: Any, values: list[Any]) -> Any:
+    t = type(obj)
+    if t is ChunkRef:
+        value = values[obj.index]
+        if value is _SKIPPED:
+            raise _Skip
+        return value
+    if t is tuple or t is list or t is set or t is frozenset:
+        return t(_link(v, values) for v in obj)
+    if t is dict:
+        return {k: _link(v, values) for k, v in obj.items()}
+    return obj
+
+
+def raise_error(exc: BaseException) -> None:
+    """Stands in for a call that could not be packed (its error travels)."""
+    raise exc
+
+
 def run_command(command: Command, uid: str, name: str) -> str:
     """Run a command in its own process group; return stdout or raise.
 
@@ -106,18 +228,19 @@ def run_command(command: Command, uid: str, name: str) -> str:
     with _RUNNING_LOCK:
         _RUNNING[uid] = None  # starting: a kill now is remembered until Popen returns
     try:
-        proc = subprocess.Popen(
-            command.argv,
-            shell=command.shell,
-            cwd=command.cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
+        with FORK_LOCK:
+            proc = subprocess.Popen(
+                command.argv,
+                shell=command.shell,
+                cwd=command.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
     except (FileNotFoundError, PermissionError) as exc:
         with _RUNNING_LOCK:
             _RUNNING.pop(uid, None)

@@ -25,7 +25,7 @@ from ...errors import (
 )
 from ...protocol import UpstreamRef
 from ...spec import Command, Resources, TaskSpec
-from .._threadqueue import _collect
+from .._pipes import collect
 from .base import _Task
 from .errors import _submit_error
 from .results import RayValue, _ResultsMixin
@@ -77,8 +77,8 @@ class _SubmitMixin(_ResultsMixin):
                 continue
             upstreams: set[str] = set()
             if spec.has_remote_args:
-                _collect(spec.args, upstreams)
-                _collect(spec.kwargs, upstreams)
+                collect(spec.args, upstreams)
+                collect(spec.kwargs, upstreams)
             tasks[spec.uid] = _Task(
                 spec.name, ref, spec.command is not None, frozenset(upstreams)
             )

@@ -1,0 +1,174 @@
+"""Piped tasks for adapters whose runtime has no dependencies of its own.
+
+With ``Capability.PIPELINE`` the engine submits a dependent while its upstream
+tasks still run, passing :class:`~asyncflow.protocol.UpstreamRef` placeholders.
+A runtime without dependencies (a ``concurrent.futures`` pool) cannot wait for
+them itself, so the adapter parks the dependent here, and whichever thread
+finishes the last upstream gets it back, values swapped in, to run next.  That
+thread is a worker or the pool's own thread: a chain never crosses to the event
+loop between hops, which is most of what a hop costs there.
+
+An upstream that already finished when its dependent arrives is answered with
+:class:`~asyncflow.errors.UpstreamGone` (the engine resubmits with the value); a
+failed upstream releases nothing (the engine fails and cancels its dependents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UpstreamGone
+from ..protocol import CompletionSink, UpstreamRef
+from ..spec import TaskSpec
+
+__all__ = ["Pipes", "collect"]
+
+
+class _Waiting:
+    """A piped spec and what it still waits for."""
+
+    __slots__ = ("missing", "spec", "values")
+
+    def __init__(self, spec: TaskSpec, missing: set[str]):
+        self.spec = spec
+        self.missing = missing
+        self.values: dict[str, Any] = {}
+
+
+class Pipes:
+    """Which tasks are live here, and which piped specs wait on which of them.
+
+    ``live`` holds every task the adapter still owes a report for; the adapter
+    adds a task when it takes it and :meth:`finished` removes it.  All state
+    changes take one lock, because a dependent may be parked (on the loop) while
+    its upstream finishes (on a worker)."""
+
+    def __init__(self, sink: CompletionSink):
+        self._sink = sink
+        self.live: set[str] = set()
+        self._waiting: dict[str, _Waiting] = {}  # piped, by uid
+        self._waiters: dict[str, list[_Waiting]] = {}  # by upstream uid
+        self.lock = threading.Lock()
+
+    def park(self, spec: TaskSpec) -> None:
+        """Hold a spec that has UpstreamRefs until its upstreams finish."""
+        upstreams: set[str] = set()
+        collect(spec.args, upstreams)
+        collect(spec.kwargs, upstreams)
+        with self.lock:
+            gone = upstreams - self.live
+            if not gone:
+                waiting = _Waiting(spec, upstreams)
+                self._waiting[spec.uid] = waiting
+                self.live.add(spec.uid)
+                for uid in upstreams:
+                    self._waiters.setdefault(uid, []).append(waiting)
+                return
+        # Finished meanwhile: the engine resubmits it with the value.
+        self._sink.set_exception(spec.uid, UpstreamGone(next(iter(gone))))
+
+    def drop(self, uid: str) -> bool:
+        """Forget a parked spec (cancelled); whether it was parked here."""
+        with self.lock:
+            if self._waiting.pop(uid, None) is None:
+                return False
+            self.live.discard(uid)
+        return True
+
+    def finished(self, uid: str, ok: bool, value: Any) -> list[TaskSpec]:
+        """Record that ``uid`` ended; return the dependents it made ready."""
+        with self.lock:
+            self.live.discard(uid)
+            if not self._waiters:
+                return []
+            waiters = self._waiters.pop(uid, None)
+            if not waiters or not ok:
+                return []
+            ready = []
+            for w in waiters:
+                if self._waiting.get(w.spec.uid) is not w:
+                    continue  # cancelled
+                w.values[uid] = value
+                w.missing.discard(uid)
+                if not w.missing:
+                    del self._waiting[w.spec.uid]
+                    ready.append(_resolved(w))
+        return ready
+
+    def fuse(
+        self,
+        into: dict[str, Any],
+        fits: Callable[[TaskSpec], bool],
+        placeholder: Callable[[int], Any],
+    ) -> list[TaskSpec]:
+        """Take parked specs that can travel with the tasks in ``into`` (uid ->
+        what stands for its value there): those whose every missing upstream is
+        in ``into``, until ``fits`` refuses one.  Each comes back with those
+        upstreams swapped for their stand-ins, and joins ``into`` as
+        ``placeholder(i)`` (``i``: its position among the taken), so its own
+        dependents may follow.
+        """
+        taken: list[TaskSpec] = []
+        with self.lock:
+            if not self._waiters:
+                return taken
+            frontier = deque(into)
+            while frontier:
+                for w in self._waiters.get(frontier.popleft(), ()):
+                    uid = w.spec.uid
+                    if self._waiting.get(uid) is not w or not w.missing <= into.keys():
+                        continue
+                    if not fits(w.spec):
+                        return taken
+                    del self._waiting[uid]
+                    for up in w.missing:
+                        w.values[up] = into[up]
+                    w.missing.clear()
+                    into[uid] = placeholder(len(taken))
+                    taken.append(_resolved(w))
+                    frontier.append(uid)
+        return taken
+
+    def clear(self) -> None:
+        with self.lock:
+            self._waiting.clear()
+            self._waiters.clear()
+            self.live.clear()
+
+
+def collect(obj: Any, into: set[str]) -> None:
+    """Add the uids of the UpstreamRefs in ``obj`` (nested containers too)."""
+    t = type(obj)
+    if t is UpstreamRef:
+        into.add(obj.uid)
+    elif t is tuple or t is list or t is set or t is frozenset:
+        for v in obj:
+            collect(v, into)
+    elif t is dict:
+        for v in obj.values():
+            collect(v, into)
+
+
+def _swap(obj: Any, values: dict[str, Any]) -> Any:
+    t = type(obj)
+    if t is UpstreamRef:
+        return values[obj.uid]
+    if t is tuple or t is list or t is set or t is frozenset:
+        return t(_swap(v, values) for v in obj)
+    if t is dict:
+        return {k: _swap(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _resolved(w: _Waiting) -> TaskSpec:
+    spec = w.spec
+    return dataclasses.replace(
+        spec,
+        args=_swap(spec.args, w.values),
+        kwargs=_swap(spec.kwargs, w.values),
+        has_remote_args=False,
+    )

@@ -1,0 +1,347 @@
+"""Function tasks on a process pool: queued here, sent in chunks, piped.
+
+A ``ProcessPoolExecutor.submit`` per task costs the driver a ``Future``, a work
+item, a trip through the pool's manager and feeder threads and two pickles, and
+on 2 cores that driver CPU comes straight out of the workers'.  So tasks wait in
+a deque here, and at most two chunks per worker are in the pool at once.  A chunk
+is one ``submit`` (:func:`~asyncflow.worker.run_chunk`) carrying several tasks
+when they are short: its size aims at a few milliseconds of work, from the run
+times the workers report, so a task of a second or more always travels alone and
+a no-op fan-out in chunks of up to ``_MAX_CHUNK``.  A chunk never takes more than
+its share of the queue, so the tail of a run stays balanced across workers.
+
+Arguments are pickled when a task is queued (an unpicklable one fails that task
+at once) and every outcome on its own in the worker, so one bad value fails its
+own task and never its chunk-mates.
+
+Piped tasks (``Capability.PIPELINE``) wait in ``_pipes``; the pool thread that
+reports an upstream queues the ready dependent first in line and sends it, so a
+chain's hop never waits for the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from ..errors import EngineClosedError, SerializationError, WorkerLostError
+from ..protocol import CompletionSink
+from ..spec import TaskSpec
+from ..worker import (
+    FORK_LOCK,
+    Call,
+    ChunkRef,
+    Outcome,
+    dumps_function,
+    raise_error,
+    run_chunk,
+)
+from ._pipes import Pipes
+
+__all__ = ["ProcessQueue", "cancel_future"]
+
+_CHUNK_SECONDS = 0.005  # the work one chunk aims at
+_MAX_CHUNK = 64
+_SMOOTHING = 0.3  # weight of the newest chunk in the per-task time estimate
+_RAISE = dumps_function(raise_error)
+
+
+class _Chunk:
+    __slots__ = ("blobs", "cancelled", "future", "names", "uids")
+
+    def __init__(self) -> None:
+        self.uids: list[str] = []
+        self.names: list[str] = []
+        self.blobs: list[bytes] = []
+        self.cancelled = 0
+        self.future: Future[Any] | None = None
+
+    def add(self, uid: str, call: Call) -> None:
+        self.uids.append(uid)
+        self.names.append(call[3])
+        self.blobs.append(call[0])
+
+
+class ProcessQueue:
+    """The queue, the chunks in flight and the piped specs of one process pool.
+
+    ``executor`` returns the pool to use now (the backend replaces a broken one);
+    ``pickle_function`` returns the task's function, pickled (and cached);
+    ``broken`` is called when a chunk finds its pool broken.
+    """
+
+    def __init__(
+        self,
+        executor: Callable[[], Executor],
+        workers: int,
+        sink: CompletionSink,
+        pickle_function: Callable[[TaskSpec], bytes],
+        broken: Callable[[], None],
+    ):
+        self._executor = executor
+        self._limit = 2 * workers
+        self._workers = workers
+        self._sink = sink
+        self._pickle_function = pickle_function
+        self._broken = broken
+        self._queue: deque[tuple[str, Call]] = deque()
+        self._queued: set[str] = set()  # in the deque and still wanted
+        self._pipes = Pipes(sink)
+        self._live = self._pipes.live  # queued, in the pool or piped
+        self._where: dict[str, _Chunk] = {}  # in the pool
+        self._chunks: set[_Chunk] = set()
+        self._times: dict[bytes, float] = {}  # seconds per call, by function
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- the loop's side -----------------------------------------------------------
+    def put(self, specs: Sequence[TaskSpec]) -> None:
+        for spec in specs:
+            if spec.has_remote_args:
+                self._pipes.park(spec)
+            else:
+                self._enqueue(spec, last=True)
+        self._pump()
+
+    def cancel(self, uid: str) -> Future[Any] | None:
+        """Drop a task that is not in the pool yet.  For one that is, return its
+        chunk's pool future when the pool will run it anyway (to abandon)."""
+        if uid in self._queued:
+            self._queued.discard(uid)  # a chunk being formed may still take it
+            self._live.discard(uid)
+            return None
+        if self._pipes.drop(uid):
+            return None
+        chunk = self._where.get(uid)
+        if chunk is None or chunk.future is None:
+            return None
+        chunk.cancelled += 1
+        if chunk.cancelled == len(chunk.uids) and cancel_future(chunk.future):
+            return None
+        return chunk.future
+
+    def close(self) -> list[Future[Any]]:
+        """Stop sending; return the pool futures still out."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._queued.clear()
+        self._pipes.clear()
+        return [c.future for c in list(self._chunks) if c.future is not None]
+
+    # -- either side ---------------------------------------------------------------
+    def _enqueue(self, spec: TaskSpec, last: bool) -> None:
+        try:
+            blob = self._pickle_function(spec)
+            payload = _dumps((spec.args, spec.kwargs), spec.name)
+        except SerializationError as exc:
+            self._sink.set_exception(spec.uid, exc)
+            return
+        item = (spec.uid, (blob, payload, spec.is_async, spec.name, False))
+        self._live.add(spec.uid)
+        with self._lock:  # _take peeks before it pops
+            self._queued.add(spec.uid)
+            if last:
+                self._queue.append(item)
+            else:
+                self._queue.appendleft(item)  # a ready dependent: depth first
+
+    def _pump(self) -> None:
+        """Send chunks while the pool has room for them."""
+        while True:
+            with self._lock:
+                if self._closed or len(self._chunks) >= self._limit:
+                    return
+                chunk, calls = self._take()
+                if chunk is None:
+                    return
+                self._chunks.add(chunk)
+                for uid in chunk.uids:
+                    self._where[uid] = chunk
+            try:
+                chunk.future = f = self._send(calls)
+            except RuntimeError as exc:  # shut down under us
+                with self._lock:
+                    self._chunks.discard(chunk)
+                self._fail(
+                    chunk, EngineClosedError, f"the executor is shut down ({exc})"
+                )
+                return
+            f.add_done_callback(functools.partial(self._chunk_done, chunk))
+
+    def _take(self) -> tuple[_Chunk | None, list[Call]]:
+        """The next chunk: the head of the queue, then more tasks while their
+        measured run times fit the chunk's budget (a function never measured
+        travels alone) and the chunk stays within its share of the queue."""
+        queue, queued, times = self._queue, self._queued, self._times
+        share = min(_MAX_CHUNK, max(1, len(queue) // (2 * self._workers)))
+        budget = _CHUNK_SECONDS
+        chunk = _Chunk()
+        calls: list[Call] = []
+        while queue:
+            uid, call = queue[0]
+            if uid not in queued:
+                queue.popleft()  # cancelled while it waited
+                continue
+            if calls:
+                took = times.get(call[0])
+                if took is None or took > budget or len(calls) >= share:
+                    break
+                budget -= took
+            else:
+                budget -= times.get(call[0], _CHUNK_SECONDS)
+            queue.popleft()
+            queued.discard(uid)
+            chunk.add(uid, call)
+            calls.append(call)
+        if not calls:
+            return None, calls
+        if budget > 0 and len(calls) < _MAX_CHUNK:
+            self._fuse(chunk, calls, budget)
+        return chunk, calls
+
+    def _fuse(self, chunk: _Chunk, calls: list[Call], budget: float) -> None:
+        """Add piped dependents of the chunk's tasks to the chunk, their
+        upstreams' values standing as ChunkRefs: a chain runs on in the worker,
+        hop after hop, without a trip back here."""
+        left = [budget, _MAX_CHUNK - len(calls)]
+
+        def fits(spec: TaskSpec) -> bool:
+            try:
+                took = self._times.get(self._pickle_function(spec))
+            except SerializationError:
+                return False  # it fails on its own path
+            if took is None or took > left[0] or left[1] <= 0:
+                return False
+            left[0] -= took
+            left[1] -= 1
+            return True
+
+        base = len(calls)
+        into: dict[str, Any] = {uid: ChunkRef(i) for i, uid in enumerate(chunk.uids)}
+        for spec in self._pipes.fuse(into, fits, lambda i: ChunkRef(base + i)):
+            blob = self._pickle_function(spec)  # cached by ``fits``
+            try:
+                payload = _dumps((spec.args, spec.kwargs), spec.name)
+            except SerializationError as exc:  # it fails there: it keeps its place
+                blob, payload = _RAISE, pickle.dumps(((exc,), {}))
+            call = (blob, payload, spec.is_async, spec.name, True)
+            chunk.add(spec.uid, call)
+            calls.append(call)
+
+    def _send(self, calls: list[Call]) -> Future[Any]:
+        # A submit may fork the pool's workers: not while a command's Popen runs.
+        try:
+            with FORK_LOCK:
+                return self._executor().submit(run_chunk, calls)
+        except BrokenProcessPool:
+            self._broken()  # a new pool replaces it; try once more there
+            with FORK_LOCK:
+                return self._executor().submit(run_chunk, calls)
+
+    # -- the pool's side -----------------------------------------------------------
+    def _chunk_done(self, chunk: _Chunk, f: Future[Any]) -> None:
+        with self._lock:
+            self._chunks.discard(chunk)
+            for uid in chunk.uids:
+                self._where.pop(uid, None)
+        if f.cancelled():
+            if chunk.cancelled < len(chunk.uids):  # not by us: the pool shut down
+                self._fail(chunk, EngineClosedError, "the executor was shut down")
+        elif (exc := f.exception()) is not None:
+            if isinstance(exc, BrokenProcessPool):
+                self._broken()
+                self._fail(
+                    chunk,
+                    WorkerLostError,
+                    "a worker of its process pool died while the task ran or waited "
+                    f"in that pool ({exc}); a dead worker breaks the whole pool, "
+                    "which was replaced: use retries= to re-run such tasks",
+                )
+            else:  # pragma: no cover - run_chunk returns every task's outcome
+                self._fail(chunk, WorkerLostError, f"its chunk failed ({exc!r})")
+        else:
+            outcomes, seconds = f.result()
+            self._learn(chunk, seconds)
+            self._report(chunk, outcomes)
+        self._pump()
+
+    def _report(self, chunk: _Chunk, outcomes: list[Outcome]) -> None:
+        sink = self._sink
+        for uid, name, (ok, data, pickled) in zip(
+            chunk.uids, chunk.names, outcomes, strict=True
+        ):
+            if ok is None:  # skipped: its upstream failed, and the engine fails it
+                self._pipes.finished(uid, False, None)
+                continue
+            try:
+                value = pickle.loads(data) if pickled else data
+            except Exception as exc:
+                ok, value = (
+                    False,
+                    SerializationError(
+                        f"task {name!r}: its outcome cannot be unpickled in the "
+                        f"driver ({type(exc).__name__}: {exc}); define its types "
+                        "at module level"
+                    ),
+                )
+            if ok:
+                sink.set_result(uid, value)
+            else:
+                sink.set_exception(uid, value)
+            for spec in self._pipes.finished(uid, ok, value):
+                self._enqueue(spec, last=False)
+
+    def _fail(self, chunk: _Chunk, kind: type[Exception], why: str) -> None:
+        for uid, name in zip(chunk.uids, chunk.names, strict=True):
+            self._pipes.finished(uid, False, None)
+            self._sink.set_exception(uid, kind(f"task {name!r}: {why}"))
+
+    def _learn(self, chunk: _Chunk, seconds: list[float]) -> None:
+        times = self._times
+        for blob, took in zip(chunk.blobs, seconds, strict=True):
+            if took < 0:
+                continue  # skipped
+            old = times.get(blob)
+            times[blob] = took if old is None else old + _SMOOTHING * (took - old)
+
+
+def _dumps(obj: Any, name: str) -> bytes:
+    try:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"task {name!r}: an argument cannot be pickled for a process pool "
+            f"({type(exc).__name__}: {exc}); pass plain data or define the types "
+            "at module level"
+        ) from exc
+
+
+def cancel_future(f: Future[Any]) -> bool:
+    """``f.cancel()``, made safe for a ProcessPoolExecutor that breaks later.
+
+    Before Python 3.12, a pool that breaks (a worker died, or shutdown killed
+    abandoned work) calls ``set_exception`` on every pending future, and a future
+    cancelled while still pending makes that raise ``InvalidStateError``: the
+    pool's manager thread dies half-way, the futures after it never finish and its
+    queue thread is never closed (CPython gh-107219).  A cancelled future takes no
+    exception anyway, so it ignores the call."""
+    if not f.cancel():
+        return False
+    if _SET_EXCEPTION_AFTER_CANCEL_RAISES:
+        f.set_exception = _ignore  # type: ignore[method-assign,assignment]
+    return True
+
+
+_SET_EXCEPTION_AFTER_CANCEL_RAISES = sys.version_info < (3, 12)
+
+
+def _ignore(exc: BaseException | None) -> None:
+    pass
