@@ -50,8 +50,8 @@ class _SubmitMixin(_ResultsMixin):
                 )
                 continue
             try:
-                remote = self._remote_for(spec)
                 if spec.command is not None:
+                    remote = self._remote_for(spec, False)
                     cmd = spec.command
                     marked = Command(
                         cmd.argv,
@@ -61,8 +61,10 @@ class _SubmitMixin(_ResultsMixin):
                     ref = remote.remote(marked, spec.uid, spec.name)
                 elif spec.has_remote_args:
                     args, kwargs = self._native_args(spec)
+                    remote = self._remote_for(spec, _NESTED in kwargs)
                     ref = remote.remote(*args, **kwargs)
                 else:
+                    remote = self._remote_for(spec, False)
                     ref = remote.remote(*spec.args, **spec.kwargs)
             except (
                 ResourceUnavailableError,
@@ -93,14 +95,14 @@ class _SubmitMixin(_ResultsMixin):
             for uid, ref in submitted:
                 ref._on_ready(functools.partial(on_ready, uid))
 
-    def _remote_for(self, spec: TaskSpec) -> Any:
+    def _remote_for(self, spec: TaskSpec, nested: bool) -> Any:
         res = spec.resources
         extra = spec.options.get("ray") if spec.options else None
         if spec.command is not None:
             base: Any = _EXEC
             key: Any = "exec"
         else:
-            base, key = self._runner(spec)
+            base, key = self._runner(spec, nested)
         if res.is_default and not extra:
             return base
         if not res.is_default:
@@ -114,9 +116,10 @@ class _SubmitMixin(_ResultsMixin):
             )
         return variant
 
-    def _runner(self, spec: TaskSpec) -> tuple[Any, Any]:
+    def _runner(self, spec: TaskSpec, nested: bool) -> tuple[Any, Any]:
+        """The remote wrapper of the task's function; ``nested``: the variant
+        that takes ObjectRefs nested in containers as extra arguments."""
         fn = spec.function
-        nested = spec.has_remote_args  # may need the variant taking nested refs
         key: Any = (fn, spec.is_async, spec.name, nested)
         try:
             remote = self._runners.get(key)
@@ -216,5 +219,7 @@ class _SubmitMixin(_ResultsMixin):
 
         args = tuple(native(a, True) for a in spec.args)
         kwargs = {k: native(v, True) for k, v in spec.kwargs.items()}
+        if not nested:  # top-level refs only: Ray resolves them itself
+            return args, kwargs
         kwargs[_NESTED] = len(nested)
         return args + tuple(nested), kwargs
