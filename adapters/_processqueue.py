@@ -40,6 +40,7 @@ from ..worker import (
     ChunkRef,
     Outcome,
     dumps_function,
+    guard_forks,
     raise_error,
     run_chunk,
 )
@@ -85,6 +86,7 @@ class ProcessQueue:
         pickle_function: Callable[[TaskSpec], bytes],
         broken: Callable[[], None],
     ):
+        guard_forks()
         self._executor = executor
         self._limit = 2 * workers
         self._workers = workers

@@ -295,9 +295,11 @@ class ConcurrentExecutionBackend:
             if not cancel_future(f) and not kill_command(uid):
                 self._abandon(f)
         abandoned = any(not f.done() for f in list(self._abandoned))
-        executors = [self._commands] if self._commands is not self._executor else []
-        if self._owns:
-            executors.append(self._executor)
+        # The pool first: a pool worker forked during a command's Popen (by code
+        # we do not guard) holds that command's pipes until the worker exits.
+        executors = [self._executor] if self._owns else []
+        if self._commands is not self._executor:
+            executors.append(self._commands)
         for ex in executors:
             if abandoned and isinstance(ex, ProcessPoolExecutor):
                 # Work the engine abandoned would hold shutdown hostage: stop it.

@@ -9,6 +9,7 @@ imports nothing heavy because it is imported in every worker process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import pickle
@@ -40,11 +41,21 @@ __all__ = [
     "run_spec",
 ]
 
-#: Held while a command's Popen has its pipes open, and by anything in this
-#: process that forks without exec (a fork-context process pool starting its
-#: workers): a worker forked inside Popen would inherit the write ends of the
-#: command's pipes and keep its caller waiting until that worker exits.
+#: Held by anything in this process that forks without exec (a process pool
+#: starting its workers), and, once such a thing exists (:func:`guard_forks`),
+#: while a command's Popen has its pipes open: a worker forked inside Popen
+#: would inherit the write ends of the command's pipes and keep its caller
+#: waiting until that worker exits.
 FORK_LOCK = threading.Lock()
+_popen_guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+
+
+def guard_forks() -> None:
+    """From now on, a command's Popen and FORK_LOCK's holders exclude each other
+    (until then, commands started from threads do not wait for each other)."""
+    global _popen_guard
+    _popen_guard = FORK_LOCK
+
 
 _RUNNING: dict[str, subprocess.Popen[str] | None] = {}
 _RUNNING_LOCK = threading.Lock()
@@ -228,7 +239,7 @@ def run_command(command: Command, uid: str, name: str) -> str:
     with _RUNNING_LOCK:
         _RUNNING[uid] = None  # starting: a kill now is remembered until Popen returns
     try:
-        with FORK_LOCK:
+        with _popen_guard:
             proc = subprocess.Popen(
                 command.argv,
                 shell=command.shell,

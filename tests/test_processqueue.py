@@ -46,9 +46,7 @@ async def flow() -> AsyncIterator[WorkflowEngine]:
     ) as engine:
         warm = engine.function_task(inc)
         # The queue sizes chunks from measured run times: measure some first.
-        assert await asyncio.gather(*(warm(i) for i in range(20))) == list(
-            range(1, 21)
-        )
+        assert await asyncio.gather(*(warm(i) for i in range(20))) == list(range(1, 21))
         yield engine
 
 
@@ -98,3 +96,24 @@ async def test_an_unpicklable_argument_fails_its_task_at_once(
     with pytest.raises(SerializationError, match="'inc'.*cannot be pickled"):
         await asyncio.wait_for(task(threading.Lock()), 10)
     assert await task(1) == 2
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.parametrize("attempt", range(5))
+async def test_a_command_started_while_the_pool_forks_returns(attempt: int) -> None:
+    """A pool worker forked while a command's Popen had its pipes open used to
+    hold them, so the command's caller waited for that worker to exit."""
+    async with WorkflowEngine(
+        ConcurrentExecutionBackend(ProcessPoolExecutor(2))
+    ) as flow:
+        busy = [flow.function_task(nap)(30) for _ in range(2)]  # forks the workers
+        said = flow.executable_task(lambda: ["echo", "hi"])()
+        assert (await asyncio.wait_for(said, 15)).strip() == "hi"
+        for f in busy:
+            f.cancel()
