@@ -24,7 +24,7 @@ from ...errors import (
     WorkerLostError,
 )
 from ...protocol import UpstreamRef
-from ...spec import Command, Resources, TaskSpec
+from ...spec import Resources, TaskSpec
 from .._pipes import collect
 from .base import _Task
 from .errors import _submit_error
@@ -53,12 +53,9 @@ class _SubmitMixin(_ResultsMixin):
                 if spec.command is not None:
                     remote = self._remote_for(spec, False)
                     cmd = spec.command
-                    marked = Command(
-                        cmd.argv,
-                        {**(cmd.env or {}), MARKER: f"{self._token}/{spec.uid}"},
-                        cmd.cwd,
-                    )
-                    ref = remote.remote(marked, spec.uid, spec.name)
+                    argv = cmd.argv if isinstance(cmd.argv, str) else list(cmd.argv)
+                    env = {**(cmd.env or {}), MARKER: f"{self._token}/{spec.uid}"}
+                    ref = remote.remote(argv, env, cmd.cwd, spec.uid, spec.name)
                 elif spec.has_remote_args:
                     args, kwargs = self._native_args(spec)
                     remote = self._remote_for(spec, _NESTED in kwargs)

@@ -87,7 +87,16 @@ def _function_runner(
     return run
 
 
-def _run_command(command: Command, uid: str, name: str) -> str:
+def _run_command(
+    argv: str | list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    uid: str,
+    name: str,
+) -> str:
+    """Plain arguments, not a Command: Ray sends them through msgpack, which
+    costs the driver a fraction of pickling a dataclass per call."""
+    command = Command(argv if isinstance(argv, str) else tuple(argv), env, cwd)
     return run_command(command, uid, name)
 
 

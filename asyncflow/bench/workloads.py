@@ -56,10 +56,14 @@ def nap(i: int) -> int:
     return i
 
 
-def run_true() -> int:
+def run_true() -> str:
+    """Raw runtimes' executable: like an executable task, it returns the
+    command's output, so both sides capture stdout and stderr."""
     import subprocess
 
-    return subprocess.run(["/bin/true"], check=True).returncode
+    return subprocess.run(
+        ["/bin/true"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def task_count(workload: str, n: int) -> int:
