@@ -194,29 +194,21 @@ _SKIPPED = object()
 
 
 def _dumps_outcome(value: Any) -> bytes:
-    """Pickle a call's outcome.  A RecursionError raised by pickle itself (seen
-    once in CI for a task's RecursionError, right after the deep recursion) is
-    retried on a fresh thread, whose recursion count starts at zero."""
-    try:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except RecursionError:
-        pass
-    box: list[Any] = []
+    """Pickle a call's outcome; an exception without its tracebacks.
 
-    def dump() -> None:
-        try:
-            box.append((True, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)))
-        except Exception as exc:
-            box.append((False, exc))
-
-    thread = threading.Thread(target=dump, name="asyncflow-pickle")
-    thread.start()
-    thread.join()
-    ok, data = box[0]
-    if not ok:
-        raise data
-    assert isinstance(data, bytes)
-    return data
+    The worker's traceback already travels as text in the exception's note.  A
+    process that imported distributed pickles exceptions *with* their tracebacks
+    (it installs tblib's reducer for every exception), and a RecursionError's
+    1,000 frames then exceed the recursion limit while pickling.  concurrent.futures
+    drops the traceback before pickling for the same reason."""
+    if isinstance(value, BaseException):
+        seen: set[int] = set()
+        exc: BaseException | None = value
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            exc.__traceback__ = None
+            exc = exc.__cause__ or exc.__context__
+    return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
 
 
 _PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})

@@ -117,3 +117,16 @@ async def test_a_command_started_while_the_pool_forks_returns(attempt: int) -> N
         assert (await asyncio.wait_for(said, 15)).strip() == "hi"
         for f in busy:
             f.cancel()
+
+
+async def test_a_recursion_error_comes_back_after_distributed_is_imported() -> None:
+    """distributed installs tblib's reducer for every exception, which pickles the
+    traceback too: a RecursionError's 1,000 frames then overflowed pickle."""
+    pytest.importorskip("distributed")
+    from asyncflow.conformance import tasks as t
+
+    async with WorkflowEngine(
+        ConcurrentExecutionBackend(ProcessPoolExecutor(2))
+    ) as flow:
+        with pytest.raises(RecursionError):
+            await asyncio.wait_for(flow.function_task(t.recurse)(0), 60)
