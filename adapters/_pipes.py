@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import UpstreamGone
 from ..protocol import CompletionSink, UpstreamRef
 from ..spec import TaskSpec
+from ..worker import substitute
 
 __all__ = ["Pipes", "collect"]
 
@@ -153,14 +154,7 @@ def collect(obj: Any, into: set[str]) -> None:
 
 
 def _swap(obj: Any, values: dict[str, Any]) -> Any:
-    t = type(obj)
-    if t is UpstreamRef:
-        return values[obj.uid]
-    if t is tuple or t is list or t is set or t is frozenset:
-        return t(_swap(v, values) for v in obj)
-    if t is dict:
-        return {k: _swap(v, values) for k, v in obj.items()}
-    return obj
+    return substitute(obj, UpstreamRef, lambda ref: values[ref.uid])
 
 
 def _resolved(w: _Waiting) -> TaskSpec:

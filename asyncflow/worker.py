@@ -223,18 +223,27 @@ def _always_pickles(value: Any) -> bool:
     return False
 
 
-def _link(obj: Any, values: list[Any]) -> Any:
+def substitute(obj: Any, kind: type, value_of: Callable[[Any], Any]) -> Any:
+    """``obj`` with every ``kind`` placeholder in it, nested in tuples, lists,
+    sets and dicts too, replaced by ``value_of(placeholder)``."""
     t = type(obj)
-    if t is ChunkRef:
-        value = values[obj.index]
+    if t is kind:
+        return value_of(obj)
+    if t is tuple or t is list or t is set or t is frozenset:
+        return t(substitute(v, kind, value_of) for v in obj)
+    if t is dict:
+        return {k: substitute(v, kind, value_of) for k, v in obj.items()}
+    return obj
+
+
+def _link(obj: Any, values: list[Any]) -> Any:
+    def value_of(ref: ChunkRef) -> Any:
+        value = values[ref.index]
         if value is _SKIPPED:
             raise _Skip
         return value
-    if t is tuple or t is list or t is set or t is frozenset:
-        return t(_link(v, values) for v in obj)
-    if t is dict:
-        return {k: _link(v, values) for k, v in obj.items()}
-    return obj
+
+    return substitute(obj, ChunkRef, value_of)
 
 
 def raise_error(exc: BaseException) -> None:
