@@ -55,19 +55,17 @@ _RAISE = dumps_function(raise_error)
 
 
 class _Chunk:
-    __slots__ = ("blobs", "cancelled", "future", "names", "uids")
+    __slots__ = ("calls", "cancelled", "future", "uids")
 
     def __init__(self) -> None:
         self.uids: list[str] = []
-        self.names: list[str] = []
-        self.blobs: list[bytes] = []
+        self.calls: list[Call] = []  # what travels: (blob, payload, ..., name, ...)
         self.cancelled = 0
         self.future: Future[Any] | None = None
 
     def add(self, uid: str, call: Call) -> None:
         self.uids.append(uid)
-        self.names.append(call[3])
-        self.blobs.append(call[0])
+        self.calls.append(call)
 
 
 class ProcessQueue:
@@ -161,14 +159,14 @@ class ProcessQueue:
             with self._lock:
                 if self._closed or len(self._chunks) >= self._limit:
                     return
-                chunk, calls = self._take()
+                chunk = self._take()
                 if chunk is None:
                     return
                 self._chunks.add(chunk)
                 for uid in chunk.uids:
                     self._where[uid] = chunk
             try:
-                chunk.future = f = self._send(calls)
+                chunk.future = f = self._send(chunk.calls)
             except RuntimeError as exc:  # shut down under us
                 with self._lock:
                     self._chunks.discard(chunk)
@@ -178,7 +176,7 @@ class ProcessQueue:
                 return
             f.add_done_callback(functools.partial(self._chunk_done, chunk))
 
-    def _take(self) -> tuple[_Chunk | None, list[Call]]:
+    def _take(self) -> _Chunk | None:
         """The next chunk: the head of the queue, then more tasks while their
         measured run times fit the chunk's budget (a function never measured
         travels alone) and the chunk stays within its share of the queue."""
@@ -186,7 +184,7 @@ class ProcessQueue:
         share = min(_MAX_CHUNK, max(1, len(queue) // (2 * self._workers)))
         budget = _CHUNK_SECONDS
         chunk = _Chunk()
-        calls: list[Call] = []
+        calls = chunk.calls
         while queue:
             uid, call = queue[0]
             if uid not in queued:
@@ -202,18 +200,17 @@ class ProcessQueue:
             queue.popleft()
             queued.discard(uid)
             chunk.add(uid, call)
-            calls.append(call)
         if not calls:
-            return None, calls
+            return None
         if budget > 0 and len(calls) < _MAX_CHUNK:
-            self._fuse(chunk, calls, budget)
-        return chunk, calls
+            self._fuse(chunk, budget)
+        return chunk
 
-    def _fuse(self, chunk: _Chunk, calls: list[Call], budget: float) -> None:
+    def _fuse(self, chunk: _Chunk, budget: float) -> None:
         """Add piped dependents of the chunk's tasks to the chunk, their
         upstreams' values standing as ChunkRefs: a chain runs on in the worker,
         hop after hop, without a trip back here."""
-        left = [budget, _MAX_CHUNK - len(calls)]
+        left = [budget, _MAX_CHUNK - len(chunk.calls)]
 
         def fits(spec: TaskSpec) -> bool:
             try:
@@ -226,7 +223,7 @@ class ProcessQueue:
             left[1] -= 1
             return True
 
-        base = len(calls)
+        base = len(chunk.calls)
         into: dict[str, Any] = {uid: ChunkRef(i) for i, uid in enumerate(chunk.uids)}
         for spec in self._pipes.fuse(into, fits, lambda i: ChunkRef(base + i)):
             blob = self._pickle_function(spec)  # cached by ``fits``
@@ -236,7 +233,6 @@ class ProcessQueue:
                 blob, payload = _RAISE, pickle.dumps(((exc,), {}))
             call = (blob, payload, spec.is_async, spec.name, True)
             chunk.add(spec.uid, call)
-            calls.append(call)
 
     def _send(self, calls: list[Call]) -> Future[Any]:
         # A submit may fork the pool's workers: not while a command's Popen runs.
@@ -277,9 +273,10 @@ class ProcessQueue:
 
     def _report(self, chunk: _Chunk, outcomes: list[Outcome]) -> None:
         sink = self._sink
-        for uid, name, (ok, data, pickled) in zip(
-            chunk.uids, chunk.names, outcomes, strict=True
+        for uid, call, (ok, data, pickled) in zip(
+            chunk.uids, chunk.calls, outcomes, strict=True
         ):
+            name = call[3]
             if ok is None:  # skipped: its upstream failed, and the engine fails it
                 self._pipes.finished(uid, False, None)
                 continue
@@ -302,15 +299,17 @@ class ProcessQueue:
                 self._enqueue(spec, last=False)
 
     def _fail(self, chunk: _Chunk, kind: type[Exception], why: str) -> None:
-        for uid, name in zip(chunk.uids, chunk.names, strict=True):
+        for uid, call in zip(chunk.uids, chunk.calls, strict=True):
+            name = call[3]
             self._pipes.finished(uid, False, None)
             self._sink.set_exception(uid, kind(f"task {name!r}: {why}"))
 
     def _learn(self, chunk: _Chunk, seconds: list[float]) -> None:
         times = self._times
-        for blob, took in zip(chunk.blobs, seconds, strict=True):
+        for call, took in zip(chunk.calls, seconds, strict=True):
             if took < 0:
                 continue  # skipped
+            blob = call[0]
             old = times.get(blob)
             times[blob] = took if old is None else old + _SMOOTHING * (took - old)
 
