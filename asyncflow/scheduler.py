@@ -357,11 +357,17 @@ class Scheduler:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        inflight = self._inflight
         for key, backend in self._started.items():
             batch = self._queues[key]
             if not batch:
                 continue
             self._queues[key] = []
+            # A task cancelled (or timed out) since it was queued has left
+            # _inflight; the backend must never see it, or it would run unseen.
+            batch = [spec for spec in batch if spec.uid in inflight]
+            if not batch:
+                continue
             try:
                 backend.submit(batch)
             except Exception as exc:

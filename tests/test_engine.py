@@ -164,6 +164,21 @@ async def test_routing_between_named_backends() -> None:
         assert hpc.cancelled == [held.uid] and local.cancelled == []
 
 
+async def test_task_cancelled_before_the_batch_goes_out_is_never_submitted() -> None:
+    """Submissions go to the backend once per loop turn; cancelling a task in
+    the turn that made it must keep it out of that batch (it used to run,
+    unseen, with its result dropped)."""
+    backend = Recording()
+    async with WorkflowEngine(backend=backend) as flow:
+        inc = flow.function_task(t.inc)
+        doomed, kept = inc(1), inc(2)
+        assert doomed.cancel()
+        assert await kept == 3
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert backend.submitted == ["inc"]
+
+
 # -- ownership at shutdown ----------------------------------------------------
 async def test_engine_shuts_down_the_executor_it_was_given() -> None:
     ex = ThreadPoolExecutor(2)
