@@ -1,11 +1,11 @@
-"""Function tasks on a thread pool, without a ``Future`` per task.
+"""Tasks on a thread pool, without a ``Future`` per task.
 
 ``executor.submit`` costs a ``Future``, a work item, a lock and a semaphore per
-call, which is most of what a no-op task costs.  So function tasks for a thread
-pool wait in a deque instead, and at most ``max_workers`` runner jobs on the
-executor pop from it until it is empty.  Parallelism is the same (a free worker
-takes the next task), and the executor stays the user's: its threads, its
-limits, its shutdown.
+call, which is most of what a no-op task costs.  So tasks for a thread pool
+(functions and commands) wait in a deque instead, and at most ``max_workers``
+runner jobs on the executor pop from it until it is empty.  Parallelism is the
+same (a free worker takes the next task), and the executor stays the user's: its
+threads, its limits, its shutdown.
 
 Piped tasks (``Capability.PIPELINE``) wait in ``_pipes`` for upstream tasks of
 the same pool.  The runner that finishes an upstream runs its ready dependent
@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import EngineClosedError
 from ..protocol import CompletionSink
 from ..spec import TaskSpec
-from ..worker import call_function
+from ..worker import call_function, run_command
 from ._pipes import Pipes
 
 __all__ = ["ThreadQueue"]
@@ -66,9 +66,13 @@ class ThreadQueue:
             return True
         return self._pipes.drop(uid)
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Drop what waits; return the uids still running (a command among
+        them is the caller's to kill)."""
         self._queued.clear()
+        live = list(self._live)
         self._pipes.clear()
+        return live
 
     # -- the runners' side ---------------------------------------------------------
     def _start_runners(self) -> None:
@@ -119,13 +123,16 @@ class ThreadQueue:
         uid, sink = spec.uid, self._sink
         sink.set_running(uid)
         try:
-            value = call_function(
-                spec.function,  # type: ignore[arg-type]
-                spec.args,
-                spec.kwargs,
-                spec.is_async,
-                spec.name,
-            )
+            if spec.command is not None:
+                value = run_command(spec.command, uid, spec.name)
+            else:
+                value = call_function(
+                    spec.function,  # type: ignore[arg-type]
+                    spec.args,
+                    spec.kwargs,
+                    spec.is_async,
+                    spec.name,
+                )
         except BaseException as exc:
             self._finished(uid, False, None)
             sink.set_exception(uid, exc)

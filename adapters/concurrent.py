@@ -183,7 +183,8 @@ class ConcurrentExecutionBackend:
                     ),
                 )
                 continue
-            if pool is not None and spec.command is None:
+            # Commands too on a thread pool; a process pool's run on _commands.
+            if pool is not None and (spec.command is None or pool is self._threads):
                 queued.append(spec)
                 continue
             try:
@@ -267,7 +268,7 @@ class ConcurrentExecutionBackend:
     def cancel(self, uids: Sequence[str]) -> None:
         threads, procs = self._threads, self._procs
         for uid in uids:
-            if threads is not None and threads.cancel(uid):
+            if threads is not None and (threads.cancel(uid) or kill_command(uid)):
                 continue
             f = self._futures.pop(uid, None)
             if f is not None:
@@ -286,7 +287,8 @@ class ConcurrentExecutionBackend:
             return
         self._closed = True
         if self._threads is not None:
-            self._threads.close()
+            for uid in self._threads.close():
+                kill_command(uid)
         if self._procs is not None:
             for f in self._procs.close():
                 if not cancel_future(f):
