@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import ray
 import ray.exceptions as rex
 from ray.experimental import get_local_object_locations
 
 from ..._util import run_in_thread
+from ...errors import SerializationError, WorkerLostError
 from ...protocol import RemoteValue
 from .base import _RayBase, _Task
 from .errors import _task_error
@@ -52,15 +53,45 @@ class _ResultsMixin(_RayBase):
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self._loop.call_soon_threadsafe(self._drain)
 
-    def _on_client_value(self, uid: str, value: Any) -> None:
-        """Ray Client (``ray://``): the proxy has no object store here, so the
-        value (or error) comes back with the completion."""
+    def _on_client_response(self, uid: str, resp: Any) -> None:
+        """On Ray Client's data thread (``ray://``): the proxy has no object
+        store here, so the value (or the task's error) comes with the completion.
+
+        Ray's own ``_on_completed`` hands its callback whatever it gets, and when
+        the connection drops for good (after Ray Client's reconnect grace) that
+        is a ``ConnectionError`` object, indistinguishable from a task that
+        returned one.  Reading the raw response here tells them apart.
+        """
+        if self._closed:
+            return  # our own disconnect at shutdown fails every pending get
         task = self._tasks.pop(uid, None)
         if task is None:
             self._cancelled.pop(uid, None)
             return
         sink = self._sink
         assert sink is not None
+        if isinstance(resp, Exception):
+            self._lost = (
+                f"the Ray Client connection to {self._address} dropped ({resp}); "
+                "check that the head is up and reachable, then run the workflow "
+                "again"
+            )
+            sink.set_exception(
+                uid, WorkerLostError(f"task {task.name!r}: {self._lost}")
+            )
+            return
+        try:
+            value = _client_loads(resp)
+        except Exception as exc:
+            sink.set_exception(
+                uid,
+                SerializationError(
+                    f"task {task.name!r}: its result cannot be deserialised here "
+                    f"({type(exc).__name__}: {exc}); make the result's types "
+                    "importable on the client"
+                ),
+            )
+            return
         if isinstance(value, rex.RayError):
             sink.set_exception(uid, _task_error(task.name, value))
         else:
@@ -176,6 +207,16 @@ class _ResultsMixin(_RayBase):
                     if isinstance(value, rex.RayError)
                     else value
                 )
+
+
+def _client_loads(resp: Any) -> Any:
+    """A Ray Client get response's value, or the task's error, as an object."""
+    from ray.util.client.client_pickler import loads_from_server
+
+    if isinstance(resp, bytearray):  # a value that came in chunks, reassembled
+        return loads_from_server(cast(bytes, resp))  # no copy: pickle reads it
+    got = resp.get
+    return loads_from_server(got.data if got.valid else got.error)
 
 
 def _get_now(refs: list[ray.ObjectRef]) -> list[tuple[bool, Any]]:

@@ -72,6 +72,8 @@ class _SubmitMixin(_ResultsMixin):
                 sink.set_exception(spec.uid, exc)
                 continue
             except Exception as exc:
+                if self._client and spec.function is not None:
+                    self._forget_runner(spec.function)
                 sink.set_exception(spec.uid, _submit_error(spec, exc))
                 continue
             upstreams: set[str] = set()
@@ -86,7 +88,11 @@ class _SubmitMixin(_ResultsMixin):
         # GIL, a callback would stall the Ray thread that dispatches the tasks.
         if self._client:
             for uid, ref in submitted:
-                ref._on_completed(functools.partial(self._on_client_value, uid))
+                # What _on_completed does, minus its unpickling: see results.
+                client: Any = ref
+                client._worker.register_callback(
+                    ref, functools.partial(self._on_client_response, uid)
+                )
         else:
             on_ready = self._on_ready
             for uid, ref in submitted:
@@ -129,6 +135,18 @@ class _SubmitMixin(_ResultsMixin):
         if remote is None:
             remote = self._runners[key] = self._wrap(spec, nested)
         return remote, key
+
+    def _forget_runner(self, fn: Any) -> None:
+        """Drop a function's cached wrappers after a failed submission.
+
+        Ray Client pickles a function on its first ``.remote()``; when that
+        fails, its wrapper keeps a half-made reference and every later call
+        fails with an unrelated AttributeError.  A fresh wrapper fails the same
+        clear way each time instead.
+        """
+        for cache in (self._runners, self._by_id, self._variants):
+            for key in [k for k in cache if _is_for(k, fn)]:
+                del cache[key]
 
     @staticmethod
     def _wrap(spec: TaskSpec, nested: bool) -> Any:
@@ -220,3 +238,14 @@ class _SubmitMixin(_ResultsMixin):
             return args, kwargs
         kwargs[_NESTED] = len(nested)
         return args + tuple(nested), kwargs
+
+
+def _is_for(key: Any, fn: Any) -> bool:
+    """Whether a wrapper cache key belongs to ``fn`` (the function itself or its
+    id leads a runner key; a variant's key leads with its runner key)."""
+    if isinstance(key, tuple) and key and isinstance(key[0], tuple):
+        key = key[0]  # a variant: (runner key, resources)
+    if not isinstance(key, tuple) or not key:
+        return False
+    head = key[0]
+    return head is fn or (type(head) is int and head == id(fn))
