@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -147,7 +148,7 @@ HANGING = textwrap.dedent("""
 
         @flow.executable_task
         def hold(fifo):
-            return f"echo up > {fifo}; exec sleep 301.25"
+            return f"echo $$ > {fifo}; exec sleep 301.25"  # its pid, then sleep
 
         await hold(sys.argv[1])
 
@@ -156,12 +157,19 @@ HANGING = textwrap.dedent("""
 """)
 
 
-def _held_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "301.25" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
+def _held(pid: int) -> psutil.Process | None:
+    """The held command by the pid it reported (the shell execs into sleep, so
+    the pid stays), if it runs; its command line names it, so a reused pid
+    does not count."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and "301.25" in " ".join(
+            proc.cmdline()
+        ):
+            return proc
+    except psutil.Error:
+        pass
+    return None
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -188,21 +196,35 @@ def test_signals_leave_nothing_running(
         stderr=subprocess.PIPE,
         text=True,
     )
+    reported: list[int] = []
     started = threading.Event()
 
     def wait_for_task() -> None:
-        with open(fifo) as f:  # returns once the task has written "up"
-            f.read()
+        with open(fifo) as f:  # returns once the task has written its pid
+            reported.append(int(f.read()))
         started.set()
 
     threading.Thread(target=wait_for_task, daemon=True).start()
-    assert started.wait(60), "the task never started"
-    assert _held_processes(), "the held command is running"
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    _, alive = psutil.wait_procs(_held_processes(), timeout=10)
-    assert not alive, f"left running after {signal.Signals(sig).name}: {alive}"
+    held = None
+    try:
+        assert started.wait(60), "the task never started"
+        # The shell wrote its pid just before it exec'd into sleep: wait out
+        # that exec (bounded), during which /proc shows neither command line.
+        deadline = time.monotonic() + 10
+        while (held := _held(reported[0])) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert held is not None, "the held command is running"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        _, alive = psutil.wait_procs([held], timeout=10)
+        assert not alive, f"left running after {signal.Signals(sig).name}: {alive}"
+    finally:  # a failure above must not leave this run's driver or command behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if held is not None and held.is_running():
+            held.kill()
 
 
 def test_progress_is_quiet_when_stdout_is_not_a_terminal(script: Path) -> None:
