@@ -157,6 +157,15 @@ HANGING = textwrap.dedent("""
 """)
 
 
+def _held_processes() -> list[psutil.Process]:
+    """Every ``sleep 301.25`` on the machine (tests/reliability filters them)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "301.25" in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
 def _held(pid: int) -> psutil.Process | None:
     """The held command by the pid it reported (the shell execs into sleep, so
     the pid stays), if it runs; its command line names it, so a reused pid
