@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import EngineClosedError
 from ..protocol import CompletionSink
 from ..spec import TaskSpec
-from ..worker import call_function, run_command
+from ..worker import run_spec
 from ._pipes import Pipes
 
 __all__ = ["ThreadQueue"]
@@ -123,16 +123,7 @@ class ThreadQueue:
         uid, sink = spec.uid, self._sink
         sink.set_running(uid)
         try:
-            if spec.command is not None:
-                value = run_command(spec.command, uid, spec.name)
-            else:
-                value = call_function(
-                    spec.function,  # type: ignore[arg-type]
-                    spec.args,
-                    spec.kwargs,
-                    spec.is_async,
-                    spec.name,
-                )
+            value = run_spec(spec)
         except BaseException as exc:
             self._finished(uid, False, None)
             sink.set_exception(uid, exc)

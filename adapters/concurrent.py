@@ -39,12 +39,7 @@ from ..errors import (
 )
 from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ..spec import TaskSpec
-from ..worker import (
-    call_function,
-    dumps_function,
-    kill_command,
-    run_command,
-)
+from ..worker import dumps_function, kill_command, run_spec
 from ._processqueue import ProcessQueue, cancel_future
 from ._threadqueue import ThreadQueue
 
@@ -216,16 +211,7 @@ class ConcurrentExecutionBackend:
         assert sink is not None
         sink.set_running(uid)
         try:
-            if spec.command is not None:
-                value = run_command(spec.command, uid, spec.name)
-            else:
-                value = call_function(
-                    spec.function,  # type: ignore[arg-type]
-                    spec.args,
-                    spec.kwargs,
-                    spec.is_async,
-                    spec.name,
-                )
+            value = run_spec(spec)
         except BaseException as exc:
             self._futures.pop(uid, None)
             sink.set_exception(uid, exc)
