@@ -73,20 +73,20 @@ def _task_error(name: str, err: rex.RayError) -> BaseException:
 def _submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
     text = str(exc)
     first = text.split("\n", 1)[0]
-    if isinstance(exc, TypeError) and "serializ" in text.lower():
-        what = "its function" if "function" in first else "an argument"
+    ray_says = "serializ" in text.lower()
+    # Ray says "serialize"; Ray Client (ray://) pickles on the client and raises
+    # pickle's own "cannot pickle '_thread.lock' object", naming neither side.
+    if isinstance(exc, TypeError | pickle.PicklingError) and (
+        ray_says or "pickle" in first
+    ):
+        if not ray_says:
+            what = "its function or an argument"
+        else:
+            what = "its function" if "function" in first else "an argument"
         return SerializationError(
-            f"task {spec.name!r}: {what} cannot be serialised for Ray "
-            f"({text.splitlines()[0]}); define functions at module level and "
-            "do not capture locks, sockets or open files"
-        )
-    # Ray Client (ray://) pickles on the client and raises pickle's own
-    # "cannot pickle '_thread.lock' object", naming neither function nor argument.
-    if isinstance(exc, TypeError | pickle.PicklingError) and "pickle" in first:
-        return SerializationError(
-            f"task {spec.name!r}: its function or an argument cannot be serialised "
-            f"for Ray ({first}); define functions at module level and do not "
-            "capture locks, sockets or open files"
+            f"task {spec.name!r}: {what} cannot be serialised for Ray ({first}); "
+            "define functions at module level and do not capture locks, sockets "
+            "or open files"
         )
     if isinstance(exc, ValueError) and "resource" in text.lower():
         return ResourceUnavailableError(f"task {spec.name!r}: {text}")
