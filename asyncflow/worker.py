@@ -57,6 +57,13 @@ def guard_forks() -> None:
     _popen_guard = FORK_LOCK
 
 
+#: A backend that owns its workers names a directory here, in their environment.
+#: Each running command is listed in it (a file named by its pid), so that the
+#: driver can kill it at shutdown (:func:`kill_listed`) even when the worker that
+#: started it was SIGKILLed: a command has a session of its own, and nothing else
+#: stops it when its parent dies.
+COMMAND_PIDS_ENV = "ASYNCFLOW_COMMAND_PIDS"
+
 _RUNNING: dict[str, subprocess.Popen[str] | None] = {}
 _RUNNING_LOCK = threading.Lock()
 _CANCELLED: set[str] = set()
@@ -295,11 +302,15 @@ def run_command(command: Command, uid: str, name: str) -> str:
         if uid in _CANCELLED:
             _CANCELLED.discard(uid)
             _killpg(proc)
+    listed = _list_pid(proc.pid)
     try:
         out, err = proc.communicate()
     finally:
         with _RUNNING_LOCK:
             _RUNNING.pop(uid, None)
+        if listed is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(listed)
     if proc.returncode != 0:
         raise ExecutableFailedError(name, proc.returncode, out, err, command.argv)
     return out
@@ -319,6 +330,34 @@ def kill_command(uid: str) -> bool:
             return True
     _killpg(proc)
     return True
+
+
+def _list_pid(pid: int) -> str | None:
+    pid_dir = os.environ.get(COMMAND_PIDS_ENV)
+    if not pid_dir:
+        return None
+    path = os.path.join(pid_dir, str(pid))
+    try:
+        open(path, "x").close()
+    except OSError:  # not listed: the worker's own clean-up still applies
+        return None
+    return path
+
+
+def kill_listed(pid_dir: str) -> int:
+    """SIGKILL the process group of every command listed in ``pid_dir``.
+
+    The driver calls it after its workers are gone, so whatever is still listed
+    lost its worker without being killed.
+    """
+    killed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(pid_dir):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    os.killpg(int(entry), signal.SIGKILL)
+                    killed += 1
+    return killed
 
 
 def _killpg(proc: subprocess.Popen[str]) -> None:

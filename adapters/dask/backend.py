@@ -24,6 +24,7 @@ from distributed import Client, Future, LocalCluster
 
 from ...errors import BackendStartError, EngineClosedError, TaskDefinitionError
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
+from ...worker import COMMAND_PIDS_ENV, kill_listed
 from .base import _Tracked, _Worker, log
 from .errors import _start_error
 from .resources import _ResourcesMixin
@@ -201,17 +202,23 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
             opts.setdefault("worker_dashboard_address", "127.0.0.1:0")
         if "resources" not in opts:
             opts["resources"] = {"CPU": opts.get("threads_per_worker") or 1}
-        if "local_directory" not in opts:
-            # Workers' scratch space in a directory of ours: a nanny that SIGKILLs
-            # a slow-closing worker leaves its lock files behind, and shutdown
-            # removes the whole directory.
-            self._scratch = tempfile.mkdtemp(prefix="asyncflow-dask-")
-            opts["local_directory"] = self._scratch
+        # Shutdown removes this directory.  Unless the user chose another, it
+        # holds the workers' scratch space (a nanny that SIGKILLs a slow-closing
+        # worker leaves its lock files behind), and worker processes list their
+        # running commands in it (COMMAND_PIDS_ENV): the CommandReaper cannot
+        # kill those of a worker killed that way.
+        self._scratch = tempfile.mkdtemp(prefix="asyncflow-dask-")
+        opts.setdefault("local_directory", self._scratch)
+        if opts.get("processes", True):
+            pid_dir = os.path.join(self._scratch, "commands")
+            os.mkdir(pid_dir)
+            opts["env"] = {**(opts.get("env") or {}), COMMAND_PIDS_ENV: pid_dir}
         # The engine owns retries: a task whose worker dies fails at once with
         # WorkerLostError instead of being re-run (and killing) three more times.
+        # (The scheduler reads its config when it starts, in the await.)
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
             self._cluster = LocalCluster(asynchronous=True, **opts)
-        await self._cluster
+            await self._cluster
         self._client = await Client(
             self._cluster, asynchronous=True, set_as_default=False
         )
@@ -325,4 +332,7 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         finally:
             scratch, self._scratch = self._scratch, None
             if scratch is not None:
+                # Commands outlive a worker the nanny killed, and a driver
+                # stopped by Ctrl-C never reached the workers to kill them.
+                kill_listed(os.path.join(scratch, "commands"))
                 shutil.rmtree(scratch, ignore_errors=True)

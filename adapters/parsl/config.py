@@ -25,6 +25,8 @@ from parsl.executors.base import ParslExecutor
 from parsl.logconfigs.base import LogConfig
 from parsl.providers import LocalProvider
 
+from ...worker import COMMAND_PIDS_ENV
+
 
 class QuietFileLogging(LogConfig):
     """Parsl logs (``parsl.log``, interchange and worker logs) at ``level``.
@@ -67,6 +69,7 @@ def local_htex_config(
     log_level: int = logging.WARNING,
     heartbeat_period: int = 2,
     worker_tmpdir: str | None = None,
+    command_pids: str | None = None,
 ) -> Config:
     """The configuration ``ParslExecutionBackend()`` loads.
 
@@ -77,6 +80,9 @@ def local_htex_config(
     becomes the workers' ``TMPDIR`` (created if missing): the worker pool's
     multiprocessing manager leaves a ``pymp-*`` directory there when its block
     is stopped, so the default backend points it into the temp dir it removes.
+    ``command_pids`` is where the workers list their running commands (see
+    :data:`asyncflow.worker.COMMAND_PIDS_ENV`), so that shutdown can kill those
+    whose worker died.
     """
     bindir = os.path.dirname(sys.executable)
     paths = [p or os.getcwd() for p in sys.path]
@@ -87,6 +93,9 @@ def local_htex_config(
     if worker_tmpdir is not None:
         quoted = shlex.quote(worker_tmpdir)
         lines.append(f"mkdir -p {quoted} && export TMPDIR={quoted}")
+    if command_pids is not None:
+        quoted = shlex.quote(command_pids)
+        lines.append(f"mkdir -p {quoted} && export {COMMAND_PIDS_ENV}={quoted}")
     worker_init = "\n".join(lines)
     htex = HighThroughputExecutor(
         label=label,
