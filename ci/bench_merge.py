@@ -1,0 +1,56 @@
+"""Merge rows re-measured in a later ``asyncflow bench`` run into the published
+run (``docs/bench/bench.json``), then re-render it.
+
+The README's table comes from one run of the command; when a fix changes one
+backend's figures, that backend's affected workloads are measured again rather
+than the whole matrix (an hour on this machine).  Their ``run`` records replace
+the published ones, and a note in ``meta.notes`` says which rows came from which
+run, with its date, load and command, so the table never mixes runs silently.
+
+    python ci/bench_merge.py NEW_DIR "why it was re-measured" [--out docs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("new", type=Path, help="OUT directory of the re-measuring run")
+    p.add_argument("why", help="what changed, for the note")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    ns = p.parse_args(argv)
+    target = ns.out / "bench.json"
+    old = json.loads(target.read_text())
+    new = json.loads((ns.new / "bench.json").read_text())
+    runs = [r for r in new["records"] if r["kind"] == "run"]
+    pairs = sorted({(r["backend"], r["workload"]) for r in runs})
+    if not pairs:
+        raise SystemExit(f"{ns.new}: no run records to merge")
+    loads = [r["load"] for r in runs]
+    old["records"] = [
+        r
+        for r in old["records"]
+        if not (r["kind"] == "run" and (r["backend"], r["workload"]) in pairs)
+    ] + runs
+    by_backend: dict[str, list[str]] = {}
+    for backend, workload in pairs:
+        by_backend.setdefault(backend, []).append(workload)
+    rows = "; ".join(f"{b} {', '.join(w)}" for b, w in by_backend.items())
+    meta = new["meta"]
+    old["meta"].setdefault("notes", []).append(
+        f"{rows}: re-measured at {meta['date']} (load {min(loads):.1f}-"
+        f"{max(loads):.1f}) {ns.why}, with `{meta['command']}`"
+    )
+    target.write_text(json.dumps(old, indent=1) + "\n")
+    cmd = [sys.executable, "-m", "asyncflow", "bench", "--render", "--out", str(ns.out)]
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
