@@ -344,6 +344,11 @@ def _list_pid(pid: int) -> str | None:
     return path
 
 
+def pid_dir_under(root: str) -> str:
+    """Where a backend lists its workers' commands, under a temp dir it owns."""
+    return os.path.join(root, "commands")
+
+
 def kill_listed(pid_dir: str) -> int:
     """SIGKILL the process group of every command listed in ``pid_dir``.
 

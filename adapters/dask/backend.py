@@ -24,7 +24,7 @@ from distributed import Client, Future, LocalCluster
 
 from ...errors import BackendStartError, EngineClosedError, TaskDefinitionError
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
-from ...worker import COMMAND_PIDS_ENV, kill_listed
+from ...worker import COMMAND_PIDS_ENV, kill_listed, pid_dir_under
 from .base import _Tracked, _Worker, log
 from .errors import _start_error
 from .resources import _ResourcesMixin
@@ -210,7 +210,7 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         self._scratch = tempfile.mkdtemp(prefix="asyncflow-dask-")
         opts.setdefault("local_directory", self._scratch)
         if opts.get("processes", True):
-            pid_dir = os.path.join(self._scratch, "commands")
+            pid_dir = pid_dir_under(self._scratch)
             os.mkdir(pid_dir)
             opts["env"] = {**(opts.get("env") or {}), COMMAND_PIDS_ENV: pid_dir}
         # The engine owns retries: a task whose worker dies fails at once with
@@ -334,5 +334,5 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
             if scratch is not None:
                 # Commands outlive a worker the nanny killed, and a driver
                 # stopped by Ctrl-C never reached the workers to kill them.
-                kill_listed(os.path.join(scratch, "commands"))
+                kill_listed(pid_dir_under(scratch))
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -25,12 +25,13 @@ from parsl.dataflow.dflow import DataFlowKernel
 from ..._util import run_in_thread
 from ...errors import EngineClosedError, TaskDefinitionError
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
+from ...worker import pid_dir_under
 from .base import _InterchangeLost, _Task, log
 from .cancel import _INPROC_CANCELLED, _kill_here
 from .config import local_htex_config
 from .executors import _Profile
 from .results import _ResultsMixin
-from .runtime import COMMAND_PIDS, _dead_interchanges, _Runtime
+from .runtime import _dead_interchanges, _Runtime
 from .submit import _SubmitMixin
 
 C = Capability
@@ -97,7 +98,7 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
                     max_workers=max_workers,
                     # unix socket paths below it must stay under 108 bytes
                     worker_tmpdir=worker_tmp if len(worker_tmp) <= 60 else None,
-                    command_pids=os.path.join(tmpdir, COMMAND_PIDS),
+                    command_pids=pid_dir_under(tmpdir),
                 )
             except BaseException:
                 shutil.rmtree(tmpdir, ignore_errors=True)

@@ -27,14 +27,11 @@ from parsl.executors.base import ParslExecutor
 from parsl.providers import LocalProvider
 
 from ...errors import BackendStartError, EngineClosedError
-from ...worker import kill_listed
+from ...worker import kill_listed, pid_dir_under
 from .base import log
 from .cancel import _Control
 from .config import _fix_path
 from .executors import _Profile
-
-#: where, under an owned runtime's temp dir, workers list their running commands
-COMMAND_PIDS = "commands"
 
 _INTERNAL = "_parsl_internal"
 #: How long cleaning up may wait for a DFK whose interchange died (Parsl's own
@@ -175,7 +172,7 @@ class _Runtime:
     def _remove_tmpdir(self) -> None:
         if self.tmpdir is not None:
             # The blocks are gone: a command still listed lost its worker.
-            kill_listed(os.path.join(self.tmpdir, COMMAND_PIDS))
+            kill_listed(pid_dir_under(self.tmpdir))
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
