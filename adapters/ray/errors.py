@@ -79,10 +79,10 @@ def _submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
     if isinstance(exc, TypeError | pickle.PicklingError) and (
         ray_says or "pickle" in first
     ):
-        if not ray_says:
-            what = "its function or an argument"
-        else:
+        if ray_says:
             what = "its function" if "function" in first else "an argument"
+        else:
+            what = "its function or an argument"
         return SerializationError(
             f"task {spec.name!r}: {what} cannot be serialised for Ray ({first}); "
             "define functions at module level and do not capture locks, sockets "
