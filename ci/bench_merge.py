@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from asyncflow.bench import main as bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{max(loads):.1f}) {ns.why}, with `{meta['command']}`"
     )
     target.write_text(json.dumps(old, indent=1) + "\n")
-    cmd = [sys.executable, "-m", "asyncflow", "bench", "--render", "--out", str(ns.out)]
-    return subprocess.call(cmd)
+    return bench(["--render", "--out", str(ns.out)])
 
 
 if __name__ == "__main__":
