@@ -1,0 +1,245 @@
+"""One HPC allocation, described once, for every batch-capable runtime.
+
+The reference page describes a pilot job in batch-system terms::
+
+    {'resource': 'slurm', 'queue': 'normal', 'nodes': 4, 'cores_per_node': 56,
+     'gpus_per_node': 0, 'walltime': 240, 'account': 'abc123'}
+
+and the promise is that switching runtime on a cluster stays a one-line change,
+so radical.pilot, Parsl and Dask take the same dict.  :class:`Allocation` is that
+dict checked once (a typo fails in the constructor, not in a batch job an hour
+later); each adapter turns it into its runtime's own object: a PilotDescription,
+a Parsl ``SlurmProvider``, a dask-jobqueue ``SLURMCluster``.
+
+What every runtime needs from the batch system lives here too, so that it is
+done the same way everywhere:
+
+* :func:`preflight` asks Slurm whether it could ever run the job
+  (``sbatch --test-only``), so an unknown partition or more nodes than exist
+  fails at once with the scheduler's own reason instead of a job that never
+  starts;
+* :func:`driver_address` finds the address compute nodes reach this process at:
+  a runtime that advertised 127.0.0.1, fine on a laptop, would leave every
+  worker dialling its own loopback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BackendStartError, TaskDefinitionError
+
+__all__ = [
+    "PAGE_KEYS",
+    "SLURM",
+    "Allocation",
+    "driver_address",
+    "is_allocation",
+    "preflight",
+]
+
+#: ``'resource': 'slurm'``: the Slurm cluster this machine submits to
+SLURM = "slurm"
+#: the reference page's keys, the same for every runtime
+PAGE_KEYS = frozenset(
+    {
+        "resource",
+        "queue",
+        "nodes",
+        "cores_per_node",
+        "gpus_per_node",
+        "walltime",
+        "project",
+        "account",
+    }
+)
+DEFAULT_WALLTIME = 60  # minutes
+
+
+def is_allocation(obj: object) -> bool:
+    """A plain dict in the page's terms (as opposed to a runtime's own object)."""
+    return isinstance(obj, Mapping) and "resource" in obj
+
+
+def _whole(who: str, key: str, value: Any, minimum: int = 1) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != int(value)
+        or value < minimum
+    ):
+        raise TaskDefinitionError(
+            f"{who}: {key!r} must be a whole number >= {minimum}, got {value!r}"
+        )
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The page's dict, checked.  ``walltime`` is in minutes, as on the page."""
+
+    resource: str
+    queue: str | None = None
+    nodes: int = 1
+    cores_per_node: int | None = None
+    gpus_per_node: int = 0
+    walltime: int = DEFAULT_WALLTIME
+    account: str | None = None
+
+    @classmethod
+    def from_mapping(
+        cls, spec: Mapping[str, Any], who: str, extra: frozenset[str] = frozenset()
+    ) -> tuple[Allocation, dict[str, Any]]:
+        """Check ``spec``; returns the allocation and the runtime-specific rest.
+
+        ``extra`` names the keys the calling runtime takes besides the page's;
+        any other key is an error listing the valid ones.
+        """
+        cfg = dict(spec)
+        unknown = set(cfg) - PAGE_KEYS - extra
+        if unknown:
+            raise TaskDefinitionError(
+                f"{who}: unknown key(s) {sorted(unknown)}; valid keys are "
+                f"{sorted(PAGE_KEYS | extra)}"
+            )
+        if "account" in cfg and "project" in cfg and cfg["account"] != cfg["project"]:
+            raise TaskDefinitionError(
+                f"{who}: 'account' and 'project' mean the same thing; give only one"
+            )
+        resource = cfg.pop("resource")
+        if not isinstance(resource, str) or not resource:
+            raise TaskDefinitionError(
+                f"{who}: 'resource' must be a name such as 'slurm', got {resource!r}"
+            )
+        queue = cfg.pop("queue", None)
+        if queue is not None and not isinstance(queue, str):
+            raise TaskDefinitionError(f"{who}: 'queue' must be a str, got {queue!r}")
+        walltime = cfg.pop("walltime", DEFAULT_WALLTIME)
+        if isinstance(walltime, float) and walltime > 0:
+            walltime = math.ceil(walltime)
+        cpn = cfg.pop("cores_per_node", None)
+        account = cfg.pop("account", cfg.pop("project", None))
+        alloc = cls(
+            resource=resource,
+            queue=queue,
+            nodes=_whole(who, "nodes", cfg.pop("nodes", 1)),
+            cores_per_node=None if cpn is None else _whole(who, "cores_per_node", cpn),
+            gpus_per_node=_whole(who, "gpus_per_node", cfg.pop("gpus_per_node", 0), 0),
+            walltime=_whole(who, "walltime", walltime),
+            account=None if account is None else str(account),
+        )
+        return alloc, cfg
+
+    @property
+    def walltime_hms(self) -> str:
+        """``walltime`` as Slurm's ``HH:MM:SS``."""
+        hours, minutes = divmod(self.walltime, 60)
+        return f"{hours:02d}:{minutes:02d}:00"
+
+    def sbatch_options(self) -> list[str]:
+        """The ``sbatch`` options this allocation asks for, per job of ``nodes``."""
+        opts = [f"--nodes={self.nodes}", f"--time={self.walltime}"]
+        if self.queue:
+            opts.append(f"--partition={self.queue}")
+        if self.account:
+            opts.append(f"--account={self.account}")
+        if self.cores_per_node:
+            opts.append(f"--ntasks-per-node={self.cores_per_node}")
+        if self.gpus_per_node:
+            opts.append(f"--gres=gpu:{self.gpus_per_node}")
+        return opts
+
+    def require(self, who: str, *resources: str) -> None:
+        """Refuse a ``resource`` this runtime cannot reach with the dict alone."""
+        if self.resource not in resources:
+            raise TaskDefinitionError(
+                f"{who}: resource {self.resource!r} is not a batch system it can "
+                f"submit to from this dict (it knows {', '.join(map(repr, resources))})"
+                "; for another site pass the runtime's own configuration object"
+            )
+
+
+def _slurm_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise BackendStartError(
+            f"'resource': 'slurm' needs Slurm's {name} on PATH, and it is not "
+            "there: run on a login node of the cluster (or load its Slurm module)"
+        )
+    return path
+
+
+def preflight(alloc: Allocation, who: str) -> None:
+    """Fail now, with Slurm's reason, if it could never run ``alloc``'s job.
+
+    ``sbatch --test-only`` asks the controller without queueing anything: an
+    unknown partition or account, more nodes than the partition has, GPUs on a
+    cluster without any, or a walltime above the partition's limit.
+    """
+    sbatch = _slurm_tool("sbatch")
+    res = subprocess.run(
+        [sbatch, "--test-only", *alloc.sbatch_options(), "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if res.returncode != 0:
+        reason = " ".join(
+            line.removeprefix("sbatch: error: ").strip()
+            for line in res.stderr.splitlines()
+            if line.strip()
+        )
+        raise BackendStartError(
+            f"{who}: Slurm can never run the requested allocation "
+            f"({' '.join(alloc.sbatch_options())}): {reason or 'no reason given'}; "
+            "check the dict's queue, nodes, gpus_per_node and walltime against "
+            "`sinfo`"
+        )
+
+
+_CTLD_HOST = re.compile(r"^SlurmctldHost\[0\]\s*=\s*(\S+)", re.M)
+
+
+def _controller_host() -> str:
+    res = subprocess.run(
+        [_slurm_tool("scontrol"), "show", "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = _CTLD_HOST.search(res.stdout)
+    if res.returncode != 0 or match is None:
+        raise BackendStartError(
+            "cannot read the Slurm controller's address from `scontrol show "
+            f"config`: {res.stderr.strip() or 'no SlurmctldHost line'}"
+        )
+    name, _, addr = match.group(1).partition("(")
+    return addr.rstrip(")") or name
+
+
+def driver_address() -> str:
+    """The address of this host on the network its Slurm nodes share.
+
+    The route to the Slurm controller goes over that network (the nodes reach
+    the controller, and the controller usually runs on or next to the login
+    node), so the local end of a UDP socket connected there is an address the
+    nodes can reach.  Connecting a UDP socket sends nothing.
+    """
+    host = _controller_host()
+    try:
+        target = socket.getaddrinfo(host, 6817, type=socket.SOCK_DGRAM)[0][4][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((target, 6817))
+            return str(sock.getsockname()[0])
+    except OSError as exc:
+        raise BackendStartError(
+            f"cannot find this host's address toward the Slurm controller {host}: "
+            f"{exc}; pass the address workers should use explicitly"
+        ) from exc
