@@ -127,9 +127,7 @@ class SlurmCluster:
         """Start ``argv`` on the login node, in a session of its own."""
         kw.setdefault("env", self.env)
         kw.setdefault("text", True)
-        return subprocess.Popen(
-            [*self.nsenter(), *argv], start_new_session=True, **kw
-        )
+        return subprocess.Popen([*self.nsenter(), *argv], start_new_session=True, **kw)
 
     def run(
         self, argv: Sequence[str], timeout: float = 60, **kw: Any
@@ -148,9 +146,7 @@ class SlurmCluster:
 
     def jobs(self) -> list[dict[str, str]]:
         """Every job Slurm still knows of that is not finished."""
-        res = self.run(
-            ["squeue", "-h", "-o", "%i|%j|%T|%R|%D|%P|%l"], timeout=30
-        )
+        res = self.run(["squeue", "-h", "-o", "%i|%j|%T|%R|%D|%P|%l"], timeout=30)
         keys = ("id", "name", "state", "reason", "nodes", "partition", "timelimit")
         return [
             dict(zip(keys, line.split("|"), strict=True))
@@ -266,9 +262,7 @@ class SlurmCluster:
         while True:
             res = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=15)
             states = dict(line.split() for line in res.stdout.splitlines())
-            if res.returncode == 0 and all(
-                states.get(n) == "idle" for n in self.nodes
-            ):
+            if res.returncode == 0 and all(states.get(n) == "idle" for n in self.nodes):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(

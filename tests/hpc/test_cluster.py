@@ -75,7 +75,8 @@ def test_driver_address_is_the_login_nodes(driver: Driver, slurm: SlurmCluster) 
         """
         import json
         from asyncflow.hpc import Allocation, driver_address, preflight
-        preflight(Allocation.from_mapping({"resource": "slurm", "nodes": 3}, "t")[0], "t")
+        alloc, _ = Allocation.from_mapping({"resource": "slurm", "nodes": 3}, "t")
+        preflight(alloc, "t")
         print(json.dumps({"address": driver_address()}))
         """
     )
