@@ -11,39 +11,20 @@ dict checked once (a typo fails in the constructor, not in a batch job an hour
 later); each adapter turns it into its runtime's own object: a PilotDescription,
 a Parsl ``SlurmProvider``, a dask-jobqueue ``SLURMCluster``.
 
-What every runtime needs from the batch system lives here too, so that it is
-done the same way everywhere:
-
-* :func:`preflight` asks Slurm whether it could ever run the job
-  (``sbatch --test-only``), so an unknown partition or more nodes than exist
-  fails at once with the scheduler's own reason instead of a job that never
-  starts;
-* :func:`driver_address` finds the address compute nodes reach this process at:
-  a runtime that advertised 127.0.0.1, fine on a laptop, would leave every
-  worker dialling its own loopback.
+What every runtime needs from the batch system itself (a preflight, the
+driver's address, watching and cancelling jobs) is in :mod:`asyncflow.slurm`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import shutil
-import socket
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BackendStartError, TaskDefinitionError
+from .errors import TaskDefinitionError
 
-__all__ = [
-    "PAGE_KEYS",
-    "SLURM",
-    "Allocation",
-    "driver_address",
-    "is_allocation",
-    "preflight",
-]
+__all__ = ["PAGE_KEYS", "SLURM", "Allocation", "is_allocation"]
 
 #: ``'resource': 'slurm'``: the Slurm cluster this machine submits to
 SLURM = "slurm"
@@ -164,82 +145,3 @@ class Allocation:
                 f"submit to from this dict (it knows {', '.join(map(repr, resources))})"
                 "; for another site pass the runtime's own configuration object"
             )
-
-
-def _slurm_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise BackendStartError(
-            f"'resource': 'slurm' needs Slurm's {name} on PATH, and it is not "
-            "there: run on a login node of the cluster (or load its Slurm module)"
-        )
-    return path
-
-
-def preflight(alloc: Allocation, who: str) -> None:
-    """Fail now, with Slurm's reason, if it could never run ``alloc``'s job.
-
-    ``sbatch --test-only`` asks the controller without queueing anything: an
-    unknown partition or account, more nodes than the partition has, GPUs on a
-    cluster without any, or a walltime above the partition's limit.
-    """
-    sbatch = _slurm_tool("sbatch")
-    res = subprocess.run(
-        [sbatch, "--test-only", *alloc.sbatch_options(), "--wrap", "true"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if res.returncode != 0:
-        reason = " ".join(
-            line.removeprefix("sbatch: error: ").strip()
-            for line in res.stderr.splitlines()
-            if line.strip()
-        )
-        raise BackendStartError(
-            f"{who}: Slurm can never run the requested allocation "
-            f"({' '.join(alloc.sbatch_options())}): {reason or 'no reason given'}; "
-            "check the dict's queue, nodes, gpus_per_node and walltime against "
-            "`sinfo`"
-        )
-
-
-_CTLD_HOST = re.compile(r"^SlurmctldHost\[0\]\s*=\s*(\S+)", re.M)
-
-
-def _controller_host() -> str:
-    res = subprocess.run(
-        [_slurm_tool("scontrol"), "show", "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    match = _CTLD_HOST.search(res.stdout)
-    if res.returncode != 0 or match is None:
-        raise BackendStartError(
-            "cannot read the Slurm controller's address from `scontrol show "
-            f"config`: {res.stderr.strip() or 'no SlurmctldHost line'}"
-        )
-    name, _, addr = match.group(1).partition("(")
-    return addr.rstrip(")") or name
-
-
-def driver_address() -> str:
-    """The address of this host on the network its Slurm nodes share.
-
-    The route to the Slurm controller goes over that network (the nodes reach
-    the controller, and the controller usually runs on or next to the login
-    node), so the local end of a UDP socket connected there is an address the
-    nodes can reach.  Connecting a UDP socket sends nothing.
-    """
-    host = _controller_host()
-    try:
-        target = socket.getaddrinfo(host, 6817, type=socket.SOCK_DGRAM)[0][4][0]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect((target, 6817))
-            return str(sock.getsockname()[0])
-    except OSError as exc:
-        raise BackendStartError(
-            f"cannot find this host's address toward the Slurm controller {host}: "
-            f"{exc}; pass the address workers should use explicitly"
-        ) from exc

@@ -57,7 +57,8 @@ def test_preflight_gives_the_scheduler_reason(
         f"""
         import json
         from asyncflow.errors import BackendStartError
-        from asyncflow.hpc import Allocation, preflight
+        from asyncflow.hpc import Allocation
+        from asyncflow.slurm import preflight
         alloc, _ = Allocation.from_mapping(
             {{"resource": "slurm", **{allocation!r}}}, "test"
         )
@@ -74,7 +75,8 @@ def test_driver_address_is_the_login_nodes(driver: Driver, slurm: SlurmCluster) 
     out = driver(
         """
         import json
-        from asyncflow.hpc import Allocation, driver_address, preflight
+        from asyncflow.hpc import Allocation
+        from asyncflow.slurm import driver_address, preflight
         alloc, _ = Allocation.from_mapping({"resource": "slurm", "nodes": 3}, "t")
         preflight(alloc, "t")
         print(json.dumps({"address": driver_address()}))
