@@ -29,6 +29,10 @@ class EventKind(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     RETRIED = "retried"
+    BACKEND = "backend"
+    """Not a task's: what a backend's runtime is doing (``name`` is ``queued``,
+    ``running`` or ``ended``, ``detail`` says which batch job and why), so a
+    job waiting in a batch queue shows as waiting rather than as a hang."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class TaskEvent:
     backend: str
     attempt: int
     deps: tuple[str, ...] = ()
+    detail: str = ""
 
 
 Subscriber = Callable[[TaskEvent], None]

@@ -27,9 +27,13 @@ class ProgressDisplay:
         self._task = self._progress.add_task("", total=0)
         self._state: dict[str, EventKind] = {}
         self._counts: Counter[EventKind] = Counter()
+        self._backends: dict[str, str] = {}  # backend label -> what it is doing
 
     def __call__(self, event: TaskEvent) -> None:
         kind = event.kind
+        if kind is EventKind.BACKEND:
+            self._backends[event.backend] = event.detail
+            return self._redraw()
         if kind is EventKind.RETRIED:
             kind = EventKind.SUBMITTED
         old = self._state.get(event.uid)
@@ -40,6 +44,9 @@ class ProgressDisplay:
         else:
             self._state[event.uid] = kind
         self._counts[kind] += 1
+        self._redraw()
+
+    def _redraw(self) -> None:
         done = sum(self._counts[k] for k in _FINAL)
         total = done + len(self._state)
         text = "  ".join(
@@ -47,6 +54,11 @@ class ProgressDisplay:
             for k in EventKind
             if self._counts[k] and k is not EventKind.CREATED
         )
+        if self._backends:
+            from rich.markup import escape  # a nodelist such as n[1-3] is no markup
+
+            states = self._backends.items()
+            text += "".join(f"  {escape(f'{b}: {d}')}" for b, d in states)
         self._progress.update(self._task, completed=done, total=total, description=text)
 
     def start(self) -> None:

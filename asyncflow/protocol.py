@@ -137,6 +137,11 @@ class CompletionSink(Protocol):
     def set_running(self, uid: str) -> None:
         """Optional: the task started on a worker (used for events and traces)."""
 
+    def set_backend_state(self, backend: object, state: str, detail: str) -> None:
+        """Optional: what ``backend``'s runtime is doing, for events and progress:
+        ``state`` is ``queued``, ``running`` or ``ended``, ``detail`` a sentence
+        such as "Slurm job 12 is waiting in the queue (Resources)"."""
+
 
 @runtime_checkable
 class ExecutionBackend(Protocol):

@@ -572,6 +572,17 @@ class Scheduler:
             except Exception:
                 log.exception("event subscriber %r failed", callback)
 
+    def _emit_backend(self, backend: object, state: str, detail: str) -> None:
+        label = self._labels.get(id(backend), "engine")
+        event = TaskEvent(
+            time.time(), EventKind.BACKEND, "", state, label, 0, (), detail
+        )
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event subscriber %r failed", callback)
+
 
 def _value_of(fut: TaskFuture) -> Any:
     if fut._tstate is not TaskState.DONE:  # a piped upstream, still running

@@ -38,6 +38,10 @@ class _Sink:
         if self._engine._subscribers:  # only observers care; skip the hop otherwise
             self._push((uid, 2, None))
 
+    def set_backend_state(self, backend: object, state: str, detail: str) -> None:
+        if self._engine._subscribers:
+            self._push(("", 3, (backend, state, detail)))
+
     def _push(self, item: tuple[str, int, Any]) -> None:
         self._queue.append(item)
         if not self._scheduled:
@@ -59,6 +63,9 @@ class _Sink:
         engine = self._engine
         while queue:
             uid, kind, value = queue.popleft()
+            if kind == 3:
+                engine._emit_backend(*value)
+                continue
             if kind == 2:
                 fut = inflight.get(uid)
                 if fut is not None and fut._tstate is TaskState.SUBMITTED:
