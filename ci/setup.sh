@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install asyncflow with every runtime and the test
-# tools, plus the out-of-tree example adapter the tests exercise.
+# tools, plus the out-of-tree example adapter the tests exercise.  As root, also
+# install the Debian packages of the Slurm test cluster (tests/hpc), if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+need=()
+for tool in slurmctld:slurm-wlm munged:munge nsenter:util-linux ip:iproute2 ss:iproute2; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "ci/setup.sh: the Slurm tests need ${need[*]} (apt-get install as root)" >&2
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
