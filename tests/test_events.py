@@ -104,3 +104,33 @@ def test_engine_shuts_down_when_its_loop_ends() -> None:
 
     asyncio.run(forgetful())
     assert backend._closed
+
+
+class _QueuedBackend(ConcurrentExecutionBackend):
+    """A thread pool that says, as a batch runtime would, that its job waits."""
+
+    async def start(self, sink) -> None:  # type: ignore[no-untyped-def]
+        await super().start(sink)
+        sink.set_backend_state(self, "queued", "Slurm job 7 is waiting (Resources)")
+
+
+async def test_backend_state_is_an_event_and_shows_in_progress() -> None:
+    from asyncflow.progress import ProgressDisplay
+
+    seen: list[TaskEvent] = []
+    progress = ProgressDisplay()
+    flow = WorkflowEngine(backend={"hpc": _QueuedBackend(ThreadPoolExecutor(1))})
+    flow.subscribe(seen.append)
+    flow.subscribe(progress)
+    try:
+        await flow.start()
+        await flow.function_task(t.inc)(1)
+    finally:
+        await flow.shutdown()
+    backend_events = [e for e in seen if e.kind is EventKind.BACKEND]
+    assert [(e.backend, e.name, e.detail) for e in backend_events] == [
+        ("hpc", "queued", "Slurm job 7 is waiting (Resources)")
+    ]
+    assert "hpc: Slurm job 7 is waiting (Resources)" in str(
+        progress._progress.tasks[0].description
+    )
