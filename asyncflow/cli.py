@@ -18,6 +18,7 @@ import runpy
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -57,6 +58,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     if ns.backend:
         os.environ["ASYNCFLOW_BACKEND"] = ns.backend
+    if ns.hpc:
+        text = ns.hpc if ns.hpc.lstrip().startswith("{") else Path(ns.hpc).read_text()
+        os.environ["ASYNCFLOW_HPC"] = text
     if ns.backend_option:
         options = json.loads(os.environ.get("ASYNCFLOW_BACKEND_OPTIONS") or "{}")
         options.update(dict(ns.backend_option))
@@ -189,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="backend constructor option (value parsed as JSON if "
         "it can be), repeatable",
+    )
+    run.add_argument(
+        "--hpc",
+        metavar="JSON|FILE",
+        help='the reference page\'s HPC allocation, e.g. \'{"resource": "slurm", '
+        '"queue": "debug", "nodes": 2, "walltime": 30}\', or a file '
+        "holding it; for dask, parsl and radical",
     )
     run.add_argument(
         "--trace", metavar="FILE", help="write a Chrome trace-event JSON of every task"

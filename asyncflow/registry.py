@@ -63,6 +63,11 @@ KNOWN: dict[str, tuple[str, str | None, str | None, str]] = {
 }
 
 
+#: in-tree backends that take the reference page's HPC allocation dict
+#: (``{'resource': 'slurm', 'queue': ..., 'nodes': ...}``) as first argument
+BATCH = frozenset({"dask", "parsl", "radical"})
+
+
 @dataclass(frozen=True)
 class BackendStatus:
     name: str
@@ -150,23 +155,38 @@ def capabilities_of(name: str) -> Any:
         return None
 
 
-def load_backend(name: str, **options: Any) -> Any:
+def load_backend(name: str, *args: Any, **options: Any) -> Any:
     """Instantiate the backend registered as ``name`` with ``options``."""
-    return backend_class(name)(**options)
+    return backend_class(name)(*args, **options)
+
+
+def _json_object(var: str, example: str) -> dict[str, Any]:
+    raw = os.environ.get(var, "").strip()
+    try:
+        value = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise TaskDefinitionError(
+            f"{var} is not valid JSON ({exc}); use e.g. '{example}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise TaskDefinitionError(f"{var} must be a JSON object, e.g. '{example}'")
+    return value
 
 
 def default_backend() -> Any:
     """``$ASYNCFLOW_BACKEND`` (with ``$ASYNCFLOW_BACKEND_OPTIONS`` as JSON), else
-    a thread pool."""
+    a thread pool; ``$ASYNCFLOW_HPC``, the page's allocation dict as JSON, is
+    handed to a batch-capable backend, so that a script moves to a cluster
+    without an edit."""
     name = os.environ.get("ASYNCFLOW_BACKEND", "").strip() or "threads"
-    raw = os.environ.get("ASYNCFLOW_BACKEND_OPTIONS", "").strip()
-    try:
-        options = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as exc:
+    options = _json_object("ASYNCFLOW_BACKEND_OPTIONS", '{"n_workers": 2}')
+    allocation = _json_object("ASYNCFLOW_HPC", '{"resource": "slurm", "nodes": 2}')
+    if not allocation:
+        return load_backend(name, **options)
+    if name in KNOWN and name not in BATCH:
         raise TaskDefinitionError(
-            f"ASYNCFLOW_BACKEND_OPTIONS is not valid JSON ({exc}); use e.g. "
-            "'{\"n_workers\": 2}'"
-        ) from None
-    if not isinstance(options, dict):
-        raise TaskDefinitionError("ASYNCFLOW_BACKEND_OPTIONS must be a JSON object")
-    return load_backend(name, **options)
+            f"backend {name!r} takes no HPC allocation (ASYNCFLOW_HPC / --hpc); "
+            f"use one of {', '.join(sorted(BATCH))}, or start Ray in a batch job "
+            "and attach with --backend-option address=HOST:6379"
+        )
+    return load_backend(name, allocation, **options)

@@ -83,6 +83,18 @@ async def test_default_backend_from_environment(
         WorkflowEngine()
 
 
+def test_an_allocation_for_a_backend_without_batch_jobs_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ASYNCFLOW_BACKEND", "threads")
+    monkeypatch.setenv("ASYNCFLOW_HPC", '{"resource": "slurm", "nodes": 2}')
+    with pytest.raises(TaskDefinitionError, match="'threads' takes no HPC alloc.*dask"):
+        WorkflowEngine()
+    monkeypatch.setenv("ASYNCFLOW_HPC", '["slurm"]')
+    with pytest.raises(TaskDefinitionError, match="ASYNCFLOW_HPC must be a JSON obj"):
+        WorkflowEngine()
+
+
 def test_calling_a_task_outside_a_loop_is_a_clear_error() -> None:
     flow = WorkflowEngine(backend=threads())
     with pytest.raises(
