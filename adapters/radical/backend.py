@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..._util import run_in_thread
@@ -135,6 +135,8 @@ class RadicalExecutionBackend:
         if self._closed:
             raise EngineClosedError("this RadicalExecutionBackend was shut down")
         self._sink = sink
+        if self._runtime.slurm is not None:  # the pilot's queue state, reported
+            self._runtime.slurm.attach(self, sink)
         ready = self._runtime.start()
         if not ready.done():
             # not asyncio.wrap_future: cancelling this await would cancel the
@@ -218,14 +220,17 @@ class RadicalExecutionBackend:
             else:
                 sink.set_exception(rec.uid, value)
         else:
-            sink.set_exception(rec.uid, _lost(rec.name, task, state))
+            sink.set_exception(rec.uid, self._lost(rec.name, task, state))
+
+    def _lost(self, name: str, task: Any, state: str) -> BaseException:
+        return _lost(name, task, state, self._runtime.pilot_lost)
 
     def _deliver_command(
         self, rec: Record, task: Any, state: str, sink: CompletionSink
     ) -> None:
         code = task.exit_code
         if state == rp.CANCELED or code is None:
-            sink.set_exception(rec.uid, _lost(rec.name, task, state))
+            sink.set_exception(rec.uid, self._lost(rec.name, task, state))
             return
         try:
             sbox = ru.Url(task.sandbox).path
@@ -234,6 +239,14 @@ class RadicalExecutionBackend:
         out = _read(os.path.join(sbox, f"{task.uid}.out"), task.stdout)
         if state == rp.DONE and code == 0:
             sink.set_result(rec.uid, out)
+            return
+        # killed by a signal: by Slurm, if the pilot's job reached its walltime?
+        gone = self._runtime.job_gone() if code < 0 or code > 128 else None
+        if gone is not None:
+            sink.set_exception(
+                rec.uid,
+                WorkerLostError(f"executable task {rec.name!r} was killed: {gone}"),
+            )
             return
         err = _read(os.path.join(sbox, f"{task.uid}.err"), task.stderr)
         assert rec.command is not None
@@ -260,6 +273,8 @@ class RadicalExecutionBackend:
             return
         self._closed = True
         self.cancel(list(self._records))
+        if self._runtime.slurm is not None:
+            self._runtime.slurm.detach(self)
         if self._owns:
             await run_in_thread(self._runtime.close, name="asyncflow-radical-close")
 
@@ -302,15 +317,23 @@ def _check_resources(
     return None
 
 
-def _lost(name: str, task: Any, state: str) -> BaseException:
-    """What a task that did not run to an exit code becomes."""
+def _lost(
+    name: str, task: Any, state: str, pilot_lost: Callable[[], str]
+) -> BaseException:
+    """What a task that did not run to an exit code becomes.
+
+    A task radical.pilot failed because its pilot died gets the runtime's
+    reason (a Slurm job's walltime, say), whether or not the runtime had
+    noticed the pilot's end before this task's callback came.
+    """
     detail = task.exception or ""
     if detail == LOST:  # its process died: AsyncflowWorker says how
         return WorkerLostError(f"task {name!r}: {task.exception_detail}")
     tail = (task.exception_detail or "").strip().splitlines()[-3:]
     text = f"{detail} {' | '.join(tail)}".strip() or "no detail"
-    pilot_gone = "pilot" in text and ("died" in text or "final" in text)
-    if state == rp.CANCELED or pilot_gone:
+    if "pilot" in text and ("died" in text or "final" in text):
+        return WorkerLostError(f"task {name!r}: {pilot_lost()}")
+    if state == rp.CANCELED:
         return WorkerLostError(
             f"task {name!r}: radical.pilot ended it as {state} ({text})"
         )

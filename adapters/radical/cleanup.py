@@ -25,12 +25,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import reaper
-from ._rp import FINAL
+from ._rp import FINAL, ru
 
 __all__ = [
     "Watchdog",
     "children",
     "close_session",
+    "log_tail",
     "proxy_pids",
     "remove_leftovers",
     "stop_pilot",
@@ -131,11 +132,39 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def log_tail(session: Any, pilot: Any) -> str:
+    """The last lines of the logs that explain a pilot that did not start."""
+    files = []
+    if session is not None:
+        with contextlib.suppress(Exception):
+            files.append(os.path.join(session.path, "pmgr_launching.0000.log"))
+    if pilot is not None:
+        with contextlib.suppress(Exception):
+            sandbox = ru.Url(pilot.pilot_sandbox).path
+            files += [
+                os.path.join(sandbox, name)
+                for name in ("bootstrap_0.out", "agent_0.err")
+            ]
+    out = []
+    for path in files:
+        try:
+            with open(path, errors="replace") as f:
+                tail = f.read().strip().splitlines()[-6:]
+        except OSError:
+            continue
+        if tail:
+            out.append(f"\n[{os.path.basename(path)}] " + "\n".join(tail))
+    return "".join(out)
+
+
 # -- the shutdown steps ------------------------------------------------------------
 
 
-def bounded(fn: Callable[[], Any], timeout: float) -> None:
-    """Run a blocking radical.pilot call, giving up (not waiting) after timeout."""
+def bounded(
+    fn: Callable[[], Any], timeout: float, until: Callable[[], bool] | None = None
+) -> None:
+    """Run a blocking radical.pilot call, giving up (not waiting) after timeout,
+    or as soon as ``until()`` says its work is done anyway."""
     done = threading.Event()
 
     def run() -> None:
@@ -152,23 +181,32 @@ def bounded(fn: Callable[[], Any], timeout: float) -> None:
     except RuntimeError:  # interpreter shutdown (atexit, Python >= 3.12)
         run()
         return
-    done.wait(max(0.1, timeout))
+    deadline = time.monotonic() + max(0.1, timeout)
+    step = 0.25 if until is not None else timeout
+    while not done.wait(max(0.0, min(step, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline or (until is not None and until()):
+            return
 
 
-def stop_pilot(pmgr: Any, pilot: Any, deadline: float) -> None:
+def stop_pilot(
+    pmgr: Any, pilot: Any, deadline: float, gone: Callable[[], bool] | None = None
+) -> None:
     """Cancel the pilot, and kill it if cancelling does not end it in time.
 
     Cancelling first lets the agent stop its components in order, which spares
     the reaper most of its work; the remaining budget leaves room for the
-    session and the reaper.
+    session and the reaper.  ``gone()`` says the pilot's batch job has left
+    the queue: radical.pilot notices that only seconds later, and its nodes
+    are gone anyway.
     """
     if pmgr is None or pilot is None or pilot.state in FINAL:
         return
     bounded(
         lambda: pmgr.cancel_pilots(uids=[pilot.uid], _timeout=6),
         min(8.0, deadline - time.monotonic() - 5),
+        gone,
     )
-    if pilot.state not in FINAL:
+    if pilot.state not in FINAL and not (gone is not None and gone()):
         bounded(
             lambda: pmgr.kill_pilots(uids=[pilot.uid], _timeout=2),
             min(3.0, deadline - time.monotonic() - 4),

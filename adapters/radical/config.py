@@ -8,6 +8,9 @@ impossible pilot should fail in the constructor, not a minute later in a
 background thread.  The same pass works out the :class:`Layout` the backend
 needs to refuse oversized tasks without a round trip: how many cores are left
 for executables, how big the raptor workers are, whether MPI can run.
+
+``'resource': 'slurm'`` has no radical.pilot resource config; its nodes come
+from the dict (or ``sinfo``) and :mod:`.batch` writes the config at start.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import TaskDefinitionError
+from ...hpc import SLURM, Allocation
+from . import batch
 from ._rp import rp, ru
 
 __all__ = ["Layout", "pilot_description", "plan", "spawn_environment"]
@@ -89,6 +94,41 @@ class Layout:
     worker_cores: int  # slots per raptor worker
     n_workers: int
     mpi: bool  # ranks > 1 can run
+    #: ``'resource': 'slurm'``: the batch job the pilot is (see :mod:`.batch`)
+    allocation: Allocation | None = None
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What is known of the resource's nodes before anything starts."""
+
+    cores_per_node: int  # 0: unknown
+    gpus_per_node: int
+    mem_per_node: int
+    fake: bool  # radical.pilot pretends the node (local.localhost)
+    local: bool
+
+
+@dataclass(frozen=True)
+class _Capacity:
+    """The pilot's size as the dict asks for it."""
+
+    nodes: int
+    node_cores: int  # 0: unknown
+    total: int  # cores; 0: unknown (radical.pilot counts whole nodes)
+    gpus: int
+    by_cores: bool  # described by cores (not whole nodes) in the PilotDescription
+
+
+@dataclass(frozen=True)
+class _Raptor:
+    """How the pilot's cores are shared between raptor and executables."""
+
+    function_cores: int
+    worker_cores: int
+    n_workers: int
+    pilot_cores: int
+    task_cores: int
 
 
 def _positive_int(key: str, value: Any, zero_ok: bool = False) -> int:
@@ -119,6 +159,65 @@ def plan(
     resources: Mapping[str, Any] | None, function_cores: int | None = None
 ) -> Layout:
     """Check ``resources`` and work out the pilot; TaskDefinitionError if wrong."""
+    cfg = _checked(resources)
+    resource = cfg.pop("resource", None) or "local.localhost"
+    if not isinstance(resource, str):
+        raise TaskDefinitionError(f"'resource' must be a str, got {resource!r}")
+    pd: dict[str, Any] = {"resource": resource}
+    walltime = cfg.pop("walltime", cfg.pop("runtime", DEFAULT_WALLTIME))
+    pd["runtime"] = _positive_int(
+        "walltime", math.ceil(walltime) if isinstance(walltime, float) else walltime
+    )
+    project = cfg.pop("account", cfg.pop("project", None))
+    if project is not None:
+        pd["project"] = str(project)
+    site = _site(resource, cfg)
+    cap = _capacity(cfg, site)
+    raptor = _raptor(cap, site, function_cores)
+    if cap.by_cores:
+        pd["cores"] = raptor.pilot_cores
+        if cap.gpus:
+            pd["gpus"] = cap.gpus
+    else:
+        pd["nodes"] = cap.nodes
+    memory = cfg.pop("memory", None)
+    if memory is not None:
+        pd["memory"] = _positive_int("memory", memory)
+    mem_node = site.mem_per_node
+    mem_total = pd.get("memory") or (mem_node * cap.nodes if mem_node else None)
+    # radical.pilot's default ends the driver (SIGTERM to its main thread) when
+    # the pilot fails; asyncflow fails the pilot's tasks instead
+    pd["exit_on_error"] = False
+    pd.update(cfg)  # the remaining native keys pass through
+    allocation = None
+    if resource == SLURM:
+        allocation = batch.allocation(pd, site.cores_per_node)
+        pd["resource"] = batch.RP_RESOURCE
+    try:
+        rp.PilotDescription(dict(pd)).verify()
+    except Exception as exc:
+        raise TaskDefinitionError(
+            f"RadicalExecutionBackend: radical.pilot rejects the pilot {pd}: {exc}"
+        ) from None
+    mpi = not site.local or bool(shutil.which("mpiexec") or shutil.which("mpirun"))
+    return Layout(
+        pd,
+        resource,
+        site.local,
+        max(raptor.task_cores, 0),
+        cap.node_cores,
+        cap.gpus,
+        mem_total,
+        raptor.function_cores,
+        raptor.worker_cores,
+        raptor.n_workers,
+        mpi,
+        allocation,
+    )
+
+
+def _checked(resources: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The dict's keys, checked: unknown ones and synonyms given twice fail."""
     if not isinstance(resources, Mapping | None):
         raise TaskDefinitionError(
             "RadicalExecutionBackend() takes a dict such as "
@@ -138,24 +237,32 @@ def plan(
                 f"RadicalExecutionBackend: {a!r} and {b!r} mean the same thing; "
                 "give only one"
             )
-    resource = cfg.pop("resource", None) or "local.localhost"
-    if not isinstance(resource, str):
-        raise TaskDefinitionError(f"'resource' must be a str, got {resource!r}")
+    return cfg
+
+
+def _site(resource: str, cfg: Mapping[str, Any]) -> _Site:
+    """The resource's nodes: from radical.pilot's config, or for ``'slurm'``
+    (which has none) from the dict, and else from ``sinfo``."""
+    if resource == SLURM:
+        cpn = cfg.get("cores_per_node")
+        cores = (
+            _positive_int("cores_per_node", cpn)
+            if cpn is not None
+            else batch.sinfo_cores_per_node(cfg.get("queue"))
+        )
+        return _Site(cores, 0, 0, fake=False, local=False)
     rcfg = _resource_config(resource)
-    rcfg_cpn = int(rcfg.get("cores_per_node") or 0)
-    rcfg_gpn = int(rcfg.get("gpus_per_node") or 0)
-    fake = bool(rcfg.get("fake_resources"))
-    local = resource.startswith("local.")
-
-    pd: dict[str, Any] = {"resource": resource}
-    walltime = cfg.pop("walltime", cfg.pop("runtime", DEFAULT_WALLTIME))
-    pd["runtime"] = _positive_int(
-        "walltime", math.ceil(walltime) if isinstance(walltime, float) else walltime
+    return _Site(
+        int(rcfg.get("cores_per_node") or 0),
+        int(rcfg.get("gpus_per_node") or 0),
+        int(rcfg.get("mem_per_node") or 0),
+        fake=bool(rcfg.get("fake_resources")),
+        local=resource.startswith("local."),
     )
-    project = cfg.pop("account", cfg.pop("project", None))
-    if project is not None:
-        pd["project"] = str(project)
 
+
+def _capacity(cfg: dict[str, Any], site: _Site) -> _Capacity:
+    """Pop the size keys: ``cores``/``gpus`` or ``nodes`` x ``*_per_node``."""
     nodes = cfg.pop("nodes", None)
     cpn = cfg.pop("cores_per_node", None)
     gpn = cfg.pop("gpus_per_node", None)
@@ -171,10 +278,12 @@ def plan(
             "RadicalExecutionBackend: give either 'gpus' or 'gpus_per_node'"
         )
     n_nodes = _positive_int("nodes", nodes) if nodes is not None else 1
-    node_cores = _positive_int("cores_per_node", cpn) if cpn is not None else rcfg_cpn
+    node_cores = (
+        _positive_int("cores_per_node", cpn) if cpn is not None else site.cores_per_node
+    )
     if cores is not None:
         total = _positive_int("cores", cores)
-    elif nodes is None and cpn is None and local:
+    elif nodes is None and cpn is None and site.local:
         total = DEFAULT_LOCAL_CORES
     elif node_cores:
         total = n_nodes * node_cores
@@ -185,15 +294,24 @@ def plan(
     elif gpus is not None:
         n_gpus = _positive_int("gpus", gpus, zero_ok=True)
     elif nodes is not None and cpn is None and cores is None:
-        n_gpus = n_nodes * rcfg_gpn  # whole nodes come with their GPUs
+        n_gpus = n_nodes * site.gpus_per_node  # whole nodes come with their GPUs
     else:
         n_gpus = 0
+    by_cores = bool(total) or cores is not None or cpn is not None
+    return _Capacity(n_nodes, node_cores, total, n_gpus, by_cores)
 
-    # Raptor: one master core plus the worker slots.  Where radical.pilot fakes
-    # the node (local.localhost), it comes on top of the task cores; on a real
-    # machine it is carved out of the pilot.
+
+def _raptor(cap: _Capacity, site: _Site, function_cores: int | None) -> _Raptor:
+    """One raptor master core plus the worker slots, and what is left.
+
+    Where radical.pilot fakes the node (local.localhost), raptor comes on top
+    of the task cores; on a real machine it is carved out of the pilot, and
+    must leave executables at least one core: radical.pilot would otherwise
+    queue them for ever (a 1-node, 2-core pilot hung that way).
+    """
+    total, node_cores = cap.total, cap.node_cores
     if function_cores is None:
-        fn_cores = total if fake else max(1, min(node_cores or total, total // 2))
+        fn_cores = total if site.fake else max(1, min(node_cores or total, total // 2))
     else:
         fn_cores = _positive_int("function_cores", function_cores, zero_ok=True)
     if not total and fn_cores:
@@ -201,67 +319,35 @@ def plan(
     worker_cores = min(fn_cores, node_cores) if node_cores else fn_cores
     n_workers = math.ceil(fn_cores / worker_cores) if fn_cores else 0
     raptor = (1 + fn_cores) if fn_cores else 0
-    if fake:
-        pilot_cores = total + raptor
-        task_cores = total
-    else:
-        pilot_cores = total
-        task_cores = total - raptor
-        if total and task_cores < 0:
-            raise TaskDefinitionError(
-                f"RadicalExecutionBackend: the pilot has {total} cores but function "
-                f"tasks need {raptor} (a raptor master and {fn_cores} worker "
-                "slots); ask for more cores or pass function_cores=0"
-            )
-    if total or cores is not None or cpn is not None:
-        pd["cores"] = pilot_cores
-        if n_gpus:
-            pd["gpus"] = n_gpus
-    else:
-        pd["nodes"] = n_nodes
-    memory = cfg.pop("memory", None)
-    if memory is not None:
-        pd["memory"] = _positive_int("memory", memory)
-    mem_per_node = int(rcfg.get("mem_per_node") or 0)
-    mem_total = pd.get("memory") or (mem_per_node * n_nodes if mem_per_node else None)
-    # radical.pilot's default ends the driver (SIGTERM to its main thread) when
-    # the pilot fails; asyncflow fails the pilot's tasks instead
-    pd["exit_on_error"] = False
-    pd.update(cfg)  # the remaining native keys pass through
-    try:
-        rp.PilotDescription(dict(pd)).verify()
-    except Exception as exc:
+    if site.fake:
+        return _Raptor(fn_cores, worker_cores, n_workers, total + raptor, total)
+    if total and total - raptor < 1:
+        shape = f"{cap.nodes} node(s) x {node_cores}" if node_cores else "cores"
         raise TaskDefinitionError(
-            f"RadicalExecutionBackend: radical.pilot rejects the pilot {pd}: {exc}"
-        ) from None
-    mpi = not local or bool(shutil.which("mpiexec") or shutil.which("mpirun"))
-    return Layout(
-        pd,
-        resource,
-        local,
-        max(task_cores, 0),
-        node_cores,
-        n_gpus,
-        mem_total,
-        fn_cores,
-        worker_cores,
-        n_workers,
-        mpi,
-    )
+            f"RadicalExecutionBackend: the pilot has {total} core(s) ({shape}) "
+            f"and function tasks would take {raptor} of them (a raptor master and "
+            f"{fn_cores} worker slot(s)), leaving no core for executable tasks, "
+            "which would wait for ever; pass function_cores=0 to run executables "
+            f"only, or ask for more (e.g. 'nodes': {cap.nodes + 1})"
+        )
+    return _Raptor(fn_cores, worker_cores, n_workers, total, total - raptor)
 
 
 _ENV_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def spawn_environment(base: str) -> Iterator[None]:
+def spawn_environment(
+    base: str, extra: Mapping[str, str] | None = None
+) -> Iterator[None]:
     """The environment radical.pilot's client processes must be spawned with.
 
     radical.pilot passes them no environment of its own, so the variables it
     needs (PATH and VIRTUAL_ENV for the agent, RADICAL_PROFILE and RADICAL_REPORT
-    off, TMPDIR and RADICAL_BASE under the runtime's temp directory) are set only
-    while those processes are spawned, then restored: the user's process keeps
-    its own.  Serialised, because two runtimes may start at once.
+    off, TMPDIR and RADICAL_BASE under the runtime's temp directory, and the
+    ``extra`` ones of a Slurm pilot) are set only while those processes are
+    spawned, then restored: the user's process keeps its own.  Serialised,
+    because two runtimes may start at once.
     """
     venv = os.environ.get("VIRTUAL_ENV") or (
         sys.prefix if sys.prefix != sys.base_prefix else ""
@@ -282,7 +368,8 @@ def spawn_environment(base: str) -> Iterator[None]:
     }
     if venv:
         want["VIRTUAL_ENV"] = venv
-    with _ENV_LOCK:
+    want.update(extra or {})
+    with _ENV_LOCK, batch.advertised_interface(want.get("RADICAL_DEFAULT_IFACE")):
         saved = {k: os.environ.get(k) for k in want}
         os.environ.update(want)
         try:

@@ -28,6 +28,7 @@ from typing import Any
 from ...errors import BackendStartError, EngineClosedError
 from . import cleanup
 from ._rp import FINAL, rp, ru
+from .batch import SlurmPilot
 from .config import plan, spawn_environment
 from .dispatch import Dispatcher
 from .worker import WORKER_FILE
@@ -53,6 +54,11 @@ class RadicalRuntime:
     ``function_cores`` sizes the raptor workers (0: no function tasks),
     ``start_timeout`` bounds the wait for the pilot (default 600 s on
     local.localhost, unbounded elsewhere: batch queues take their time).
+
+    ``'resource': 'slurm'`` submits the pilot to this host's Slurm cluster as
+    a batch job of exactly the dict's partition, nodes, walltime and account
+    (see :mod:`.batch`); its temp directory then goes to the current directory
+    by default, which the nodes share, unlike the login node's /tmp.
     """
 
     _ids = itertools.count(1)
@@ -68,6 +74,11 @@ class RadicalRuntime:
     ):
         self.layout = plan(resources, function_cores)
         self.keep_files = keep_files
+        #: the pilot's batch job, for ``'resource': 'slurm'``
+        self.slurm: SlurmPilot | None = None
+        if self.layout.allocation is not None:
+            self.slurm = SlurmPilot(self.layout.allocation, self.pilot_lost)
+            workdir = workdir or os.getcwd()
         self._workdir = workdir
         if start_timeout is None and self.layout.local:
             start_timeout = LOCAL_START_TIMEOUT
@@ -93,6 +104,7 @@ class RadicalRuntime:
         self._closed = False
         self._close_done = threading.Event()
         self.broken: str | None = None  # why no task can run any more
+        self._broken_lock = threading.Lock()
         self.functions_broken: str | None = None
         self.timings: dict[str, float] = {}
 
@@ -157,7 +169,8 @@ class RadicalRuntime:
         watchdog = self._watchdog = cleanup.Watchdog([base], self.keep_files)
         before = cleanup.children()
         mp_before = _mp_tempdir()
-        with spawn_environment(base):
+        extra = self.slurm.prepare(base) if self.slurm else {}
+        with spawn_environment(base, extra):
             self.session = rp.Session(cfg={"base": base, "client_sandbox": base})
             self._check_abort()
             self.pmgr = rp.PilotManager(session=self.session)
@@ -173,6 +186,8 @@ class RadicalRuntime:
         self._roots_extra = self._outside_roots(pd.get("sandbox"))
         if not pd.get("sandbox"):
             pd["sandbox"] = base
+        if self.slurm:
+            pd["job_name"] = self.slurm.job_name
         for root in self._roots_extra:
             watchdog.tell(f"root {root}")
         # the session's proxy made multiprocessing create its temp directory,
@@ -285,41 +300,46 @@ class RadicalRuntime:
             raise BackendStartError("the runtime was closed while it was starting")
 
     def _pilot_log_tail(self) -> str:
-        """The last lines of the logs that explain a pilot that did not start."""
-        files = []
-        if self.session is not None:
-            with contextlib.suppress(Exception):
-                files.append(os.path.join(self.session.path, "pmgr_launching.0000.log"))
-        if self.pilot is not None:
-            with contextlib.suppress(Exception):
-                sandbox = ru.Url(self.pilot.pilot_sandbox).path
-                files += [
-                    os.path.join(sandbox, name)
-                    for name in ("bootstrap_0.out", "agent_0.err")
-                ]
-        out = []
-        for path in files:
-            try:
-                with open(path, errors="replace") as f:
-                    tail = f.read().strip().splitlines()[-6:]
-            except OSError:
-                continue
-            if tail:
-                out.append(f"\n[{os.path.basename(path)}] " + "\n".join(tail))
-        return "".join(out)
+        return cleanup.log_tail(self.session, self.pilot)
 
     # -- health (radical.pilot's callback threads) --------------------------------
     def _on_pilot_state(self, pilots: Any, *_: Any) -> None:
         # radical.pilot 1.103 calls pilot callbacks with a list of pilots
         for pilot in pilots if isinstance(pilots, list) else [pilots]:
-            if pilot.state in FINAL and not self._closed and not self.broken:
-                self.broken = (
-                    f"the pilot {pilot.uid} on {self.layout.resource!r} "
-                    f"ended ({pilot.state})"
-                )
-                # radical.pilot fails the tasks it holds, but not those on
-                # their way to it, which would then wait forever
-                self.dispatcher.fail_all(f"{self.broken} with the task in flight")
+            if pilot.state in FINAL and not self._closed:
+                self.pilot_lost()
+
+    def pilot_lost(self, reason: str | None = None) -> str:
+        """The pilot is gone: say why once, and fail every task still in flight.
+
+        Called by radical.pilot's pilot callback, by the Slurm job's watch, and
+        by the backend for a task radical.pilot failed because its pilot died,
+        whichever comes first: the first reason is the one every task gets.
+        radical.pilot fails the tasks it holds, but not those on their way to
+        it, which would then wait for ever.
+        """
+        with self._broken_lock:
+            first = self.broken is None
+            if first:
+                self.broken = reason or self._why_pilot_ended()
+            broken = self.broken
+        assert broken is not None
+        if first and not self._closed:
+            self.dispatcher.fail_all(broken)
+        return broken
+
+    def job_gone(self) -> str | None:
+        """For a task killed by a signal: did the pilot's batch job end under it?"""
+        if self.broken or self.slurm is None:
+            return self.broken
+        why = self.slurm.gone()
+        return None if why is None else self.pilot_lost(f"the pilot's {why}")
+
+    def _why_pilot_ended(self) -> str:
+        uid, state = getattr(self.pilot, "uid", "?"), getattr(self.pilot, "state", "")
+        if self.slurm is not None:
+            return self.slurm.ended(uid, state)
+        return f"the pilot {uid} on {self.layout.resource!r} ended ({state})"
 
     def _lost_raptor(self, task: Any, state: str) -> None:
         detail = task.exception or "no detail"
@@ -357,8 +377,12 @@ class RadicalRuntime:
         if thread is not None:  # a start in progress cannot be interrupted
             thread.join(30 if not self._ready.done() else 1)
         self.dispatcher.stop()
-        cleanup.stop_pilot(self.pmgr, self.pilot, deadline)
+        gone = self.slurm.over if self.slurm is not None else None
+        cleanup.stop_pilot(self.pmgr, self.pilot, deadline, gone)
         self.timings["pilot_final"] = time.monotonic() - t0
+        if self.slurm is not None:  # nothing of the pilot left in the queue
+            self.slurm.close()
+            self.timings["jobs_gone"] = time.monotonic() - t0
         cleanup.close_session(
             self.session, [self.tmgr, self.pmgr], self.keep_files, deadline
         )
