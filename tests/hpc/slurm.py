@@ -343,15 +343,29 @@ def _empty_namespace(ns: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python tests/hpc/slurm.py up``: a cluster until Ctrl-C, for a look around."""
-    if len(argv) != 1 or argv[0] != "up":
-        print("usage: python tests/hpc/slurm.py up", file=sys.stderr)
+    """``up``: a cluster until Ctrl-C, for a look around; ``run -- CMD``: CMD on
+    the login node of a fresh cluster (a benchmark, a workflow), then stop."""
+    if (
+        not argv
+        or argv[0] not in ("up", "run")
+        or (argv[0] == "run") != (len(argv) > 2 and argv[1] == "--")
+    ):
+        print(
+            "usage: python tests/hpc/slurm.py up | run -- COMMAND...", file=sys.stderr
+        )
         return 2
     why = missing()
     if why:
         print(why, file=sys.stderr)
         return 1
     with SlurmCluster() as cluster:
+        if argv[0] == "run":
+            proc = cluster.popen(argv[2:])
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                os.killpg(proc.pid, signal.SIGINT)
+                return proc.wait()
         login = " ".join(cluster.nsenter())
         print(
             f"Slurm is up: {len(cluster.nodes)} nodes in partition {PARTITION!r}.\n"
