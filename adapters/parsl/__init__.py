@@ -25,6 +25,11 @@ Why the adapter looks the way it does:
 * The default configuration is a loopback-only HighThroughputExecutor whose run
   directory lives in a temp dir that shutdown removes, with Parsl logging at
   WARNING: Parsl's defaults (DEBUG, ``./runinfo``) write 100+ MB per benchmark.
+* The reference page's HPC dict (``{'resource': 'slurm', 'queue': ..., 'nodes':
+  ...}``) becomes the same kind of executor over Parsl's SlurmProvider: one
+  block of ``nodes`` nodes, an interchange the nodes can reach, a preflight that
+  refuses an impossible request at once, and the job watched, reported and
+  cancelled through :class:`asyncflow.slurm.BatchJobs`.
 
 The adapter is split by job:
 
@@ -36,6 +41,9 @@ The adapter is split by job:
     for workers, cleaning it up and reaping its worker blocks;
 ``config``
     ``local_htex_config``, ``QuietFileLogging`` and the PATH HTEX needs;
+``slurm``
+    the page's HPC dict translated into a Slurm configuration, and the Slurm
+    side of such a backend (preflight, interchange address, its jobs);
 ``executors``
     what asyncflow knows about each Parsl executor and the resources it offers;
 ``submit``

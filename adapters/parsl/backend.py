@@ -1,9 +1,11 @@
 """ParslExecutionBackend itself: its construction, start, cancel and shutdown.
 
 The protocol's lifecycle lives here: choosing the runtime (the default local
-HTEX, a Config to load, or a loaded DataFlowKernel to attach to), declaring what
-the chosen executors can do, watching that their HTEX interchanges still run,
-cancelling tasks (through ``cancel``) and releasing the DFK at shutdown.
+HTEX, the page's HPC dict translated by ``slurm``, a Config to load, or a
+loaded DataFlowKernel to attach to), declaring what the chosen executors can do,
+watching that their HTEX interchanges still run (and, for the dict, that its
+Slurm job still does), cancelling tasks (through ``cancel``) and releasing the
+DFK at shutdown.
 Submission and results are the mixins it is built from (``submit``,
 ``results``).
 """
@@ -11,19 +13,23 @@ Submission and results are the mixins it is built from (``submit``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import InvalidStateError
 from typing import Any
 
 import parsl
 from parsl.config import Config
 from parsl.dataflow.dflow import DataFlowKernel
+from parsl.executors.errors import BadStateException
 
 from ..._util import run_in_thread
-from ...errors import EngineClosedError, TaskDefinitionError
+from ...errors import EngineClosedError, TaskDefinitionError, WorkerLostError
+from ...hpc import is_allocation
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...worker import pid_dir_under
 from .base import _InterchangeLost, _Task, log
@@ -32,6 +38,7 @@ from .config import local_htex_config
 from .executors import _Profile
 from .results import _ResultsMixin
 from .runtime import _dead_interchanges, _Runtime
+from .slurm import SlurmBlocks
 from .submit import _SubmitMixin
 
 C = Capability
@@ -61,6 +68,12 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
     * ``ParslExecutionBackend()``: a local HighThroughputExecutor with
       ``max_workers`` workers on 127.0.0.1 and a temporary run directory, all
       removed at shutdown.
+    * ``ParslExecutionBackend({'resource': 'slurm', 'queue': ..., 'nodes': ...,
+      'cores_per_node': ..., 'gpus_per_node': ..., 'walltime': minutes,
+      'account': ...})``: the reference page's HPC dict, one Slurm job of
+      ``nodes`` nodes running HTEX workers (see ``asyncflow.adapters.parsl.slurm``
+      for the mapping); the job is cancelled and its run directory removed at
+      shutdown.
     * ``ParslExecutionBackend(config)``: loads any ``parsl.config.Config`` (Slurm,
       PBS, ... through Parsl's providers) and cleans that DFK up at shutdown.
     * ``ParslExecutionBackend(dfk)``: attaches to a loaded ``DataFlowKernel``,
@@ -79,7 +92,7 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
 
     def __init__(
         self,
-        config: Config | DataFlowKernel | None = None,
+        config: Config | DataFlowKernel | Mapping[str, Any] | None = None,
         *,
         executor: str | None = None,
         max_workers: int = 2,
@@ -87,39 +100,11 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
         wait_for_workers: float | None = None,
         _runtime: _Runtime | None = None,
     ):
-        if _runtime is not None:
-            runtime = _runtime
-        elif config is None:
-            tmpdir = tempfile.mkdtemp(prefix="asyncflow-parsl-")
-            worker_tmp = os.path.join(tmpdir, "tmp")
-            try:
-                cfg = local_htex_config(
-                    os.path.join(tmpdir, "runinfo"),
-                    max_workers=max_workers,
-                    # unix socket paths below it must stay under 108 bytes
-                    worker_tmpdir=worker_tmp if len(worker_tmp) <= 60 else None,
-                    command_pids=pid_dir_under(tmpdir),
-                )
-            except BaseException:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-                raise
-            runtime = _Runtime(
-                cfg,
-                None,
-                tmpdir,
-                60.0 if wait_for_workers is None else wait_for_workers,
-            )
-        elif isinstance(config, DataFlowKernel):
-            if config.cleanup_called:
-                raise TaskDefinitionError("this Parsl DataFlowKernel was cleaned up")
-            runtime = _Runtime(None, config, None, None)
-        elif isinstance(config, Config):
-            runtime = _Runtime(config, None, None, wait_for_workers)
-        else:
-            raise TaskDefinitionError(
-                "ParslExecutionBackend takes a parsl.config.Config, a loaded "
-                f"DataFlowKernel or nothing, got {type(config).__name__}"
-            )
+        runtime = (
+            _runtime
+            if _runtime is not None
+            else _runtime_for(config, max_workers, wait_for_workers)
+        )
         self._runtime = runtime
         self._profiles = {e.label: _Profile(e) for e in runtime.executors}
         if not self._profiles:
@@ -132,6 +117,9 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
                 f"{sorted(self._profiles)}"
             )
         self._label = executor
+        if runtime.batch is not None:
+            advice = "the allocation dict asks for none: set 'gpus_per_node'"
+            self._profiles[executor].advice = advice
         self._routable = _runtime is None  # per_executor() backends stay put
         self._kill_functions = kill_running_functions
         self._token = f"af{os.getpid()}x{next(_tokens)}"
@@ -149,13 +137,17 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
 
     @classmethod
     def per_executor(
-        cls, config: Config | DataFlowKernel, **kwargs: Any
+        cls, config: Config | DataFlowKernel | Mapping[str, Any], **kwargs: Any
     ) -> dict[str, ParslExecutionBackend]:
         """One backend per executor label, sharing one DFK (cleaned up, if it was
         loaded here, when the last of them shuts down)."""
+        if is_allocation(config):  # the page's dict: one executor
+            backend = cls(config, **kwargs)
+            return {backend._label: backend}
         if isinstance(config, DataFlowKernel):
             runtime = _Runtime(None, config, None, None)
         else:
+            assert isinstance(config, Config)
             runtime = _Runtime(config, None, None, kwargs.pop("wait_for_workers", None))
         return {
             e.label: cls(None, executor=e.label, _runtime=runtime, **kwargs)
@@ -232,6 +224,13 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
         if self._closed:
             raise EngineClosedError("this ParslExecutionBackend was shut down")
         self._sink = sink
+        batch = self._runtime.batch
+        if batch is not None and self._start_job is None:
+            state = getattr(sink, "set_backend_state", None)
+            batch.connect(
+                None if state is None else lambda s, d: state(self, s, d),
+                self._jobs_lost,
+            )
         if self._start_job is None:
             # Shielded: if the engine gives up waiting, shutdown() still knows
             # whether the DFK came up and must be released.
@@ -269,6 +268,34 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
         loop = asyncio.get_running_loop()
         self._watch = loop.call_later(_WATCH_PERIOD, self._check_interchanges)
 
+    def _jobs_lost(self, message: str) -> None:
+        """The Slurm job holding this backend's workers ended under it (walltime,
+        node failure, someone's ``scancel``; called from the job watch thread).
+        Parsl starts no new block here, so its tasks would wait forever: fail
+        every unfinished one now, and mark the executor bad so that later ones
+        fail at once too."""
+        if self._closed:
+            return
+        hint = "ask for a longer 'walltime' and " if "walltime" in message else ""
+        err = _InterchangeLost(
+            f"{message}; Parsl executor {self._label!r} can run no more tasks: "
+            f"{hint}start a new backend"
+        )
+        batch = self._runtime.batch
+        ex = batch.executor if batch is not None and self._runtime.dfk else None
+        if ex is not None and not ex.bad_state_is_set:
+            try:
+                ex.set_bad_state_and_fail_all(err)
+            except RuntimeError:  # its task table changed under us: once more
+                for fut in list(ex.tasks.values()):
+                    with contextlib.suppress(InvalidStateError):
+                        fut.set_exception(BadStateException(ex, err))
+        sink = self._sink
+        for uid in list(self._tasks):
+            task = self._tasks.pop(uid, None)
+            if task is not None and sink is not None:
+                sink.set_exception(uid, WorkerLostError(f"task {task.name!r}: {err}"))
+
     async def shutdown(self) -> None:
         if self._closed:
             return
@@ -280,7 +307,7 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
         if job is None:
             runtime = self._runtime
             if runtime.owned and runtime.users == 0 and runtime.dfk is None:
-                runtime._remove_tmpdir()  # never started: only the temp dir exists
+                runtime._discard()  # never started: only the temp dir exists
             return
         try:
             await asyncio.shield(job)
@@ -327,3 +354,47 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
             control = self._runtime.control
             if control is not None:
                 control.forget([task.key])
+
+
+def _runtime_for(
+    config: Config | DataFlowKernel | Mapping[str, Any] | None,
+    max_workers: int,
+    wait_for_workers: float | None,
+) -> _Runtime:
+    """The runtime a ``ParslExecutionBackend(config)`` runs on: the default local
+    HTEX, a loaded DFK, a Config, or the page's HPC dict translated by ``slurm``."""
+    if config is None:
+        tmpdir = tempfile.mkdtemp(prefix="asyncflow-parsl-")
+        worker_tmp = os.path.join(tmpdir, "tmp")
+        try:
+            cfg = local_htex_config(
+                os.path.join(tmpdir, "runinfo"),
+                max_workers=max_workers,
+                # unix socket paths below it must stay under 108 bytes
+                worker_tmpdir=worker_tmp if len(worker_tmp) <= 60 else None,
+                command_pids=pid_dir_under(tmpdir),
+            )
+        except BaseException:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        return _Runtime(
+            cfg,
+            None,
+            tmpdir,
+            60.0 if wait_for_workers is None else wait_for_workers,
+        )
+    if isinstance(config, DataFlowKernel):
+        if config.cleanup_called:
+            raise TaskDefinitionError("this Parsl DataFlowKernel was cleaned up")
+        return _Runtime(None, config, None, None)
+    if isinstance(config, Config):
+        return _Runtime(config, None, None, wait_for_workers)
+    if is_allocation(config):
+        assert isinstance(config, Mapping)
+        batch = SlurmBlocks(config)
+        return _Runtime(batch.config, None, None, wait_for_workers, batch=batch)
+    raise TaskDefinitionError(
+        "ParslExecutionBackend takes the page's HPC dict ({'resource': "
+        "'slurm', ...}), a parsl.config.Config, a loaded DataFlowKernel or "
+        f"nothing, got {type(config).__name__}"
+    )

@@ -27,7 +27,8 @@ log = logging.getLogger("asyncflow.parsl")
 
 
 class _InterchangeLost(WorkerLostError):
-    """An HTEX interchange exited under its executor (set as its bad state)."""
+    """An HTEX executor can run no more tasks (set as its bad state): its
+    interchange exited, or the batch job holding its workers ended."""
 
 
 class _Task:

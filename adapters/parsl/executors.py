@@ -30,6 +30,7 @@ class _Profile:
     """What asyncflow knows about one Parsl executor."""
 
     __slots__ = (
+        "advice",
         "cores",
         "gpus",
         "htex",
@@ -50,6 +51,8 @@ class _Profile:
         self.mpi = bool(getattr(ex, "enable_mpi_mode", False))
         self.memory: float | None = None  # MB per task slot, None: unknown
         self.gpus = 0
+        #: what to do about a GPU request it refuses, where the backend knows
+        self.advice: str | None = None
         if isinstance(ex, ParslThreadPoolExecutor):
             self.slots = int(ex.max_threads or 1)
             self.cores: float | None = float(self.slots)
@@ -120,7 +123,9 @@ class _Profile:
             self._refuse(
                 res,
                 name,
-                f"{self.gpus} accelerator(s) per worker (available_accelerators)",
+                f"{self.gpus} accelerator(s) per worker ("
+                + (self.advice or "available_accelerators")
+                + ")",
             )
         memory = self.memory
         if res.memory is not None and memory is not None and res.memory > memory:

@@ -6,7 +6,10 @@ the last of them shuts down; a DFK the caller passed in stays up.  The DFK is
 built directly (not with ``parsl.load``), so a user's global DFK stays
 untouched.  Cleaning up goes further than ``dfk.cleanup()``: the local worker
 blocks' process groups are reaped, and a DFK whose HTEX interchange died gets a
-time limit, because Parsl's own cleanup then blocks forever.
+time limit, because Parsl's own cleanup then blocks forever.  A runtime built
+from the page's HPC dict also owns its Slurm side (``slurm.SlurmBlocks``):
+started before the DFK loads, closed after Parsl's cleanup, so that no job is
+left in the queue even if Parsl's own ``scancel`` failed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import parsl
 from parsl.config import Config
@@ -32,6 +36,9 @@ from .base import log
 from .cancel import _Control
 from .config import _fix_path
 from .executors import _Profile
+
+if TYPE_CHECKING:
+    from .slurm import SlurmBlocks
 
 _INTERNAL = "_parsl_internal"
 #: How long cleaning up may wait for a DFK whose interchange died (Parsl's own
@@ -52,6 +59,7 @@ class _Runtime:
         dfk: DataFlowKernel | None,
         tmpdir: str | None,
         wait_for_workers: float | None,
+        batch: SlurmBlocks | None = None,
     ):
         self.fix_path = tmpdir is None  # the default config brings its own PATH
         self.config = config
@@ -63,6 +71,7 @@ class _Runtime:
         self.closed = False
         self._lock = threading.Lock()
         self.control: _Control | None = None
+        self.batch = batch
 
     @property
     def executors(self) -> Sequence[ParslExecutor]:
@@ -83,7 +92,7 @@ class _Runtime:
                 except BaseException:
                     self.users -= 1
                     self.closed = True  # a Config cannot be loaded twice
-                    self._remove_tmpdir()
+                    self._discard()
                     raise
             assert self.dfk is not None
             profiles = [_Profile(e) for e in self.executors]
@@ -96,6 +105,8 @@ class _Runtime:
         assert self.config is not None
         if self.fix_path:
             _fix_path(self.config.executors)
+        if self.batch is not None:
+            self.batch.start()  # raises with Slurm's reason for an impossible job
         try:
             dfk = DataFlowKernel(self.config)
         except Exception as exc:
@@ -151,7 +162,7 @@ class _Runtime:
     def _cleanup(self) -> None:
         dfk = self.dfk
         if dfk is None:
-            self._remove_tmpdir()
+            self._discard()
             return
         groups = _local_block_groups(dfk)
         broken = bool(_dead_interchanges(dfk))
@@ -167,6 +178,15 @@ class _Runtime:
             # Without an interchange the blocks' managers would wait out their
             # heartbeat threshold: stop them now.
             _reap(groups, grace=0.0 if broken else 5.0)
+            self._discard()
+
+    def _discard(self) -> None:
+        """Release what this runtime owns besides the DFK: its Slurm jobs
+        (after Parsl's cleanup, which cancels them first), then its temp dir."""
+        try:
+            if self.batch is not None:
+                self.batch.close()
+        finally:
             self._remove_tmpdir()
 
     def _remove_tmpdir(self) -> None:
