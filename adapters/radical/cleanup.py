@@ -32,6 +32,7 @@ __all__ = [
     "children",
     "close_session",
     "log_tail",
+    "outside_roots",
     "proxy_pids",
     "remove_leftovers",
     "stop_pilot",
@@ -130,6 +131,21 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def outside_roots(base: str, session: Any, sandbox: str | None) -> list[str]:
+    """Where ``session`` leaves files outside ``base``, for the reaper."""
+    roots = []
+    # radical.utils fixed its id-counter directory when this process imported
+    # it (~/.radical/utils unless RADICAL_BASE was set); the session's
+    # counters go to a subdirectory named after the session
+    counters = getattr(ru.ids, "_BASE", None)
+    if counters and not os.path.realpath(counters).startswith(base):
+        roots.append(os.path.join(counters, session.uid))
+    if sandbox:  # the user's sandbox: only our session's part of it
+        real = os.path.realpath(sandbox)
+        roots.append(os.path.join(real, "radical.pilot.sandbox", session.uid))
+    return roots
 
 
 def log_tail(session: Any, pilot: Any) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ...errors import BackendStartError, EngineClosedError
 from . import cleanup
-from ._rp import FINAL, rp, ru
+from ._rp import FINAL, rp
 from .batch import SlurmPilot
 from .config import plan, spawn_environment
 from .dispatch import Dispatcher
@@ -183,7 +183,7 @@ class RadicalRuntime:
         self._check_abort()
         self.dispatcher.attach(self.tmgr)
         pd = dict(lay.description)
-        self._roots_extra = self._outside_roots(pd.get("sandbox"))
+        self._roots_extra = cleanup.outside_roots(base, self.session, pd.get("sandbox"))
         if not pd.get("sandbox"):
             pd["sandbox"] = base
         if self.slurm:
@@ -203,21 +203,6 @@ class RadicalRuntime:
         self._wait_active()
         self.timings["pilot_active"] = time.monotonic() - t0
         self.dispatcher.start()
-
-    def _outside_roots(self, sandbox: str | None) -> list[str]:
-        """Where this session leaves files outside ``base``, for the reaper."""
-        roots = []
-        # radical.utils fixed its id-counter directory when this process imported
-        # it (~/.radical/utils unless RADICAL_BASE was set); the session's
-        # counters go to a subdirectory named after the session
-        counters = getattr(ru.ids, "_BASE", None)
-        assert self.base is not None
-        if counters and not os.path.realpath(counters).startswith(self.base):
-            roots.append(os.path.join(counters, self.session.uid))
-        if sandbox:  # the user's sandbox: only our session's part of it
-            real = os.path.realpath(sandbox)
-            roots.append(os.path.join(real, "radical.pilot.sandbox", self.session.uid))
-        return roots
 
     def _wait_active(self) -> None:
         lay = self.layout
