@@ -21,20 +21,27 @@ Ownership: ``DaskExecutionBackend()`` starts a loopback ``LocalCluster`` (its
 keyword arguments override the defaults) and closes it at shutdown.  Given an
 address, a ``Client`` or a cluster object (``LocalCluster``, a dask-jobqueue
 cluster, ...), it opens a client of its own to that scheduler and closes only
-that client: the cluster and the caller's client stay up.
+that client: the cluster and the caller's client stay up.  Given the reference
+page's HPC dict (``{'resource': 'slurm', 'queue': ..., 'nodes': ...}``), it
+submits and owns a dask-jobqueue SLURMCluster of one job per node, and cancels
+the jobs at shutdown.
 
 Resources map onto Dask worker resources: ``cores`` onto ``CPU`` when the
 workers advertise it (the owned cluster does), else onto the worker's thread
 count; ``gpus`` onto ``GPU``; ``memory`` (MB) onto ``MEMORY`` (bytes) when
 advertised, else onto the worker's memory limit.  A request that no connected
 worker could ever meet fails at once with ResourceUnavailableError instead of
-waiting in the scheduler forev
+waiting in the scheduler forever.
 
 The adapter is split by job:
 
 ``backend``
     :class:`DaskExecutionBackend`: construction, start (own a LocalCluster or
     attach to a scheduler), cancel and shutdown;
+``slurm`` and ``allocation``
+    the page's HPC dict translated into SLURMCluster arguments, and owning that
+    cluster: Slurm asked first, its jobs watched, a job that ends failing the
+    tasks it takes away;
 ``submit`` and ``resources``
     batching ready tasks into ``client.map`` calls, piped and scattered
     arguments, and mapping ``Resources`` onto Dask worker resources;

@@ -1,7 +1,8 @@
 """DaskExecutionBackend itself: its construction, start, cancel and shutdown.
 
-The protocol's lifecycle lives here: owning a LocalCluster or attaching a client
-of our own to someone else's scheduler, subscribing to the topic workers push
+The protocol's lifecycle lives here: owning a LocalCluster (or, from the page's
+HPC dict, a SLURMCluster: see ``allocation``) or attaching a client of our own to
+someone else's scheduler, subscribing to the topic workers push
 small results to, and tearing all of that down (cancelling what still runs,
 killing running commands).  Submission and results are the mixins it is built
 from (``submit``, ``resources``, ``results``).
@@ -15,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask
@@ -23,12 +24,15 @@ import distributed
 from distributed import Client, Future, LocalCluster
 
 from ...errors import BackendStartError, EngineClosedError, TaskDefinitionError
+from ...hpc import is_allocation
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...worker import COMMAND_PIDS_ENV, kill_listed, pid_dir_under
+from .allocation import _AllocationMixin
 from .base import _Tracked, _Worker, log
 from .errors import _start_error
 from .resources import _ResourcesMixin
 from .results import _ResultsMixin
+from .slurm import SlurmPlan
 from .submit import _SubmitMixin
 from .worker import CommandReaper, _kill_on_worker
 
@@ -61,11 +65,16 @@ DEFAULT_CAPABILITIES = Capabilities.of(
 )
 
 
-class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
+class DaskExecutionBackend(
+    _SubmitMixin, _ResourcesMixin, _ResultsMixin, _AllocationMixin
+):
     """Runs tasks on a Dask distributed cluster.
 
     ``address`` is ``None`` (start and own a loopback LocalCluster configured by
-    ``**options``, e.g. ``n_workers=4``), a scheduler address such as
+    ``**options``, e.g. ``n_workers=4``), the reference page's HPC dict
+    (``{'resource': 'slurm', 'queue': ..., 'nodes': ..., 'walltime': ...}``:
+    own a dask-jobqueue SLURMCluster of one job per node, see ``slurm``; its
+    ``**options`` override the SLURMCluster arguments), a scheduler address such as
     ``"tcp://127.0.0.1:8786"``, a ``distributed.Client`` or a cluster object with
     a ``scheduler_address`` (LocalCluster, dask-jobqueue's SLURMCluster, ...).
     When attaching, ``**options`` go to the ``Client`` this backend opens.
@@ -76,16 +85,36 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
     #: for listings that must not start a runtime (``asyncflow backends``)
     CAPABILITIES = DEFAULT_CAPABILITIES
 
-    def __init__(self, address: str | Client | Any | None = None, **options: Any):
-        self._owns_cluster = address is None
-        self._cluster_options = (
-            {**DEFAULT_CLUSTER, **options} if address is None else {}
+    def __init__(
+        self,
+        address: str | Client | Mapping[str, Any] | Any | None = None,
+        **options: Any,
+    ):
+        # the dict is checked now: a typo fails here, not in a batch job
+        self._plan = (
+            SlurmPlan.from_mapping(address)
+            if isinstance(address, Mapping) and is_allocation(address)
+            else None
         )
-        self._client_options = options if address is not None else {}
+        target = None if self._plan is not None else address
+        self._owns_cluster = target is None
+        self._cluster_options = (
+            {**DEFAULT_CLUSTER, **options}
+            if address is None
+            else dict(options)
+            if self._plan is not None
+            else {}
+        )
+        self._client_options = options if target is not None else {}
         self._user_options = options
-        self._target = address
-        if address is not None:
-            self._address_of(address)  # fail now on a wrong type
+        self._target = target
+        if target is not None:
+            self._address_of(target)  # fail now on a wrong type
+        self._jobs = None
+        self._planned = []
+        self._job_ended = None
+        self._jobs_gone = set()
+        self._dead = None
         self._cluster: Any = None
         self._client: Client | None = None
         self._sink: CompletionSink | None = None
@@ -132,9 +161,14 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
     def _make_info(self) -> BackendInfo:
         supported = set(DEFAULT_CAPABILITIES.supported)
         reasons = dict(DEFAULT_CAPABILITIES.reasons)
-        if self._workers:
-            threads = sum(w.nthreads for w in self._workers)
-            gpus = any(w.resources.get("GPU", 0) > 0 for w in self._workers)
+        workers = self._workers or self._planned
+        if workers:
+            threads = sum(w.nthreads for w in workers)
+            gpus = any(w.resources.get("GPU", 0) > 0 for w in workers)
+        elif self._plan is not None:  # refined once Slurm describes the nodes
+            alloc = self._plan.alloc
+            threads = alloc.nodes * (alloc.cores_per_node or 2)
+            gpus = alloc.gpus_per_node > 0
         elif self._owns_cluster:
             o = self._cluster_options
             threads = (o.get("n_workers") or os.cpu_count() or 1) * (
@@ -149,6 +183,8 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         if gpus:
             supported.add(C.GPUS)
             reasons.pop(C.GPUS, None)
+        elif self._plan is not None:
+            reasons[C.GPUS] = "the allocation has no GPUs; add 'gpus_per_node'"
         return BackendInfo(
             name="dask" if self._processes else "dask-threads",
             runtime="dask.distributed",
@@ -169,7 +205,9 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
         self._sink = sink
         self._loop = asyncio.get_running_loop()
         try:
-            if self._owns_cluster:
+            if self._plan is not None:
+                await self._start_allocation()
+            elif self._owns_cluster:
                 await self._start_cluster()
             else:
                 await self._connect()
@@ -244,8 +282,8 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
             return address, getattr(target, "security", None)
         raise TaskDefinitionError(
             "DaskExecutionBackend(address) takes a scheduler address such as "
-            "'tcp://127.0.0.1:8786', a distributed.Client or a cluster object, got "
-            f"{target!r}"
+            "'tcp://127.0.0.1:8786', a distributed.Client, a cluster object or an "
+            f"HPC dict such as {{'resource': 'slurm', 'nodes': 2}}, got {target!r}"
         )
 
     # -- protocol: cancel ----------------------------------------------------------
@@ -330,6 +368,9 @@ class DaskExecutionBackend(_SubmitMixin, _ResourcesMixin, _ResultsMixin):
             if cluster is not None:
                 await cluster.close(timeout=CLOSE_TIMEOUT)
         finally:
+            # after the cluster's own scancel: wait until Slurm lists no job
+            with contextlib.suppress(Exception):
+                await self._close_jobs()
             scratch, self._scratch = self._scratch, None
             if scratch is not None:
                 # Commands outlive a worker the nanny killed, and a driver

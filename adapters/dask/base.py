@@ -19,6 +19,10 @@ from distributed import Client, Future
 from ...protocol import BackendInfo, CompletionSink
 from ...spec import TaskSpec
 
+if TYPE_CHECKING:
+    from ...slurm import BatchJobs
+    from .slurm import SlurmPlan
+
 log = logging.getLogger("asyncflow.dask")
 
 
@@ -32,15 +36,21 @@ class _Worker:
 
 
 class _Tracked:
-    __slots__ = ("future", "is_command", "key", "watcher")
+    __slots__ = ("future", "is_command", "key", "name", "watcher")
 
     def __init__(
-        self, future: Future, key: str, is_command: bool, watcher: asyncio.Task[None]
+        self,
+        future: Future,
+        key: str,
+        is_command: bool,
+        watcher: asyncio.Task[None],
+        name: str,
     ):
         self.future = future
         self.key = key
         self.is_command = is_command
         self.watcher = watcher
+        self.name = name  # for errors about a task that never reported
 
 
 class _DaskBase:
@@ -75,6 +85,14 @@ class _DaskBase:
     _refreshing: asyncio.Future[None] | None
     _processes: bool
     _info: BackendInfo
+    _scratch: str | None  # a temp dir shutdown removes
+    # An allocation from the page's HPC dict (see ``allocation``), else None/empty
+    _plan: SlurmPlan | None
+    _jobs: BatchJobs | None
+    _planned: list[_Worker]  # the workers the allocation will bring
+    _job_ended: asyncio.Event | None
+    _jobs_gone: set[str]
+    _dead: str | None  # why every job of the allocation is gone
 
     if TYPE_CHECKING:
         # Defined by DaskExecutionBackend and its mixins; declared here so that
@@ -87,6 +105,7 @@ class _DaskBase:
         def cancel(self, uids: Sequence[str]) -> None: ...
         async def shutdown(self) -> None: ...
         def _make_info(self) -> BackendInfo: ...
+        async def _why_lost(self) -> None: ...
 
     # -- helpers -------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

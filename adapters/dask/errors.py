@@ -63,6 +63,16 @@ def _is_pickling_error(exc: BaseException) -> bool:
     )
 
 
+def _lost_error(name: str, message: str) -> WorkerLostError:
+    """A task whose Slurm job ended under it (``message`` says how)."""
+    hint = (
+        "ask for a longer 'walltime' in the dict, or split the work"
+        if "walltime" in message
+        else "retry it (retries=...) or look at the job's log"
+    )
+    return WorkerLostError(f"task {name!r}: {message}; {hint}")
+
+
 def _start_error(exc: Exception, target: Any, owned: bool) -> Exception:
     if isinstance(exc, BackendStartError | EngineClosedError):
         return exc

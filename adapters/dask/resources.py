@@ -53,7 +53,8 @@ class _ResourcesMixin(_DaskBase):
                 f"task {spec.name!r} asks for {res.ranks} MPI ranks, but the Dask "
                 "backend has no MPI launcher; use a backend with MPI support"
             )
-        workers = self._workers
+        # Before an allocation's workers connect, check against those it brings.
+        workers = self._workers or self._planned
         want: dict[str, float] = {}
         if any("CPU" in w.resources for w in workers):
             want["CPU"] = res.cores
@@ -87,6 +88,19 @@ class _ResourcesMixin(_DaskBase):
             f"task {spec.name!r} asks for {_describe(res)}, but no Dask worker can "
             f"ever provide it ({len(workers)} worker(s); the largest has "
             f"{best.nthreads} thread(s), {limit}, resources "
-            f"{best.resources or '{}'}); lower the request, or start workers with "
-            'more --nthreads / --resources (e.g. "CPU=4 GPU=1")'
+            f"{best.resources or '{}'}); {self._fit_hint(res)}"
+        )
+
+    def _fit_hint(self, res: Resources) -> str:
+        if self._plan is None:
+            return (
+                "lower the request, or start workers with more --nthreads / "
+                '--resources (e.g. "CPU=4 GPU=1")'
+            )
+        if res.gpus and not self._plan.alloc.gpus_per_node:
+            return "the allocation has no GPUs: add 'gpus_per_node' to the dict"
+        return (
+            "lower the request, or ask the dict for bigger workers: "
+            "'processes_per_node' (fewer workers, more cores each), "
+            "'cores_per_node', 'gpus_per_node', 'memory_per_node'"
         )

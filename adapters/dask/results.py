@@ -14,6 +14,7 @@ import pickle
 from typing import Any
 
 from distributed import Future
+from distributed.scheduler import KilledWorker
 
 from ...errors import EngineClosedError
 from .base import _DaskBase
@@ -54,6 +55,8 @@ class _ResultsMixin(_DaskBase):
 
     async def _watch(self, uid: str, name: str, fut: Future) -> None:
         exc = await fut.exception()
+        if self._plan is not None and isinstance(exc, KilledWorker):
+            await self._why_lost()  # a job ending names its reason, cancelling this
         tracked = self._tasks.pop(uid, None)
         if tracked is None:
             return  # cancelled meanwhile

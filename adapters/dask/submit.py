@@ -27,7 +27,7 @@ from ...errors import (
 from ...spec import TaskSpec
 from ...worker import dumps_function
 from .base import _Tracked
-from .errors import _is_pickling_error
+from .errors import _is_pickling_error, _lost_error
 from .resources import _ResourcesMixin, _Unknown
 from .results import _ResultsMixin
 from .values import MB, DaskRemoteValue, _has_remote, _payload, _refs, _size, _swap
@@ -204,6 +204,11 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
     ) -> None:
         client = self._client
         assert client is not None and self._loop is not None
+        if self._dead is not None:  # no worker will ever come: say why now
+            for spec, _ in chunk:
+                err = _lost_error(spec.name, self._dead)
+                self._sink.set_exception(spec.uid, err)  # type: ignore[union-attr]
+            return
         keys = [args[1] for _, args in chunk]
         columns = list(zip(*(args for _, args in chunk), strict=True))
         try:
@@ -226,7 +231,7 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
         for (spec, _), fut, key in zip(chunk, futures, keys, strict=True):
             watcher = create_task(self._watch(spec.uid, spec.name, fut))
             self._tasks[spec.uid] = _Tracked(
-                fut, key, spec.command is not None, watcher
+                fut, key, spec.command is not None, watcher, spec.name
             )
             self._keys.add(key)
 

@@ -1,0 +1,159 @@
+"""Owning a dask-jobqueue SLURMCluster built from the page's HPC dict.
+
+The translation of the dict is in ``slurm``; this is the lifecycle around it,
+which no hand-written SLURMCluster has: Slurm is asked before anything is queued
+(an impossible request fails at once, with Slurm's reason), the jobs are watched
+by :class:`asyncflow.slurm.BatchJobs` (queue states reported to the engine), a
+job that ends under the backend fails the tasks it takes away instead of leaving
+them queued in Dask forever, and shutdown returns only once Slurm lists none of
+the jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import dask
+
+from ...errors import BackendStartError, TaskDefinitionError
+from ...slurm import BatchJobs, driver_address, preflight
+from .base import _DaskBase, log
+from .errors import _lost_error
+from .slurm import WHO, Shape, SlurmPlan, cluster_options, merge, node_shape
+from .worker import CommandReaper
+
+#: seconds a task whose worker died waits for Slurm to say why (BatchJobs polls
+#: every 2 s; a job stays COMPLETING for KillWait after its walltime)
+LOST_GRACE = 20.0
+_JOB_ID = re.compile(r"Slurm job (\S+)")
+
+
+def _log_dir() -> str:
+    """A temp dir for the job logs under the current directory, which the nodes
+    share with the login node on a cluster (``/tmp`` is not), as ``sbatch``'s own
+    ``slurm-<id>.out`` is; ``/tmp`` if the current directory is read-only."""
+    try:
+        return tempfile.mkdtemp(prefix=".asyncflow-dask-", dir=os.getcwd())
+    except OSError:
+        return tempfile.mkdtemp(prefix="asyncflow-dask-")
+
+
+class _AllocationMixin(_DaskBase):
+    """Owning a SLURMCluster: start it, watch its jobs, fail tasks they take away."""
+
+    async def _start_allocation(self) -> None:
+        plan = self._plan
+        assert plan is not None
+        self._job_ended = asyncio.Event()
+        try:
+            shape, host = await asyncio.to_thread(self._prepare_allocation, plan)
+        except (BackendStartError, TaskDefinitionError):
+            raise
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BackendStartError(f"{WHO}: cannot ask Slurm: {exc}") from exc
+        self._planned = shape.workers(plan.alloc.nodes)
+        self._info = self._make_info()
+        jobs = self._jobs
+        assert jobs is not None
+        self._scratch = _log_dir()
+        opts = merge(
+            cluster_options(plan, shape, host, f"{jobs.prefix}-dask", self._scratch),
+            self._cluster_options,
+        )
+        try:
+            await self._submit_jobs(opts, plan.alloc.nodes)
+        except (BackendStartError, TaskDefinitionError):
+            raise
+        except Exception as exc:
+            raise BackendStartError(
+                f"{WHO}: could not start Dask workers through Slurm "
+                f"({' '.join(plan.alloc.sbatch_options())}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _prepare_allocation(self, plan: SlurmPlan) -> tuple[Shape, str]:
+        """Blocking (run in a thread): ask Slurm before anything is queued, then
+        start watching the jobs under a name prefix of our own."""
+        preflight(plan.alloc, WHO)
+        shape = node_shape(plan)
+        host = driver_address()
+        report = getattr(self._sink, "set_backend_state", None)
+        self._jobs = BatchJobs(
+            WHO,
+            report=None if report is None else lambda s, d: report(self, s, d),
+            lost=self._lost_in_thread,
+        )
+        self._jobs.start()
+        return shape, host
+
+    async def _submit_jobs(self, opts: dict[str, Any], nodes: int) -> None:
+        from dask_jobqueue import SLURMCluster
+        from distributed import Client
+
+        # The engine owns retries: a task whose worker dies fails at once with
+        # WorkerLostError instead of being re-run (the scheduler reads its config
+        # when it starts, in the first await).
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            self._cluster = SLURMCluster(asynchronous=True, **opts)
+            await self._cluster
+        log.debug("dask: job script\n%s", self._cluster.job_script())
+        self._cluster.scale(jobs=nodes)
+        await self._cluster  # runs sbatch: its errors surface here
+        self._client = await Client(
+            self._cluster, asynchronous=True, set_as_default=False
+        )
+        await self._client.register_plugin(CommandReaper())
+
+    # -- jobs that end under the backend -------------------------------------------
+    def _lost_in_thread(self, message: str) -> None:
+        """BatchJobs' watch thread: hand the news to the loop."""
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(self._jobs_lost, message)
+
+    def _jobs_lost(self, message: str) -> None:
+        """A job ended under us: fail every unfinished task, and, once no job is
+        left, every task submitted later (Dask would queue them forever)."""
+        if self._closed or self._plan is None:
+            return
+        match = _JOB_ID.search(message)
+        self._jobs_gone.add(match.group(1) if match else message)
+        if len(self._jobs_gone) >= self._plan.alloc.nodes:
+            self._dead = message
+        if self._job_ended is not None:
+            self._job_ended.set()
+        tasks = list(self._tasks.items())
+        if not tasks:
+            return
+        log.warning("dask: %s; failing %d unfinished task(s)", message, len(tasks))
+        self.cancel([uid for uid, _ in tasks])
+        sink = self._sink
+        assert sink is not None
+        for uid, tracked in tasks:
+            sink.set_exception(uid, _lost_error(tracked.name, message))
+
+    async def _why_lost(self) -> None:
+        """A worker died under a task: give Slurm's reason (walltime, node
+        failure) a moment to arrive, so that the task fails naming it; a job
+        that ended fails the task from ``_jobs_lost`` and cancels this wait."""
+        ended = self._job_ended
+        if ended is not None and not ended.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ended.wait(), LOST_GRACE)
+
+    async def _close_jobs(self) -> None:
+        """After the cluster closed: cancel whatever is left of our jobs and wait
+        until Slurm lists none, so that shutdown leaves an empty queue."""
+        jobs, self._jobs = self._jobs, None
+        if jobs is not None:
+            left = await asyncio.to_thread(jobs.close)
+            if left:
+                log.warning("dask: Slurm jobs still listed at shutdown: %s", left)
