@@ -1,0 +1,400 @@
+"""DaskExecutionBackend(<the page's HPC dict>) on the Slurm test cluster.
+
+Every workflow runs as a user's would, on the login node; the backend owns a
+dask-jobqueue SLURMCluster of one job per node.  What is checked is what breaks on
+a real cluster: workers on other hosts reaching the scheduler and each other,
+no server on every interface, Slurm refusing a request, a job's walltime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..page import block_with
+from .conftest import Driver
+from .slurm import PARTITION, SlurmCluster
+
+REPO = str(Path(__file__).resolve().parents[2])
+HPC = {
+    "resource": "slurm",
+    "queue": PARTITION,
+    "nodes": 3,
+    "cores_per_node": 2,
+    "walltime": 10,
+}
+
+Paused = Callable[[str], tuple[dict[str, Any], Callable[[], dict[str, Any]]]]
+
+HEAD = """
+import asyncio, json, os, subprocess, sys, time
+from asyncflow import DaskExecutionBackend, WorkflowEngine
+from asyncflow.errors import BackendStartError, WorkerLostError
+
+def node(i=0):
+    time.sleep(0.3)
+    return os.environ["SLURMD_NODENAME"]
+
+async def pause(ready):
+    print(json.dumps(ready), flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+"""
+
+
+@pytest.fixture
+def paused(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Paused]:
+    """``ready, finish = paused(code)``: run a workflow script on the login node
+    until it prints its first JSON line (and awaits ``pause``); ``finish()``
+    lets it go on and returns its last JSON line."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(code: str) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+        script = tmp_path / "paused.py"
+        script.write_text(textwrap.dedent(HEAD) + textwrap.dedent(code))
+        proc = slurm.popen(
+            [sys.executable, str(script)], stdin=-1, stdout=-1, stderr=-1,
+            cwd=str(tmp_path),
+        )  # fmt: skip
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip():
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"driver exited {proc.returncode}\n{err[-6000:]}")
+
+        def finish() -> dict[str, Any]:
+            out, err = proc.communicate("go\n", timeout=120)
+            if proc.returncode != 0:
+                pytest.fail(f"driver exited {proc.returncode}\n{out}\n{err[-6000:]}")
+            return dict(json.loads(out.strip().splitlines()[-1]))
+
+        return json.loads(line), finish
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+@pytest.mark.timeout(30)
+def test_the_dict_becomes_a_job_script_and_typos_fail_in_the_constructor() -> None:
+    from dask_jobqueue.slurm import SLURMJob
+
+    from asyncflow import DaskExecutionBackend, TaskDefinitionError
+    from asyncflow.adapters.dask.slurm import SlurmPlan, cluster_options, node_shape
+
+    gpu_nodes = {
+        **HPC, "nodes": 2, "cores_per_node": 8, "gpus_per_node": 4, "walltime": 90,
+        "account": "abc", "memory_per_node": 16000, "worker_init": "module load x",
+    }  # fmt: skip
+    plan = SlurmPlan.from_mapping(gpu_nodes)
+    opts = cluster_options(plan, node_shape(plan), "10.9.9.9", "asyncflow-t", "/l")
+    del opts["scheduler_options"]  # the cluster's, not the job's
+    script = SLURMJob("tcp://10.9.9.9:1", name="w", **opts).job_script()
+    for line in [
+        "#SBATCH -p debug", "#SBATCH -A abc", "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=16000M", "#SBATCH -t 01:30:00", "#SBATCH --nodes=1",
+        "#SBATCH --gres=gpu:4", "#SBATCH -J asyncflow-t", "module load x",
+        f"{sys.executable} -m distributed.cli.dask_worker tcp://10.9.9.9:1",
+        "--nthreads 2", "--nworkers 4", "--resources CPU=2,GPU=1",
+        "--dashboard-address 127.0.0.1:0",
+    ]:  # fmt: skip
+        assert line in script, (line, script)
+    for bad, why in [
+        ({"nodez": 3}, "unknown key(s) ['nodez']"),
+        ({"walltime": "1h"}, "'walltime' must be a whole number"),
+        ({"processes_per_node": 3}, "must divide cores_per_node (2)"),
+        ({"resource": "pbs"}, "resource 'pbs' is not a batch system"),
+    ]:
+        with pytest.raises(TaskDefinitionError) as err:
+            DaskExecutionBackend({**HPC, **bad})
+        assert why in str(err.value) and "DaskExecutionBackend" in str(err.value)
+
+
+@pytest.mark.timeout(120)
+def test_the_pages_hpc_example_runs_on_slurm(driver: Driver) -> None:
+    setup = block_with("flow = WorkflowEngine(backend=backend)")
+    page_line = "RadicalExecutionBackend({'resource': 'local.localhost'})"
+    assert page_line in setup and "import RadicalExecutionBackend" in setup
+    setup = setup.replace(page_line, f"DaskExecutionBackend({HPC!r})").replace(
+        "import RadicalExecutionBackend", "import DaskExecutionBackend"
+    )
+    sources = [
+        setup,
+        block_with("@flow.executable_task"),
+        block_with("async def run_wf"),
+        block_with("asyncio.gather(*[run_wf(i)"),
+    ]
+    out = driver(
+        f"""
+        import asyncio, contextlib, io, json, sys, time
+        sys.path.insert(0, {REPO!r})
+        from tests.page import run_blocks
+
+        if __name__ == "__main__":
+            printed, t0 = io.StringIO(), time.monotonic()
+            with contextlib.redirect_stdout(printed):
+                asyncio.run(run_blocks({sources!r}, {{"__name__": "page"}}))
+            took = time.monotonic() - t0
+            print(json.dumps({{"out": printed.getvalue(), "took": took}}))
+        """,
+        timeout=100,
+    )
+    text = out["out"]
+    assert text.count("Starting workflow") == 5, text
+    done = re.findall(r"^Workflow (\d) completed", text, flags=re.M)
+    assert sorted(done) == ["0", "1", "2", "3", "4"], text
+    assert "Total time running asynchronously is" in text
+    print(f"page example, constructor to shutdown: {out['took']:.1f} s")
+
+
+@pytest.mark.timeout(120)
+def test_tasks_spread_over_nodes_and_data_moves_between_them(
+    paused: Paused, slurm: SlurmCluster
+) -> None:
+    ready, finish = paused(
+        f"""
+        def big(n):
+            return os.environ["SLURMD_NODENAME"].encode() * (n // 2)
+
+        def took_in(data):
+            from distributed import get_worker
+            moved = [(t["who"], t["total"]) for t in get_worker().transfer_incoming_log]
+            return [len(data), data[:2].decode(), node(), moved]
+
+        async def main():
+            t0 = time.monotonic()
+            backend = DaskExecutionBackend({HPC!r})
+            flow = WorkflowEngine(backend=backend)
+            where = flow.function_task(node)
+            first = await where()
+            first_s = time.monotonic() - t0
+            nodes = await asyncio.gather(*[where(i) for i in range(12)])
+            await pause({{"nodes": nodes, "first_s": first_s}})
+            ident = await backend.client.scheduler.identity(n_workers=-1)
+            hosts = {{}}
+            for addr, w in ident["workers"].items():
+                hosts.setdefault(w["host"], addr)
+            (a, b), hosts_seen = sorted(hosts.values())[:2], sorted(hosts)
+            make = flow.function_task(options={{"workers": [a]}})(big)
+            use = flow.function_task(options={{"workers": [b]}})(took_in)
+            moved = await use(make(20_000_000))
+            gpu = flow.function_task(resources={{"gpus": 1}})(node)
+            t1 = time.monotonic()
+            try:
+                await gpu()
+            except Exception as exc:
+                gpu_s = time.monotonic() - t1
+                gpu_error = f"{{type(exc).__name__}}: {{exc}}"
+            t2 = time.monotonic()
+            await flow.shutdown()
+            print(json.dumps({{"moved": moved, "a": a, "b": b, "hosts": hosts_seen,
+                              "gpu_error": gpu_error, "gpu_s": gpu_s,
+                              "shutdown_s": time.monotonic() - t2}}))
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """
+    )
+    jobs = slurm.jobs()
+    assert len(jobs) == 3, jobs
+    for job in jobs:
+        assert job["name"].startswith("asyncflow-") and job["state"] == "RUNNING"
+        assert (job["partition"], job["nodes"], job["timelimit"]) == (
+            PARTITION, "1", "10:00"
+        )  # fmt: skip
+        shown = slurm.scontrol_job(job["id"])
+        assert (shown["Partition"], shown["NumNodes"], shown["TimeLimit"]) == (
+            PARTITION, "1", "00:10:00"
+        )  # fmt: skip
+    assert {slurm.scontrol_job(j["id"])["NodeList"] for j in jobs} == {"n1", "n2", "n3"}
+    out = finish()
+    assert len(set(ready["nodes"])) >= 2, ready
+    size, made_on, used_on, moved = out["moved"]
+    assert size == 20_000_000 and made_on != used_on, out
+    assert [who for who, total in moved if total >= 20_000_000] == [out["a"]], moved
+    error = out["gpu_error"]
+    assert error.startswith("ResourceUnavailableError: task 'node'"), error
+    assert "gpus_per_node" in error and out["gpu_s"] < 5, out
+    print(
+        f"3 nodes: first result {ready['first_s']:.1f} s after the constructor, "
+        f"shutdown {out['shutdown_s']:.1f} s, GPU refusal {out['gpu_s']:.2f} s"
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("ask", "reason"),
+    [
+        ({"nodes": 5}, "Requested node configuration is not available"),
+        ({"queue": "nope"}, "invalid partition"),
+    ],
+)
+def test_an_impossible_request_fails_at_once_with_slurms_reason(
+    driver: Driver, ask: dict[str, Any], reason: str
+) -> None:
+    out = driver(
+        textwrap.dedent(HEAD)
+        + f"""
+async def main():
+    t0 = time.monotonic()
+    flow = WorkflowEngine(backend=DaskExecutionBackend({ {**HPC, **ask}!r}))
+    try:
+        await flow.function_task(node)()
+    except BackendStartError as exc:
+        error, took = str(exc), time.monotonic() - t0
+    await flow.shutdown()
+    print(json.dumps({{"error": error, "took": took}}))
+
+if __name__ == "__main__":
+    asyncio.run(main())
+""",
+        timeout=50,
+    )
+    assert reason in out["error"] and "DaskExecutionBackend" in out["error"], out
+    assert out["took"] < 15, out
+    print(f"{ask}: refused after {out['took']:.2f} s")
+
+
+@pytest.mark.timeout(200)
+def test_a_job_past_its_walltime_fails_every_unfinished_task(driver: Driver) -> None:
+    out = driver(
+        textwrap.dedent(HEAD)
+        + f"""
+async def main():
+    flow = WorkflowEngine(
+        backend=DaskExecutionBackend({ {**HPC, "nodes": 1, "walltime": 1}!r})
+    )
+    where = flow.function_task(node)
+    await where()
+    t0 = time.monotonic()  # the job runs: its minute has begun
+
+    @flow.executable_task
+    async def sleeper():
+        return "/bin/sleep 300"
+
+    @flow.function_task
+    def nap(i):
+        time.sleep(300)
+
+    # 5 tasks for 2 cores: 3 of them never start (Dask queues them for ever)
+    tasks = [sleeper(), sleeper(), *(nap(i) for i in range(3))]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    failed_s, failed_at = time.monotonic() - t0, time.time()
+    job = str(outcomes[0]).split("Slurm job ")[1].split()[0]
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job],
+                           capture_output=True, text=True).stdout
+    ended = shown.split("EndTime=")[1].split()[0]
+    after_end = failed_at - time.mktime(time.strptime(ended, "%Y-%m-%dT%H:%M:%S"))
+    t1 = time.monotonic()
+    try:
+        await where()
+    except WorkerLostError as exc:
+        later, later_s = str(exc), time.monotonic() - t1
+    t2 = time.monotonic()
+    await flow.shutdown()
+    print(json.dumps({{
+        "outcomes": [f"{{type(o).__name__}}: {{o}}" for o in outcomes],
+        "failed_s": failed_s, "after_end": after_end,
+        "later": later, "later_s": later_s,
+        "shutdown_s": time.monotonic() - t2,
+    }}))
+
+if __name__ == "__main__":
+    asyncio.run(main())
+""",
+        timeout=180,
+    )
+    for outcome in out["outcomes"]:
+        assert outcome.startswith("WorkerLostError: task "), out["outcomes"]
+        assert "reached its walltime" in outcome, out["outcomes"]
+    assert "'sleeper'" in out["outcomes"][0] and "'nap'" in out["outcomes"][-1]
+    assert "reached its walltime" in out["later"] and out["later_s"] < 2, out
+    # Slurm's EndTime has whole seconds; BatchJobs polls every 2 s
+    assert -1 <= out["after_end"] < 10 and out["shutdown_s"] < 30, out
+    print(
+        f"walltime: tasks failed {out['failed_s']:.0f} s after the job started, "
+        f"{out['after_end']:.1f} s after Slurm ended it; shutdown "
+        f"{out['shutdown_s']:.1f} s"
+    )
+
+
+def _listeners(ss: str) -> list[tuple[str, str]]:
+    """(local address, process) of every listening socket but Slurm's own."""
+    rows = []
+    for line in ss.splitlines()[1:]:
+        fields = line.split()
+        process = " ".join(fields[5:])  # "dask worker [tcp://...]" has spaces
+        if len(fields) >= 6 and "slurm" not in process:
+            rows.append((fields[3], process))
+    return rows
+
+
+def _wildcard(addr: str) -> bool:
+    return addr.startswith(("0.0.0.0:", "*:", "[::]:"))
+
+
+@pytest.mark.timeout(120)
+def test_nothing_listens_outside_the_namespaces_or_on_every_interface(
+    paused: Paused, slurm: SlurmCluster
+) -> None:
+    ready, finish = paused(
+        f"""
+        async def main():
+            backend = DaskExecutionBackend({HPC!r})
+            flow = WorkflowEngine(backend=backend)
+            await flow.function_task(node)()
+            await backend.client.wait_for_workers(6, timeout=60)
+            await pause({{"pid": os.getpid()}})
+            await flow.shutdown()
+            print(json.dumps({{}}))
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """
+    )
+    seen: dict[str, list[tuple[str, str]]] = {}
+    for where in ["login", *slurm.nodes]:
+        res = subprocess.run(
+            [*slurm.nsenter(where), "ss", "-ltnp"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        seen[where] = _listeners(res.stdout)
+    ours = set()
+    for where in ["login", *slurm.nodes]:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", slurm.netns(where)], capture_output=True, text=True
+        ).stdout.split()
+        ours.update(pids)
+    outside = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+    finish()
+
+    # the login node: the scheduler on its cluster address, the rest on loopback
+    login = seen["login"]
+    assert all(f"pid={ready['pid']}," in proc for _, proc in login), login
+    public = [a for a, _ in login if not a.startswith("127.0.0.1:")]
+    assert len(public) == 1 and public[0].startswith(f"{slurm.login_address}:"), login
+    for n in slurm.nodes:  # two workers and their nannies on the node's address
+        addr = slurm.addresses[n]
+        assert all(a.split(":")[0] in (addr, "127.0.0.1") for a, _ in seen[n]), seen
+        assert sum(a.startswith(f"{addr}:") for a, _ in seen[n]) >= 4, seen[n]
+    wild = [(w, a, p) for w, rows in seen.items() for a, p in rows if _wildcard(a)]
+    assert wild == [], wild
+    leaked = [
+        line
+        for line in outside.splitlines()
+        if set(re.findall(r"pid=(\d+)", line)) & ours
+    ]
+    assert leaked == [], leaked
