@@ -68,6 +68,9 @@ class RadicalExecutionBackend:
     and pilot in the background right away; the keys are the docs page's
     (``resource``, ``queue``, ``nodes``, ``cores_per_node``, ``gpus_per_node``,
     ``walltime`` in minutes, ``project``/``account``) or PilotDescription keys.
+    ``'resource': 'slurm'`` is the Slurm cluster this host submits to: the
+    pilot is one batch job of exactly the dict's partition, nodes, walltime and
+    account, whose queue state is reported to the engine's event stream.
     Keyword options are :class:`RadicalRuntime`'s.  ``runtime=`` attaches to a
     running :class:`RadicalRuntime` instead, which this backend then never
     closes.

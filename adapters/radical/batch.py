@@ -14,11 +14,12 @@ Three more things radical.pilot does not do on its own, done here:
   preference list (127.0.0.1 if none matches), but the agent runs on a compute
   node and must dial back to the login node: the interface that carries
   :func:`asyncflow.slurm.driver_address` is named in ``RADICAL_DEFAULT_IFACE``;
-* its PSI/J launcher drops the PilotDescription's ``job_name``, so the job
-  would be called after its script and could not be found by name; ``sbatch``
-  reads ``SBATCH_JOB_NAME`` from the launcher's environment instead, and the
-  name carries :class:`~asyncflow.slurm.BatchJobs`' prefix: the job is watched,
-  cancelled at close, and cancelled by the guard if the driver is killed;
+* its PSI/J launcher drops the PilotDescription's ``job_name`` (and GPUs), so
+  the job would be called after its script and could not be found by name;
+  ``sbatch`` reads ``SBATCH_JOB_NAME`` (and ``SBATCH_GRES``) from the
+  launcher's environment instead, and the name carries
+  :class:`~asyncflow.slurm.BatchJobs`' prefix: the job is watched, cancelled
+  at close, and cancelled by the guard if the driver is killed;
 * an impossible request (an unknown partition, more nodes than exist) would
   fail only after the session's 20 s start: :func:`asyncflow.slurm.preflight`
   asks Slurm first.
@@ -79,6 +80,8 @@ def sinfo_cores_per_node(queue: str | None) -> int:
         rows = [r for r in rows if r[-1].endswith("*")] or rows
     cores = [int(r[0].rstrip("+")) for r in rows if r[0].rstrip("+").isdigit()]
     if res.returncode != 0 or not cores:
+        # an unknown partition, say: Slurm's own words are the clearest
+        preflight(Allocation(SLURM, queue=queue), WHO)
         where = f"partition {queue!r}" if queue else "the default partition"
         raise BackendStartError(
             f"{WHO}: `sinfo` lists no nodes in {where} "
@@ -222,6 +225,8 @@ class SlurmPilot:
             "RADICAL_CONFIG_USER_DIR": config_dir(base, self.allocation),
             "SBATCH_JOB_NAME": self.jobs.prefix,
         }
+        if self.allocation.gpus_per_node:  # PSI/J drops GPUs, as it drops the name
+            env["SBATCH_GRES"] = f"gpu:{self.allocation.gpus_per_node}"
         iface = interface_of(driver_address())
         if iface:
             env["RADICAL_DEFAULT_IFACE"] = iface
