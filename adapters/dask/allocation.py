@@ -44,6 +44,30 @@ def _log_dir() -> str:
         return tempfile.mkdtemp(prefix="asyncflow-dask-")
 
 
+def _submit_error(exc: Exception, shape: Shape, plan: SlurmPlan) -> BackendStartError:
+    """sbatch refused a job that the preflight let through (``--mem`` is not
+    part of it): Slurm's own words, instead of dask-jobqueue's command dump."""
+    said = [
+        line.strip().removeprefix("sbatch: error: ")
+        for line in str(exc).splitlines()
+        if line.strip().startswith("sbatch: error: ")
+    ]
+    job = (
+        f"{shape.cores} cores, {shape.memory} MB, {plan.alloc.walltime_hms} on "
+        f"partition {plan.alloc.queue or '(default)'}"
+    )
+    if said:
+        return BackendStartError(
+            f"{WHO}: Slurm refused the workers' job ({job}): {' '.join(said)}; "
+            "check 'cores_per_node' and 'memory_per_node' against "
+            "`sinfo -o '%P %c %m'`"
+        )
+    return BackendStartError(
+        f"{WHO}: could not start Dask workers through Slurm ({job}): "
+        f"{type(exc).__name__}: {exc}"
+    )
+
+
 class _AllocationMixin(_DaskBase):
     """Owning a SLURMCluster: start it, watch its jobs, fail tasks they take away."""
 
@@ -71,11 +95,7 @@ class _AllocationMixin(_DaskBase):
         except (BackendStartError, TaskDefinitionError):
             raise
         except Exception as exc:
-            raise BackendStartError(
-                f"{WHO}: could not start Dask workers through Slurm "
-                f"({' '.join(plan.alloc.sbatch_options())}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise _submit_error(exc, shape, plan) from exc
 
     def _prepare_allocation(self, plan: SlurmPlan) -> tuple[Shape, str]:
         """Blocking (run in a thread): ask Slurm before anything is queued, then
