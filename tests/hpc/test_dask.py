@@ -8,6 +8,7 @@ no server on every interface, Slurm refusing a request, a job's walltime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from .conftest import Driver
 from .slurm import PARTITION, SlurmCluster
 
 REPO = str(Path(__file__).resolve().parents[2])
-HPC = {
+HPC: dict[str, Any] = {
     "resource": "slurm",
     "queue": PARTITION,
     "nodes": 3,
@@ -84,7 +86,11 @@ def paused(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Paused]:
     for proc in procs:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        proc.wait()
 
 
 @pytest.mark.timeout(30)
@@ -111,12 +117,13 @@ def test_the_dict_becomes_a_job_script_and_typos_fail_in_the_constructor() -> No
         "--dashboard-address 127.0.0.1:0",
     ]:  # fmt: skip
         assert line in script, (line, script)
-    for bad, why in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"nodez": 3}, "unknown key(s) ['nodez']"),
         ({"walltime": "1h"}, "'walltime' must be a whole number"),
         ({"processes_per_node": 3}, "must divide cores_per_node (2)"),
         ({"resource": "pbs"}, "resource 'pbs' is not a batch system"),
-    ]:
+    ]
+    for bad, why in cases:
         with pytest.raises(TaskDefinitionError) as err:
             DaskExecutionBackend({**HPC, **bad})
         assert why in str(err.value) and "DaskExecutionBackend" in str(err.value)
@@ -239,6 +246,8 @@ def test_tasks_spread_over_nodes_and_data_moves_between_them(
     [
         ({"nodes": 5}, "Requested node configuration is not available"),
         ({"queue": "nope"}, "invalid partition"),
+        # not in the preflight: sbatch refuses the job script itself
+        ({"memory_per_node": 999_999}, "Memory specification can not be satisfied"),
     ],
 )
 def test_an_impossible_request_fails_at_once_with_slurms_reason(
@@ -295,8 +304,10 @@ async def main():
     job = str(outcomes[0]).split("Slurm job ")[1].split()[0]
     shown = subprocess.run(["scontrol", "-o", "show", "job", job],
                            capture_output=True, text=True).stdout
-    ended = shown.split("EndTime=")[1].split()[0]
-    after_end = failed_at - time.mktime(time.strptime(ended, "%Y-%m-%dT%H:%M:%S"))
+    def at(key):
+        stamp = shown.split(key + "=")[1].split()[0]
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+    after_end, ran = failed_at - at("EndTime"), at("EndTime") - at("StartTime")
     t1 = time.monotonic()
     try:
         await where()
@@ -306,7 +317,7 @@ async def main():
     await flow.shutdown()
     print(json.dumps({{
         "outcomes": [f"{{type(o).__name__}}: {{o}}" for o in outcomes],
-        "failed_s": failed_s, "after_end": after_end,
+        "failed_s": failed_s, "after_end": after_end, "ran": ran,
         "later": later, "later_s": later_s,
         "shutdown_s": time.monotonic() - t2,
     }}))
@@ -324,10 +335,32 @@ if __name__ == "__main__":
     # Slurm's EndTime has whole seconds; BatchJobs polls every 2 s
     assert -1 <= out["after_end"] < 10 and out["shutdown_s"] < 30, out
     print(
-        f"walltime: tasks failed {out['failed_s']:.0f} s after the job started, "
-        f"{out['after_end']:.1f} s after Slurm ended it; shutdown "
+        f"walltime: Slurm ended the 1-minute job after {out['ran']:.0f} s, the "
+        f"tasks failed {out['after_end']:.1f} s later; shutdown "
         f"{out['shutdown_s']:.1f} s"
     )
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_driver_leaves_no_job(paused: Paused, slurm: SlurmCluster) -> None:
+    ready, _ = paused(
+        f"""
+        async def main():
+            flow = WorkflowEngine(backend=DaskExecutionBackend({HPC!r}))
+            await flow.function_task(node)()
+            await pause({{"pid": os.getpid()}})
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """
+    )
+    assert len(slurm.jobs()) == 3
+    os.killpg(ready["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    left = slurm.wait_no_jobs(20)
+    took = time.monotonic() - t0
+    assert left == [], f"still queued {took:.1f} s after SIGKILL: {left}"
+    print(f"killed driver: queue empty {took:.1f} s after SIGKILL")
 
 
 def _listeners(ss: str) -> list[tuple[str, str]]:
