@@ -165,13 +165,10 @@ class _Runtime:
             self._discard()
             return
         groups = _local_block_groups(dfk)
-        broken = bool(_dead_interchanges(dfk))
+        broken = False
         try:
             if not dfk.cleanup_called:
-                if broken:
-                    _bounded_cleanup(dfk)
-                else:
-                    dfk.cleanup()
+                broken = _bounded_cleanup(dfk)
             if parsl.DataFlowKernelLoader._dfk is dfk:
                 parsl.clear()
         finally:
@@ -216,24 +213,35 @@ def _dead_interchanges(
     return dead
 
 
-def _bounded_cleanup(dfk: DataFlowKernel) -> None:
-    """``dfk.cleanup()``, given up on after ``_BROKEN_CLEANUP`` seconds.
+def _bounded_cleanup(dfk: DataFlowKernel) -> bool:
+    """``dfk.cleanup()``, given up on ``_BROKEN_CLEANUP`` seconds after an
+    interchange is seen dead; True if it was given up on.
 
     With its interchange gone, Parsl's job status poller blocks forever on the
-    command channel, and ``cleanup()`` joins it.  The abandoned threads are
-    daemons blocked on sockets; the worker blocks are reaped by the caller.
+    command channel, and ``cleanup()`` joins it.  The interchange may die while
+    cleanup runs, not only before: Ctrl-C in a terminal reaches the driver's
+    whole process group, the interchange included, and the driver's shutdown
+    starts before the interchange has finished dying.  So the wait watches for
+    it throughout.  The abandoned threads are daemons blocked on sockets; the
+    worker blocks are reaped (and Slurm jobs cancelled) by the caller.
     """
     thread = threading.Thread(
         target=dfk.cleanup, name="asyncflow-parsl-cleanup", daemon=True
     )
     thread.start()
+    while thread.is_alive() and not _dead_interchanges(dfk):
+        thread.join(0.1)
+    if not thread.is_alive():
+        return False
     thread.join(_BROKEN_CLEANUP)
-    if thread.is_alive():
-        log.warning(
-            "Parsl's cleanup did not finish within %.0f s because an HTEX "
-            "interchange died; its threads are abandoned",
-            _BROKEN_CLEANUP,
-        )
+    if not thread.is_alive():
+        return False
+    log.warning(
+        "Parsl's cleanup did not finish within %.0f s because an HTEX "
+        "interchange died; its threads are abandoned",
+        _BROKEN_CLEANUP,
+    )
+    return True
 
 
 def _local_block_groups(dfk: DataFlowKernel) -> list[int]:
