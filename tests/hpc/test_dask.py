@@ -342,6 +342,49 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(90)
+def test_a_job_waiting_in_the_queue_is_reported_and_then_runs(
+    paused: Paused, slurm: SlurmCluster
+) -> None:
+    blocker = slurm.run(["sbatch", "--parsable", "-N3", "--wrap", "sleep 300"])
+    assert blocker.returncode == 0, blocker.stderr
+    try:
+        ready, finish = paused(
+            f"""
+            async def main():
+                t0 = time.monotonic()
+                flow = WorkflowEngine(backend=DaskExecutionBackend({HPC!r}))
+                seen, queued = [], asyncio.Event()
+                def on(event):
+                    if event.kind.value == "backend":
+                        seen.append([event.name, event.detail])
+                        if event.name == "queued":
+                            queued.set()
+                flow.subscribe(on)
+                task = asyncio.ensure_future(flow.function_task(node)())
+                await asyncio.wait_for(queued.wait(), 30)
+                await pause({{"seen": seen}})
+                t1 = time.monotonic()
+                result = await asyncio.wait_for(task, 60)
+                await flow.shutdown()
+                print(json.dumps({{"seen": seen, "result": result,
+                                  "after_queue_s": time.monotonic() - t1}}))
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+        mine = [j for j in slurm.jobs() if j["name"].startswith("asyncflow-")]
+        assert {j["state"] for j in mine} == {"PENDING"} and len(mine) == 3, mine
+    finally:
+        slurm.run(["scancel", blocker.stdout.strip()])
+    out = finish()
+    assert any("waiting in the queue" in d for s, d in ready["seen"] if s == "queued")
+    assert out["result"] in slurm.nodes
+    assert any(state == "running" for state, _ in out["seen"]), out["seen"]
+    print(f"queued: first result {out['after_queue_s']:.1f} s after the queue freed")
+
+
+@pytest.mark.timeout(90)
 def test_a_killed_driver_leaves_no_job(paused: Paused, slurm: SlurmCluster) -> None:
     ready, _ = paused(
         f"""
