@@ -24,7 +24,8 @@ from ... import _signals
 from ...errors import BackendStartError, EngineClosedError
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from .base import _Task, log
-from .process import _ProcessMixin, _usable_cpus
+from .errors import _attach_hint
+from .process import _auth_mode_is_token, _ProcessMixin, _usable_cpus
 from .results import _BATCH, _ResultsMixin
 from .submit import _SubmitMixin
 from .watch import _WatchMixin
@@ -172,9 +173,14 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixi
         except BackendStartError:
             raise
         except Exception as exc:
+            hint = (
+                _attach_hint(self._address, exc, _auth_mode_is_token())
+                if self._address
+                else None
+            )
             raise BackendStartError(
                 f"Ray could not be {'attached' if self._address else 'started'}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
             ) from exc
         # ray.init put its C++ failure-signal handler on SIGTERM, which aborts
         # the driver instead of letting the engine shut down.

@@ -34,6 +34,7 @@ import psutil  # isort: skip  (after ray, which can provide a vendored copy)
 from ..._util import run_in_thread
 from ...errors import BackendStartError
 from .base import _RayBase, log
+from .errors import _token_refused
 from .worker import _sweep
 
 #: Set in the environment of every process of a Ray this adapter starts.
@@ -57,6 +58,7 @@ class _ProcessMixin(_RayBase):
                 if ray.is_initialized():
                     pass  # share this process's connection; never shut it down
                 elif self._address is not None:
+                    _check_attach(self._address)
                     ray.init(address=self._address, **self._init_kwargs)
                     self._connected = True
                 else:
@@ -253,6 +255,58 @@ class _ProcessMixin(_RayBase):
 
 def _ignore(_: Any) -> None:
     pass
+
+
+def _auth_mode_is_token() -> bool:
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def _check_attach(address: str) -> None:
+    """Fail at once, saying what to do, where ``ray.init(address=HOST:PORT)``
+    would fail only after a long wait with a bare ConnectionError.
+
+    * A cluster with token authentication on (any Ray 2.60 head not on loopback)
+      refuses a driver without its token: Ray retries for 20 s.  One GCS request
+      tells, in milliseconds.
+    * ``HOST:PORT`` attaches through a raylet on this host (Ray finds it with
+      ``ps``); on a host where no Ray node runs, such as a Slurm login node, Ray
+      looks for one for 60 s.  Ray Client (``ray://``) needs no local raylet.
+
+    Only when the GCS answers on TCP: an address nobody listens on is left to
+    ``ray.init`` and its own wait, as before.  ``auto`` and ``ray://`` are left
+    to Ray too (their failures are explained in ``errors._attach_hint``).
+    """
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except OSError:
+        return
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        raise BackendStartError(
+            f"Ray could not be attached: "
+            f"{_token_refused(address, _auth_mode_is_token())}"
+        ) from None
+    except Exception:  # anything else: ray.init reports it in its own words
+        log.debug("probing the GCS at %s failed", address, exc_info=True)
+        return
+    find_node_ids = getattr(ray._private.services, "find_node_ids", None)
+    if find_node_ids is not None and not find_node_ids():
+        raise BackendStartError(
+            f"Ray could not be attached: address={address!r} attaches through a "
+            "Ray node on this host, and none runs here (a Slurm login node has "
+            "none): run the driver on a node of the Ray cluster (for a cluster in "
+            "a Slurm job: srun --overlap --jobid=JOB -w HEAD_NODE python ...), or "
+            f"attach through Ray Client: address='ray://{host}:10001'"
+        )
 
 
 @contextlib.contextmanager
