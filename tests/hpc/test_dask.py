@@ -345,7 +345,9 @@ if __name__ == "__main__":
 def test_a_job_waiting_in_the_queue_is_reported_and_then_runs(
     paused: Paused, slurm: SlurmCluster
 ) -> None:
-    blocker = slurm.run(["sbatch", "--parsable", "-N3", "--wrap", "sleep 300"])
+    blocker = slurm.run(
+        ["sbatch", "--parsable", "-N3", "-o", "/dev/null", "--wrap", "sleep 300"]
+    )
     assert blocker.returncode == 0, blocker.stderr
     try:
         ready, finish = paused(
