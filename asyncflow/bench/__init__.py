@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..registry import available_backends
+from ..registry import BATCH, available_backends
 from .report import (
     COLUMNS,
     ORDER,
@@ -120,6 +120,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help=f"sizes {QUICK_SIZES} (radical: smaller), one repeat: a smoke test",
     )
     p.add_argument(
+        "--hpc",
+        metavar="JSON|FILE",
+        help="run dask, parsl and radical on a batch cluster with the reference "
+        'page\'s allocation dict (e.g. \'{"resource": "slurm", "nodes": 3, '
+        "\"cores_per_node\": 2}'); the raw sides use each runtime's own Slurm API",
+    )
+    p.add_argument(
         "--render",
         action="store_true",
         help="run nothing: redo tables, Markdown and plots from OUT/bench.json",
@@ -196,6 +203,14 @@ def _signal_group(proc: subprocess.Popen[str], sig: int) -> None:
         pass
 
 
+def _allocation(text: str) -> dict[str, Any]:
+    raw = text if text.lstrip().startswith("{") else Path(text).read_text()
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise SystemExit("asyncflow bench: --hpc takes a JSON object")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
     ns = _parse(argv)
@@ -216,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     sizes = [int(s) for s in ns.sizes.split(",")]
+    hpc = _allocation(ns.hpc) if ns.hpc else None
+    if hpc is not None and ns.backends == "all":
+        wanted = [n for n in wanted if n in BATCH]
     from rich.console import Console
     from rich.progress import Progress
 
@@ -276,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeat": ns.repeat,
                 "quick": ns.quick,
                 "profile": str(Path(ns.out).resolve()) if ns.profile else None,
+                "hpc": hpc,
             }
             code, expired = _run_child(spec, ns.timeout, on_record)
             problem = None

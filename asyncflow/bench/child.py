@@ -53,6 +53,7 @@ class Plan:
         self.repeat: int = spec["repeat"]
         self.quick: bool = spec.get("quick", False)
         self.profile: str | None = spec.get("profile")  # a directory
+        self.hpc: dict[str, Any] | None = spec.get("hpc")  # the page's allocation
         self.cases: list[tuple[str, int]] = []
         for workload in spec["workloads"]:
             sizes, _ = sizes_for(self.backend, workload, spec["sizes"], self.quick)
@@ -122,7 +123,11 @@ def profiled(plan: Plan, side: str) -> Iterator[None]:
 async def run_asyncflow(plan: Plan) -> None:
     backend = plan.backend
     t0 = time.perf_counter()
-    flow = WorkflowEngine(backend=load_backend(backend, **OPTIONS.get(backend, {})))
+    if plan.hpc is not None:
+        made = load_backend(backend, plan.hpc)
+    else:
+        made = load_backend(backend, **OPTIONS.get(backend, {}))
+    flow = WorkflowEngine(backend=made)
     try:
         await flow.start()
         await flow.function_task(ident)(0)  # first result: the runtime is up
@@ -146,7 +151,7 @@ async def run_asyncflow(plan: Plan) -> None:
 
 def run_raw(plan: Plan) -> None:
     t0 = time.perf_counter()
-    raw = make_raw(plan.backend)
+    raw = make_raw(plan.backend, plan.hpc)
     if raw is None:
         emit(kind="note", side="raw", text="no raw baseline for this runtime here")
         return

@@ -73,7 +73,7 @@ class DaskRaw(Raw):
     def __init__(self) -> None:
         from distributed import Client, LocalCluster
 
-        self.cluster = LocalCluster(
+        self.cluster: Any = LocalCluster(
             n_workers=WORKERS,
             threads_per_worker=1,
             processes=True,
@@ -173,9 +173,12 @@ class ParslRaw(Raw):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def make_raw(backend: str) -> Raw | None:
+def make_raw(backend: str, hpc: dict[str, Any] | None = None) -> Raw | None:
     """The raw runtime matching an asyncflow backend name, or None if there is
-    no comparable raw API here."""
+    no comparable raw API here.  With ``hpc`` (the page's allocation dict), the
+    runtime's own Slurm API for the same allocation."""
+    if hpc is not None:
+        return _make_batch_raw(backend, hpc)
     if backend == "threads":
         return ExecutorRaw(processes=False)
     if backend == "processes":
@@ -190,4 +193,23 @@ def make_raw(backend: str) -> Raw | None:
         from .rawrp import RadicalRaw
 
         return RadicalRaw()
+    return None
+
+
+def _make_batch_raw(backend: str, hpc: dict[str, Any]) -> Raw | None:
+    from ..hpc import Allocation
+
+    alloc, _ = Allocation.from_mapping(hpc, "asyncflow bench --hpc")
+    if backend == "dask":
+        from .rawslurm import DaskSlurmRaw
+
+        return DaskSlurmRaw(alloc)
+    if backend == "parsl":
+        from .rawslurm import ParslSlurmRaw
+
+        return ParslSlurmRaw(alloc)
+    if backend == "radical":
+        from .rawrp import RadicalRaw
+
+        return RadicalRaw(hpc)
     return None

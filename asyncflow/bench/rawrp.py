@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .raw import WORKERS, Raw
@@ -61,7 +61,7 @@ def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
 class RadicalRaw(Raw):
     name = "radical.pilot submit_tasks"
 
-    def __init__(self, resource: str = "local.localhost") -> None:
+    def __init__(self, resources: Mapping[str, Any] | None = None) -> None:
         self.base = os.path.realpath(tempfile.mkdtemp(prefix="asyncflow-bench-rp-"))
         atexit.register(shutil.rmtree, self.base, True)
         os.makedirs(os.path.join(self.base, "tmp"))
@@ -82,18 +82,18 @@ class RadicalRaw(Raw):
         self.pilot: Any = None
         self._fns: dict[Any, Callable[..., Any]] = {}
         try:
-            self._start(resource)
+            self._start(resources or {"resource": "local.localhost"})
         except BaseException:
             self.shutdown()
             raise
 
-    def _start(self, resource: str) -> None:
+    def _start(self, resources: Mapping[str, Any]) -> None:
         import radical.pilot as rp
 
         from asyncflow.adapters.radical import pilot_description
 
         self.rp = rp
-        pd = pilot_description({"resource": resource})
+        pd = pilot_description(resources)
         pd["sandbox"] = self.base
         self.session = rp.Session(cfg={"base": self.base, "client_sandbox": self.base})
         pmgr = rp.PilotManager(session=self.session)
