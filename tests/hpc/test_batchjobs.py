@@ -28,7 +28,8 @@ def report(state, detail):
 jobs = BatchJobs("test", report=report, lost=lost.append, interval=0.2)
 jobs.start()
 def sbatch(*opts):
-    subprocess.run(["sbatch", "-J", jobs.prefix, *opts, "--wrap", "sleep 300"],
+    subprocess.run(["sbatch", "-J", jobs.prefix, "-o", "/dev/null", *opts,
+                    "--wrap", "sleep 300"],
                    check=True, capture_output=True)
 """
 
