@@ -211,18 +211,20 @@ def stop_pilot(
 
     Cancelling first lets the agent stop its components in order, which spares
     the reaper most of its work; the remaining budget leaves room for the
-    session and the reaper.  ``gone()`` says the pilot's batch job has left
-    the queue: radical.pilot notices that only seconds later, and its nodes
-    are gone anyway.
+    session and the reaper.  ``gone()`` says a pilot's batch job has left the
+    queue, which radical.pilot notices only seconds later; such a pilot gets
+    less time, and no kill: its caller cancels the batch job itself, which
+    works even when radical.pilot's components were killed with the driver's
+    process group (Ctrl-C, SIGTERM).
     """
     if pmgr is None or pilot is None or pilot.state in FINAL:
         return
     bounded(
         lambda: pmgr.cancel_pilots(uids=[pilot.uid], _timeout=6),
-        min(8.0, deadline - time.monotonic() - 5),
+        min(8.0 if gone is None else 4.0, deadline - time.monotonic() - 5),
         gone,
     )
-    if pilot.state not in FINAL and not (gone is not None and gone()):
+    if pilot.state not in FINAL and gone is None:
         bounded(
             lambda: pmgr.kill_pilots(uids=[pilot.uid], _timeout=2),
             min(3.0, deadline - time.monotonic() - 4),

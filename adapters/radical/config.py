@@ -193,12 +193,7 @@ def plan(
     if resource == SLURM:
         allocation = batch.allocation(pd, site.cores_per_node)
         pd["resource"] = batch.RP_RESOURCE
-    try:
-        rp.PilotDescription(dict(pd)).verify()
-    except Exception as exc:
-        raise TaskDefinitionError(
-            f"RadicalExecutionBackend: radical.pilot rejects the pilot {pd}: {exc}"
-        ) from None
+    _verify(pd)
     mpi = not site.local or bool(shutil.which("mpiexec") or shutil.which("mpirun"))
     return Layout(
         pd,
@@ -214,6 +209,16 @@ def plan(
         mpi,
         allocation,
     )
+
+
+def _verify(pd: dict[str, Any]) -> None:
+    """radical.pilot's own check, before anything starts."""
+    try:
+        rp.PilotDescription(dict(pd)).verify()
+    except Exception as exc:
+        raise TaskDefinitionError(
+            f"RadicalExecutionBackend: radical.pilot rejects the pilot {pd}: {exc}"
+        ) from None
 
 
 def _checked(resources: Mapping[str, Any] | None) -> dict[str, Any]:
