@@ -227,9 +227,10 @@ class SlurmPilot:
         }
         if self.allocation.gpus_per_node:  # PSI/J drops GPUs, as it drops the name
             env["SBATCH_GRES"] = f"gpu:{self.allocation.gpus_per_node}"
-        iface = interface_of(driver_address())
-        if iface:
-            env["RADICAL_DEFAULT_IFACE"] = iface
+        if not os.environ.get("RADICAL_DEFAULT_IFACE"):  # the user's choice wins
+            iface = interface_of(driver_address())
+            if iface:
+                env["RADICAL_DEFAULT_IFACE"] = iface
         return env
 
     # -- queue states, to the backends' sinks ----------------------------------------

@@ -30,6 +30,9 @@ from typing import Any
 
 import pytest
 
+from asyncflow.adapters.radical._rp import ru
+from asyncflow.adapters.radical.batch import config_dir
+from asyncflow.adapters.radical.config import plan
 from asyncflow.adapters.radical.reaper import working_under
 
 from ..page import block_with
@@ -159,6 +162,34 @@ print(json.dumps({{"nodes5": nodes5, "partition": partition,
     for refusal in (out["one_node"], out["one_node_1"]):
         assert "leaving no core for executable tasks" in refusal, refusal
         assert "function_cores=0" in refusal and "'nodes': 2" in refusal, refusal
+
+
+def test_the_generated_resource_config_sits_beside_the_users_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RADICAL_CONFIG_USER_DIR hides the user's config directory, so the
+    user's files are linked in beside the generated one; the shipped sites
+    stay.  (No pilot: radical.pilot's own lookup, on the files written.)"""
+    home = tmp_path / "home"
+    user = home / ".radical" / "pilot" / "configs"
+    user.mkdir(parents=True)
+    (user / "resource_mysite.json").write_text(
+        json.dumps({"box": {"cores_per_node": 7}})
+    )
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RADICAL_CONFIG_USER_DIR", raising=False)
+    alloc = plan({**DICT, "account": "abc"}).allocation
+    assert alloc is not None
+    assert (alloc.queue, alloc.nodes, alloc.cores_per_node) == (PARTITION, 3, 2)
+    assert (alloc.walltime, alloc.account) == (10, "abc")
+    monkeypatch.setenv("RADICAL_CONFIG_USER_DIR", config_dir(str(tmp_path), alloc))
+    found = ru.Config("radical.pilot.resource", name="*", expand=False)
+    assert found["mysite"]["box"]["cores_per_node"] == 7
+    ours = found["asyncflow"]["slurm"]
+    assert ours["resource_manager"] == "SLURM" and ours["cores_per_node"] == 2
+    assert ours["launch_methods"]["order"] == ["SRUN", "FORK"]
+    assert ours["default_queue"] == PARTITION
+    assert "frontera" in found["tacc"]
 
 
 @pytest.mark.timeout(300)
