@@ -257,33 +257,67 @@ def _ignore(_: Any) -> None:
     pass
 
 
+def _client_refuses_token(target: str) -> bool:
+    """Whether the Ray Client server at ``target`` refuses this driver's token
+    (or its lack of one): a PING, which Ray's proxy answers itself, through the
+    channel Ray Client would use.  Anything but a refusal is left to Ray."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+    ping = ray_client_pb2.ClusterInfoRequest(  # type: ignore[attr-defined]
+        type=ray_client_pb2.ClusterInfoType.PING  # type: ignore[attr-defined]
+    )
+    try:
+        channel = init_grpc_channel(target, asynchronous=False)
+        try:
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(ping, timeout=5)
+        finally:
+            channel.close()
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    except Exception:
+        log.debug("probing the Ray Client server at %s failed", target, exc_info=True)
+    return False
+
+
 def _auth_mode_is_token() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
 def _check_attach(address: str) -> None:
-    """Fail at once, saying what to do, where ``ray.init(address=HOST:PORT)``
-    would fail only after a long wait with a bare ConnectionError.
+    """Fail at once, saying what to do, where ``ray.init(address=...)`` would
+    fail only after a long wait with a bare ConnectionError.
 
     * A cluster with token authentication on (any Ray 2.60 head not on loopback)
-      refuses a driver without its token: Ray retries for 20 s.  One GCS request
-      tells, in milliseconds.
+      refuses a driver without its token, or with another: Ray retries for 20 s
+      (``HOST:PORT``) or 30 s (``ray://``, whose timeout never names the token).
+      One request tells, in milliseconds.
     * ``HOST:PORT`` attaches through a raylet on this host (Ray finds it with
       ``ps``); on a host where no Ray node runs, such as a Slurm login node, Ray
       looks for one for 60 s.  Ray Client (``ray://``) needs no local raylet.
 
-    Only when the GCS answers on TCP: an address nobody listens on is left to
-    ``ray.init`` and its own wait, as before.  ``auto`` and ``ray://`` are left
-    to Ray too (their failures are explained in ``errors._attach_hint``).
+    Only when the address answers on TCP: an address nobody listens on is left to
+    ``ray.init`` and its own wait, as before; so is ``auto``.
     """
-    if address == "auto" or "://" in address:
+    if address == "auto":
         return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    scheme, _, rest = address.rpartition("://")
+    host, sep, port = rest.partition("/")[0].rpartition(":")
+    if not sep:
+        host, port = rest.partition("/")[0], "10001" if scheme == "ray" else ""
+    if not port.isdigit() or scheme not in ("", "ray"):
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
     except OSError:
+        return
+    if scheme == "ray":
+        if _client_refuses_token(f"{host}:{port}"):
+            raise BackendStartError(
+                f"Ray could not be attached: "
+                f"{_token_refused(address, _auth_mode_is_token())}"
+            )
         return
     from ray._raylet import GcsClient  # type: ignore[attr-defined]
     from ray.exceptions import AuthenticationError
