@@ -63,7 +63,7 @@ def node():
 def job_of(backend):
     # the pilot's batch job, as `scontrol show job` describes it
     name = backend.runtime.slurm.job_name
-    ids = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"],
+    ids = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"],
                          capture_output=True, text=True).stdout.split()
     out = subprocess.run(["scontrol", "-o", "show", "job", ids[0]],
                          capture_output=True, text=True).stdout
@@ -257,6 +257,7 @@ async def main():
         error = [type(exc).__name__, str(exc)]
     ended = time.time()
     started = datetime.fromisoformat(job["StartTime"]).timestamp()
+    killed = datetime.fromisoformat(job_of(backend)["EndTime"]).timestamp()
     t = time.monotonic()
     try:
         await held()
@@ -268,6 +269,7 @@ async def main():
     await flow.shutdown()
     print(json.dumps({{"ranks": ranks, "first_in": first_in, "job": job,
         "error": error, "after_walltime": round(ended - started - 60, 1),
+        "after_kill": round(ended - killed, 1),
         "late": late, "late_in": late_in, "shutdown": since(t)}}))
 asyncio.run(main())
 """,
@@ -282,11 +284,13 @@ asyncio.run(main())
     for kind, text in (out["error"], out["late"]):
         assert kind == "WorkerLostError", (kind, text)
         assert "walltime" in text and "task '" in text, text
+    assert out["after_kill"] < 15, "BatchJobs polls squeue every 2 s"
     assert out["late_in"] < 2, out["late_in"]
     assert out["shutdown"] < 30, out["shutdown"]
     print(
         f"2 nodes: MPI result {out['first_in']} s after the constructor; the held "
-        f"task failed {out['after_walltime']} s after the walltime's end: "
+        f"task failed {out['after_walltime']} s after the walltime's end, "
+        f"{out['after_kill']} s after Slurm ended the job: "
         f"{out['error'][1]!r}; shutdown {out['shutdown']} s"
     )
 
