@@ -9,6 +9,9 @@ outlive the driver.  The adapter is split along those lines:
 ``runtime``
     :class:`RadicalRuntime`, one session, pilot and raptor, started in a
     background thread and shareable between backends;
+``batch``
+    ``'resource': 'slurm'``: the pilot as a job of this host's Slurm cluster
+    (its resource config written, asked for, named, watched, cancelled);
 ``dispatch``
     the thread that submits and cancels in bulk, and the routing of
     radical.pilot's completion callbacks;
