@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,6 +211,7 @@ class BatchJobs:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C to the driver's group spares it
         )
+        _not_in_forks(self)
         self._thread = threading.Thread(
             target=self._watch, name="asyncflow-slurm-watch", daemon=True
         )
@@ -288,3 +291,26 @@ class BatchJobs:
                 self._guard.kill()
                 self._guard.wait()
         return left
+
+
+def _not_in_forks(jobs: BatchJobs) -> None:
+    """Keep the guard's pipe out of the processes forked from the driver.
+
+    The guard cancels the jobs at end of file, that is once every process
+    holding the pipe's write end has exited.  Runtimes fork helpers from the
+    driver (radical.pilot's session proxy workers) which would hold it on: the
+    guard then waited for them after a SIGKILL, and ``close()`` waited for the
+    guard.  In a forked child the write end is pointed at /dev/null.
+    """
+    ref = weakref.ref(jobs)
+
+    def in_child() -> None:
+        guard = getattr(ref(), "_guard", None)
+        stdin = getattr(guard, "stdin", None)
+        if stdin is None or stdin.closed:
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stdin.fileno())
+        os.close(null)
+
+    os.register_at_fork(after_in_child=in_child)

@@ -35,7 +35,6 @@ import os
 import shutil
 import subprocess
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -220,7 +219,6 @@ class SlurmPilot:
         config; returns the environment radical.pilot must be spawned with."""
         preflight(self.allocation, WHO)
         self.jobs.start()
-        _not_in_forks(self.jobs)
         env = {
             "RADICAL_CONFIG_USER_DIR": config_dir(base, self.allocation),
             "SBATCH_JOB_NAME": self.jobs.prefix,
@@ -308,29 +306,6 @@ class SlurmPilot:
     def close(self) -> list[Job]:
         """Cancel what is left of the job and wait until Slurm lists it no more."""
         return self.jobs.close()
-
-
-def _not_in_forks(jobs: BatchJobs) -> None:
-    """Keep the guard's pipe out of the processes forked from the driver.
-
-    The guard cancels the jobs at end of file, that is once every process
-    holding the pipe's write end has exited; radical.pilot forks helpers from
-    the driver (the session's proxy workers) which held it on, so the guard
-    waited for the reaper after a SIGKILL, and ``close()`` waited 15 s for the
-    guard.  In a forked child the write end is pointed at /dev/null.
-    """
-    ref = weakref.ref(jobs)
-
-    def in_child() -> None:
-        guard = getattr(ref(), "_guard", None)
-        stdin = getattr(guard, "stdin", None)
-        if stdin is None or stdin.closed:
-            return
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, stdin.fileno())
-        os.close(null)
-
-    os.register_at_fork(after_in_child=in_child)
 
 
 def _tell(backend: object, sink: Any, state: str, detail: str) -> None:
