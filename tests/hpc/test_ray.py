@@ -355,18 +355,22 @@ asyncio.run(main())
 def test_login_node_attaches_through_ray_client_and_runs_the_page(
     ray_job: RayJob, slurm: SlurmCluster, tmp_path: Path
 ) -> None:
-    out = _python(
-        slurm,
-        tmp_path,
-        LOGIN_DRIVER,
-        prefix=LOGIN,
-        env={
-            **slurm.env,
-            **ray_job.token_env,
-            "HEAD_IP": ray_job.head_ip,
-            "REPO": str(REPO),
-        },
-    )
+    env = {
+        **slurm.env,
+        **ray_job.token_env,
+        "HEAD_IP": ray_job.head_ip,
+        "REPO": str(REPO),
+    }
+    try:
+        out = _python(slurm, tmp_path, LOGIN_DRIVER, prefix=LOGIN, env=env)
+    except pytest.fail.Exception as exc:
+        # Ray Client's per-driver server on the head: why it did not start
+        logs = ray_job.temp_base / f"ray-{ray_job.id}-n1" / "session_latest" / "logs"
+        errs = "".join(
+            f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(logs.glob("ray_client_server*.err"))
+        )
+        pytest.fail(f"{exc}{errs}", pytrace=False)
     assert out["direct"] is not None, "HEAD:6379 attached from the login node"
     assert "none runs here" in out["direct"]
     assert f"ray://{ray_job.head_ip}:10001" in out["direct"]
