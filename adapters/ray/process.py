@@ -261,10 +261,12 @@ def _client_refuses_token(target: str) -> bool:
     """Whether the Ray Client server at ``target`` refuses this driver's token
     (or its lack of one): a PING, which Ray's proxy answers itself, through the
     channel Ray Client would use.  Anything but a refusal is left to Ray."""
-    import grpc
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
-
+    try:  # Ray's internals: without them, Ray's own wait and words
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+    except ImportError:
+        return False
     ping = ray_client_pb2.ClusterInfoRequest(  # type: ignore[attr-defined]
         type=ray_client_pb2.ClusterInfoType.PING  # type: ignore[attr-defined]
     )
@@ -319,9 +321,11 @@ def _check_attach(address: str) -> None:
                 f"{_token_refused(address, _auth_mode_is_token())}"
             )
         return
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]
-    from ray.exceptions import AuthenticationError
-
+    try:  # Ray's internals: without them, Ray's own wait and words
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
     try:
         GcsClient(address=address)
     except AuthenticationError:
