@@ -38,3 +38,23 @@ async def run_blocks(sources: list[str], namespace: dict[str, Any]) -> None:
         result = types.FunctionType(code, namespace)()
         if result is not None:  # a coroutine when the block awaits at top level
             await result
+
+
+#: the one line of the page's HPC example that names its backend
+PAGE_BACKEND = "RadicalExecutionBackend({'resource': 'local.localhost'})"
+
+
+def hpc_example(cls: str, args: str) -> list[str]:
+    """The page's HPC example (setup, task, workflow, five workflows at once) with
+    only its backend line changed, to ``cls(args)``, and the import to match."""
+    setup = block_with("flow = WorkflowEngine(backend=backend)")
+    assert PAGE_BACKEND in setup and "import RadicalExecutionBackend" in setup
+    setup = setup.replace(PAGE_BACKEND, f"{cls}({args})").replace(
+        "import RadicalExecutionBackend", f"import {cls}"
+    )
+    return [
+        setup,
+        block_with("@flow.executable_task"),
+        block_with("async def run_wf"),
+        block_with("asyncio.gather(*[run_wf(i)"),
+    ]

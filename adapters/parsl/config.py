@@ -84,12 +84,7 @@ def local_htex_config(
     :data:`asyncflow.worker.COMMAND_PIDS_ENV`), so that shutdown can kill those
     whose worker died.
     """
-    bindir = os.path.dirname(sys.executable)
-    paths = [p or os.getcwd() for p in sys.path]
-    lines = [
-        f'export PATH={shlex.quote(bindir)}:"$PATH"',
-        f"export PYTHONPATH={shlex.quote(os.pathsep.join(dict.fromkeys(paths)))}",
-    ]
+    lines = driver_python_lines()
     if worker_tmpdir is not None:
         quoted = shlex.quote(worker_tmpdir)
         lines.append(f"mkdir -p {quoted} && export TMPDIR={quoted}")
@@ -105,11 +100,37 @@ def local_htex_config(
         cores_per_worker=1,
         heartbeat_period=heartbeat_period,
         heartbeat_threshold=max(30, 10 * heartbeat_period),
-        interchange_launch_cmd=[sys.executable, os.path.join(bindir, "interchange.py")],
+        interchange_launch_cmd=interchange_command(),
         provider=LocalProvider(
             init_blocks=1, min_blocks=1, max_blocks=1, worker_init=worker_init
         ),
     )
+    return one_block_config(htex, run_dir, log_level)
+
+
+def driver_python_lines() -> list[str]:
+    """Shell lines that give workers this interpreter's ``bin/`` and ``sys.path``,
+    so that they run the driver's Python and import what it imports."""
+    bindir = os.path.dirname(sys.executable)
+    paths = [p or os.getcwd() for p in sys.path]
+    return [
+        f'export PATH={shlex.quote(bindir)}:"$PATH"',
+        f"export PYTHONPATH={shlex.quote(os.pathsep.join(dict.fromkeys(paths)))}",
+    ]
+
+
+def interchange_command() -> list[str]:
+    """The interchange of this interpreter's venv, used or not activated."""
+    bindir = os.path.dirname(sys.executable)
+    return [sys.executable, os.path.join(bindir, "interchange.py")]
+
+
+def one_block_config(
+    htex: HighThroughputExecutor, run_dir: str, log_level: int
+) -> Config:
+    """One executor whose one block is submitted on the first strategy tick (0.2 s,
+    not Parsl's 5 s) and never replaced: no autoscaling, and on a batch system no
+    new job after a walltime, which would silently start the work over."""
     return Config(
         executors=[htex],
         run_dir=run_dir,

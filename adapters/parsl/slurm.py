@@ -50,7 +50,6 @@ import logging
 import os
 import shlex
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -64,7 +63,7 @@ from ...errors import TaskDefinitionError
 from ...hpc import SLURM, Allocation
 from ...slurm import BatchJobs, driver_address, preflight
 from .base import log
-from .config import QuietFileLogging
+from .config import driver_python_lines, interchange_command, one_block_config
 
 WHO = "ParslExecutionBackend"
 #: keys Parsl takes besides the page's
@@ -105,13 +104,7 @@ def _worker_init(user: str, scratch: str | None) -> str:
     and a ``TMPDIR`` of the backend's own under the node's: each worker pool's
     multiprocessing manager leaves a ``pymp-*`` directory there when Slurm
     stops it, which shutdown then removes where it can see it."""
-    bindir = os.path.dirname(sys.executable)
-    paths = [p or os.getcwd() for p in sys.path]
-    lines = [
-        *([user] if user else []),
-        f'export PATH={shlex.quote(bindir)}:"$PATH"',
-        f"export PYTHONPATH={shlex.quote(os.pathsep.join(dict.fromkeys(paths)))}",
-    ]
+    lines = [*([user] if user else []), *driver_python_lines()]
     if scratch is not None:
         name = shlex.quote(os.path.basename(scratch))
         lines.append(f'export TMPDIR="${{TMPDIR:-/tmp}}"/{name} && mkdir -p "$TMPDIR"')
@@ -147,7 +140,6 @@ def slurm_htex_config(
         worker_init=_worker_init(worker_init, scratch),
         cmd_timeout=_CMD_TIMEOUT,
     )
-    bindir = os.path.dirname(sys.executable)
     htex = HighThroughputExecutor(
         label=LABEL,
         address="127.0.0.1",  # replaced by driver_address() in start
@@ -157,19 +149,10 @@ def slurm_htex_config(
         available_accelerators=alloc.gpus_per_node,
         heartbeat_period=5,
         heartbeat_threshold=60,
-        interchange_launch_cmd=[sys.executable, os.path.join(bindir, "interchange.py")],
+        interchange_launch_cmd=interchange_command(),
         provider=provider,
     )
-    return Config(
-        executors=[htex],
-        run_dir=run_dir,
-        # One block, submitted on the first strategy tick and never replaced: a
-        # new job after a walltime would silently start the work over.
-        strategy="none",
-        strategy_period=0.2,
-        initialize_logging=QuietFileLogging(log_level),
-        usage_tracking=0,
-    )
+    return one_block_config(htex, run_dir, log_level)
 
 
 class SlurmBlocks:

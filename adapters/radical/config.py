@@ -27,25 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import TaskDefinitionError
-from ...hpc import SLURM, Allocation
+from ...hpc import PAGE_KEYS, SLURM, Allocation
 from . import batch
 from ._rp import rp, ru
 
 __all__ = ["Layout", "pilot_description", "plan", "spawn_environment"]
 
-#: the keys of the docs page, translated into PilotDescription keys
-PAGE_KEYS = frozenset(
-    {
-        "resource",
-        "queue",
-        "nodes",
-        "cores_per_node",
-        "gpus_per_node",
-        "walltime",
-        "project",
-        "account",
-    }
-)
 #: PilotDescription keys that pass through unchanged
 NATIVE_KEYS = frozenset(rp.PilotDescription._schema) - {"uid"}
 DEFAULT_LOCAL_CORES = 2

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ..page import block_with
+from ..page import hpc_example
 from .conftest import Driver
 from .slurm import PARTITION, SlurmCluster
 
@@ -131,18 +131,7 @@ def test_the_dict_becomes_a_job_script_and_typos_fail_in_the_constructor() -> No
 
 @pytest.mark.timeout(120)
 def test_the_pages_hpc_example_runs_on_slurm(driver: Driver) -> None:
-    setup = block_with("flow = WorkflowEngine(backend=backend)")
-    page_line = "RadicalExecutionBackend({'resource': 'local.localhost'})"
-    assert page_line in setup and "import RadicalExecutionBackend" in setup
-    setup = setup.replace(page_line, f"DaskExecutionBackend({HPC!r})").replace(
-        "import RadicalExecutionBackend", "import DaskExecutionBackend"
-    )
-    sources = [
-        setup,
-        block_with("@flow.executable_task"),
-        block_with("async def run_wf"),
-        block_with("asyncio.gather(*[run_wf(i)"),
-    ]
+    sources = hpc_example("DaskExecutionBackend", repr(HPC))
     out = driver(
         f"""
         import asyncio, contextlib, io, json, sys, time

@@ -65,7 +65,9 @@ RUNTIMES = {
 }
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+)
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
 def test_no_job_survives_the_driver(
     slurm: SlurmCluster, tmp_path: Path, runtime: str, sig: signal.Signals

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ..page import block_with
+from ..page import hpc_example
 from .conftest import Driver
 from .slurm import PARTITION, SlurmCluster
 
@@ -49,18 +49,7 @@ def _left_behind(path: Path) -> list[str]:
 @pytest.mark.timeout(120)
 def test_page_hpc_example_runs_on_slurm(driver: Driver, tmp_path: Path) -> None:
     """The page's HPC example, with the one line that names the backend."""
-    setup = block_with("flow = WorkflowEngine(backend=backend)")
-    line = "RadicalExecutionBackend({'resource': 'local.localhost'})"
-    assert line in setup
-    setup = setup.replace(line, f"ParslExecutionBackend({DICT!r})").replace(
-        "import RadicalExecutionBackend", "import ParslExecutionBackend"
-    )
-    sources = [
-        setup,
-        block_with("@flow.executable_task"),
-        block_with("async def run_wf"),
-        block_with("asyncio.gather(*[run_wf(i)"),
-    ]
+    sources = hpc_example("ParslExecutionBackend", repr(DICT))
     out = driver(
         HEAD
         + f"""

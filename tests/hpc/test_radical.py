@@ -35,7 +35,7 @@ from asyncflow.adapters.radical.batch import config_dir
 from asyncflow.adapters.radical.config import plan
 from asyncflow.adapters.radical.reaper import working_under
 
-from ..page import block_with
+from ..page import hpc_example
 from .conftest import Driver
 from .slurm import PARTITION, SlurmCluster
 
@@ -197,12 +197,7 @@ def test_page_example_on_three_nodes(driver: Driver, tmp_path: Path) -> None:
     """The page's HPC example with the one line that names the backend, plus
     (before its last block) tasks on several nodes, the batch job as Slurm
     shows it, the queue state reported, and a GPU request refused."""
-    setup = block_with("flow = WorkflowEngine(backend=backend)")
-    line = "RadicalExecutionBackend({'resource': 'local.localhost'})"
-    assert line in setup
-    setup = setup.replace(line, f"RadicalExecutionBackend({DICT!r})")
-    tasks = [block_with("@flow.executable_task"), block_with("async def run_wf")]
-    last = block_with("asyncio.gather(*[run_wf(i)")
+    setup, *tasks, last = hpc_example("RadicalExecutionBackend", repr(DICT))
     script = (
         PAGE_DRIVER.replace("@SETUP@", repr(setup))
         .replace("@TASKS@", repr(tasks))

@@ -297,7 +297,7 @@ sys.path.insert(0, os.environ["REPO"])
 from asyncflow import WorkflowEngine
 from asyncflow.adapters.ray import RayExecutionBackend
 from asyncflow.errors import BackendStartError
-from tests.page import block_with, run_blocks
+from tests.page import hpc_example, run_blocks
 
 HEAD = os.environ["HEAD_IP"]
 
@@ -327,18 +327,7 @@ async def main():
     await flow.shutdown()
 
     # The reference page's HPC example, with its one backend line switched.
-    setup = block_with("flow = WorkflowEngine(backend=backend)")
-    setup = "\\n".join(
-        line for line in setup.splitlines() if "RadicalExecutionBackend" not in line
-    )
-    backend = (
-        "from asyncflow import RayExecutionBackend\\n"
-        f"backend = RayExecutionBackend(address='ray://{HEAD}:10001')\\n"
-    )
-    page = [
-        backend, setup, block_with("@flow.executable_task"),
-        block_with("async def run_wf"), block_with("asyncio.gather(*[run_wf(i)"),
-    ]
+    page = hpc_example("RayExecutionBackend", f"address='ray://{HEAD}:10001'")
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         await run_blocks(page, {"__name__": "page"})
