@@ -124,8 +124,13 @@ class SlurmCluster:
         return env
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[str]:
-        """Start ``argv`` on the login node, in a session of its own."""
+        """Start ``argv`` on the login node, in a session of its own.
+
+        It runs in the cluster's directory unless told otherwise, so that what
+        Slurm's tools leave in their working directory (``slurm-N.out``) goes
+        with the cluster, not into the caller's."""
         kw.setdefault("env", self.env)
+        kw.setdefault("cwd", str(self.dir))
         kw.setdefault("text", True)
         return subprocess.Popen([*self.nsenter(), *argv], start_new_session=True, **kw)
 
@@ -360,7 +365,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
     with SlurmCluster() as cluster:
         if argv[0] == "run":
-            proc = cluster.popen(argv[2:])
+            proc = cluster.popen(argv[2:], cwd=os.getcwd())
             try:
                 return proc.wait()
             except KeyboardInterrupt:
