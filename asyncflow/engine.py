@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import itertools
 import logging
 from collections.abc import Callable, Mapping
@@ -33,6 +34,48 @@ log.addHandler(logging.NullHandler())
 #: Called with every new engine; ``asyncflow run`` uses it to attach tracing and
 #: progress to engines the user's script creates.
 creation_hooks: list[Callable[[WorkflowEngine], None]] = []
+
+
+#: the protocol's members and what each must be
+_MEMBERS = (
+    ("info", "attribute"),
+    ("start", "async"),
+    ("submit", "method"),
+    ("cancel", "method"),
+    ("shutdown", "async"),
+)
+
+
+def _protocol_gaps(backend: object) -> list[str]:
+    """What keeps ``backend`` from being an adapter, one phrase per member, so
+    that its author learns which member to add or fix rather than a list of all
+    five (isinstance on the Protocol only says yes or no, and not whether the
+    methods that must be awaited are ``async``)."""
+    gaps = []
+    for member, kind in _MEMBERS:
+        try:
+            value = getattr(backend, member)
+        except AttributeError:
+            gaps.append(f"lacks {member}" + ("" if kind == "attribute" else "()"))
+            continue
+        if kind == "attribute":
+            continue
+        if not callable(value):
+            gaps.append(f"{member} is a {type(value).__name__}, not a method")
+        elif kind == "async" and _plainly_sync(value):
+            gaps.append(f"{member}() is not async (the engine awaits it)")
+    return gaps
+
+
+def _plainly_sync(fn: Any) -> bool:
+    """A plain ``def``: neither it nor what it wraps is a coroutine function.
+    Other callables may return an awaitable; they get the benefit of the doubt."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        return False
+    return not (
+        inspect.iscoroutinefunction(fn)
+        or inspect.iscoroutinefunction(inspect.unwrap(fn))
+    )
 
 
 class WorkflowEngine(Scheduler):
@@ -62,10 +105,13 @@ class WorkflowEngine(Scheduler):
         else:
             backends = {"default": backend}
         for name, b in backends.items():
-            if not isinstance(b, ExecutionBackend):
+            gaps = _protocol_gaps(b)
+            if gaps:
                 raise TaskDefinitionError(
                     f"backend {name!r} ({b!r}) does not implement the asyncflow "
-                    "backend protocol (info, start, submit, cancel, shutdown)"
+                    f"backend protocol: {'; '.join(gaps)}.  An adapter has `info`, "
+                    "`async def start(sink)`, `submit(specs)`, `cancel(uids)` and "
+                    "`async def shutdown()` (see asyncflow.protocol)"
                 )
         self._backends: dict[str, ExecutionBackend] = backends
         self._default = next(iter(backends))

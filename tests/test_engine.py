@@ -95,6 +95,64 @@ def test_an_allocation_for_a_backend_without_batch_jobs_is_refused(
         WorkflowEngine()
 
 
+class _Adapter:
+    """The five members, doing nothing: the protocol check only reads them."""
+
+    info = BackendInfo("fake", "none", "0", Capabilities.of())
+
+    async def start(self, sink: CompletionSink) -> None: ...
+
+    def submit(self, specs: Sequence[TaskSpec]) -> None: ...
+
+    def cancel(self, uids: Sequence[str]) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def _without(member: str) -> Any:
+    namespace = {k: v for k, v in vars(_Adapter).items() if k != member}
+    return type(f"No{member.title()}", (), namespace)()
+
+
+@pytest.mark.parametrize("member", ["info", "start", "submit", "cancel", "shutdown"])
+def test_protocol_check_names_the_missing_member(member: str) -> None:
+    paren = "" if member == "info" else r"\(\)"
+    with pytest.raises(TaskDefinitionError) as err:
+        WorkflowEngine(backend={"mine": _without(member)})
+    assert err.match(rf"backend 'mine' .*: lacks {member}{paren}\.  An adapter has")
+    assert str(err.value).count("lacks") == 1
+
+
+def test_protocol_check_says_what_is_wrong_with_a_member() -> None:
+    class Wrong(_Adapter):
+        submit = "not a method"
+
+        def start(self, sink: CompletionSink) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(TaskDefinitionError) as err:
+        WorkflowEngine(backend=Wrong())
+    assert err.match(r"start\(\) is not async \(the engine awaits it\); ")
+    assert err.match(r"submit is a str, not a method\.")
+
+
+def test_protocol_check_accepts_wrapped_and_callable_object_methods() -> None:
+    import functools
+
+    class Wrapped(_Adapter):
+        @functools.wraps(_Adapter.shutdown)
+        def shutdown(self) -> Any:  # type: ignore[override]
+            return _Adapter.shutdown(self)
+
+    class Starter:
+        async def __call__(self, sink: CompletionSink) -> None: ...
+
+    wrapped = Wrapped()
+    wrapped.start = Starter()  # type: ignore[method-assign]
+    WorkflowEngine(backend=wrapped)
+    WorkflowEngine(backend=_Adapter())
+
+
 def test_calling_a_task_outside_a_loop_is_a_clear_error() -> None:
     flow = WorkflowEngine(backend=threads())
     with pytest.raises(
