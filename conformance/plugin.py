@@ -62,12 +62,24 @@ class _State:
 _STATE = pytest.StashKey[_State]()
 
 
-_current: _State | None = None
+#: the states of the runs in progress, innermost last: a test run in-process
+#: by pytester must not leave its state behind for the outer run's reports
+_runs: list[_State] = []
+
+
+def _current() -> _State | None:
+    return _runs[-1] if _runs else None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _current
-    config.stash[_STATE] = _current = _State()
+    config.stash[_STATE] = state = _State()
+    _runs.append(state)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state in _runs:
+        _runs.remove(state)
 
 
 def _adapter_class(obj: object) -> type | None:
@@ -122,8 +134,8 @@ def pytest_collection_modifyitems(
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
-    if _current is not None:
-        _current.deselected.update(_classes(items))
+    if items:
+        items[0].config.stash[_STATE].deselected.update(_classes(items))
 
 
 def _whole_module_requested(path: Path, config: pytest.Config) -> bool:
@@ -227,7 +239,7 @@ def pytest_report_collectionfinish(
 
 @pytest.hookimpl
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    state = _current
+    state = _current()
     prop = _user_property()
     if state is None or prop is None:
         return
