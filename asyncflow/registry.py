@@ -77,22 +77,37 @@ class BackendStatus:
     install_hint: str
 
 
-def _entry_points() -> dict[str, str]:
-    found = {name: known[0] for name, known in KNOWN.items()}
+def _registered() -> dict[str, tuple[str, str | None]]:
+    """name -> (import path, version of the distribution that registered it).
+
+    The version comes from the entry point's own distribution, so an adapter
+    installed from any package shows its version, not only the in-tree ones.
+    """
+    found: dict[str, tuple[str, str | None]] = {
+        name: (known[0], None) for name, known in KNOWN.items()
+    }
     for ep in md.entry_points(group=GROUP):
-        found[ep.name] = ep.value
+        dist = ep.dist
+        found[ep.name] = (ep.value, dist.version if dist is not None else None)
     return found
 
 
+def _entry_points() -> dict[str, str]:
+    return {name: target for name, (target, _) in _registered().items()}
+
+
 def available_backends() -> list[BackendStatus]:
-    """Every backend name asyncflow knows of, with whether it can run here."""
+    """Every backend name asyncflow knows of, with whether it can run here.
+
+    ``version`` is the runtime's when it is a distribution of its own (Dask,
+    Ray, ...), else that of the distribution providing the adapter."""
     out = []
-    for name, target in _entry_points().items():
+    for name, (target, provider_version) in _registered().items():
         _, module, dist, hint = KNOWN.get(name, (target, None, None, ""))
         if module is None:
             module = target.partition(":")[0]
             installed = _importable(module)
-            version = None
+            version = provider_version if installed else None
         else:
             installed = _importable(module)
             version = _version(dist) if installed and dist else None

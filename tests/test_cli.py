@@ -3,8 +3,10 @@ signals and exit codes behave."""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +131,25 @@ def test_backends_lists_install_state_and_capabilities() -> None:
     for name in ("threads", "processes", "dask", "ray", "parsl", "radical"):
         assert name in out
     assert "kill_executables" in out
+
+
+def test_backends_shows_version_and_capabilities_of_an_out_of_tree_adapter() -> None:
+    """An adapter from another distribution shows that distribution's version
+    and the capabilities its class declares, like the in-tree ones."""
+    result = asyncflow("backends")
+    assert result.returncode == 0, result.stderr
+    rows = {
+        cells[0]: cells
+        for cells in (
+            re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()
+        )
+    }
+    assert rows["asyncio-example"] == [
+        "asyncio-example",
+        "yes",
+        md.version("asyncflow-example-adapter"),
+        "executables, functions, kill_executables, large_payloads, parallel, resources",
+    ]
 
 
 def test_log_level_configures_only_the_asyncflow_logger(tmp_path: Path) -> None:

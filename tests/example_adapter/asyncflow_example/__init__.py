@@ -1,4 +1,4 @@
-"""A complete asyncflow adapter in about 80 lines, built on asyncio alone.
+"""A complete asyncflow adapter in about 90 lines, built on asyncio alone.
 
 It runs each task in a thread via ``asyncio.to_thread``, at most ``max_workers``
 at a time.  It exists to show what an adapter must do and to prove that an
@@ -25,6 +25,19 @@ C = Capability
 
 
 class AsyncioBackend:
+    # on the class, so `asyncflow backends` lists them without starting anything
+    CAPABILITIES = Capabilities.of(
+        C.FUNCTIONS,
+        C.EXECUTABLES,
+        C.KILL_EXECUTABLES,
+        C.PARALLEL,
+        C.RESOURCES,
+        C.LARGE_PAYLOADS,
+        cancel_running="a thread cannot be interrupted",
+        serializes="runs in the driver process",
+        gpus="no GPUs here",
+    )
+
     def __init__(self, max_workers: int = 2):
         self._max_workers = max_workers
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -32,17 +45,7 @@ class AsyncioBackend:
             name="asyncio-example",
             runtime="asyncio",
             runtime_version=platform.python_version(),
-            capabilities=Capabilities.of(
-                C.FUNCTIONS,
-                C.EXECUTABLES,
-                C.KILL_EXECUTABLES,
-                C.PARALLEL,
-                C.RESOURCES,
-                C.LARGE_PAYLOADS,
-                cancel_running="a thread cannot be interrupted",
-                serializes="runs in the driver process",
-                gpus="no GPUs here",
-            ),
+            capabilities=self.CAPABILITIES,
         )
 
     async def start(self, sink: CompletionSink) -> None:
