@@ -131,6 +131,8 @@ async def run_asyncflow(plan: Plan) -> None:
     try:
         await flow.start()
         await flow.function_task(ident)(0)  # first result: the runtime is up
+        if plan.hpc is not None:
+            await all_joined(made, plan)
         emit(kind="startup", side="asyncflow", seconds=time.perf_counter() - t0)
         loop = asyncio.get_running_loop()
 
@@ -147,6 +149,40 @@ async def run_asyncflow(plan: Plan) -> None:
         t0 = time.perf_counter()
         await flow.shutdown()
         emit(kind="shutdown", side="asyncflow", seconds=time.perf_counter() - t0)
+
+
+async def all_joined(made: Any, plan: Plan) -> None:
+    """``--hpc``: wait until every worker of the allocation has joined, as the
+    raw side does before its first result (``wait_for_workers``), so that
+    neither side is timed on part of its workers.  The first result may come
+    from the first worker of several jobs (Dask) or nodes (Parsl)."""
+    from .rawslurm import JOIN_TIMEOUT, expected_workers, parsl_managers
+
+    assert plan.hpc is not None
+    want = await asyncio.to_thread(expected_workers, plan.backend, plan.hpc)
+    if not want:
+        return
+
+    async def count() -> int:
+        if plan.backend == "dask":
+            info = await made.client.scheduler.identity()
+            return len(info.get("workers", {}))
+        return await asyncio.to_thread(parsl_managers, made.dfk)
+
+    t0 = time.perf_counter()
+    first = have = await count()
+    while have < want:
+        if time.perf_counter() - t0 > JOIN_TIMEOUT:
+            raise TimeoutError(f"{have} of {want} workers joined")
+        await asyncio.sleep(0.1)
+        have = await count()
+    if first < want:
+        emit(
+            kind="note",
+            side="asyncflow",
+            text=f"{first} of {want} workers had joined at the first result; "
+            f"timing started after all had, {time.perf_counter() - t0:.2f} s later",
+        )
 
 
 def run_raw(plan: Plan) -> None:

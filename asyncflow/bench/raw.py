@@ -203,7 +203,7 @@ def _make_batch_raw(backend: str, hpc: dict[str, Any]) -> Raw | None:
     if backend == "dask":
         from .rawslurm import DaskSlurmRaw
 
-        return DaskSlurmRaw(alloc)
+        return DaskSlurmRaw(alloc, hpc)
     if backend == "parsl":
         from .rawslurm import ParslSlurmRaw
 

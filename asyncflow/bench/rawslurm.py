@@ -6,6 +6,11 @@ the runtime's own Slurm API and nothing of asyncflow's: a dask-jobqueue
 ``SlurmProvider`` with one block of ``nodes`` nodes.  The only thing borrowed
 is the address the nodes reach this driver at (a user types it in), and the
 task API is the local baselines' (:mod:`.raw`), so both sides do the same work.
+
+Both sides get the same workers (the Dask job's shape is the adapter's, with
+``sinfo`` asked for what the dict leaves out), and both are timed only once
+all of them have joined: :func:`joined` counts them on either side, and the
+start-up figure includes that wait on both (see :mod:`.child`).
 """
 
 from __future__ import annotations
@@ -14,35 +19,75 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..hpc import Allocation
 from ..slurm import driver_address
 from .raw import DaskRaw, ParslRaw
 
-__all__ = ["DaskSlurmRaw", "ParslSlurmRaw"]
+__all__ = ["DaskSlurmRaw", "ParslSlurmRaw", "expected_workers", "parsl_managers"]
+
+#: seconds every worker of the allocation gets to join before timing starts
+JOIN_TIMEOUT = 600.0
 
 
-def _cores(alloc: Allocation) -> int:
-    return alloc.cores_per_node or 1
+def dask_shape(hpc: Mapping[str, Any]) -> Any:
+    """The adapter's shape of one Dask job for ``hpc`` (asks ``sinfo`` for what
+    the dict leaves out), so that the raw cluster gets the same workers."""
+    from asyncflow.adapters.dask.slurm import SlurmPlan, node_shape
+
+    return node_shape(SlurmPlan.from_mapping(hpc))
+
+
+def expected_workers(backend: str, hpc: Mapping[str, Any]) -> int | None:
+    """What must have joined before timing: Dask worker processes, or Parsl
+    managers (one per node; the block starts them all at once)."""
+    alloc, _ = Allocation.from_mapping(hpc, "asyncflow bench --hpc")
+    if backend == "dask":
+        return int(alloc.nodes * dask_shape(hpc).processes)
+    if backend == "parsl":
+        return alloc.nodes
+    return None
+
+
+def parsl_managers(dfk: Any) -> int:
+    """Parsl managers connected to the HTEX executors of ``dfk``."""
+    from parsl.executors import HighThroughputExecutor
+
+    return sum(
+        len(ex.connected_managers())
+        for ex in dfk.executors.values()
+        if isinstance(ex, HighThroughputExecutor)
+    )
+
+
+def wait_parsl(dfk: Any, n: int, timeout: float = JOIN_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while parsl_managers(dfk) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"raw parsl: {n} manager(s) not connected in time")
+        time.sleep(0.1)
 
 
 class DaskSlurmRaw(DaskRaw):
     name = "dask-jobqueue SLURMCluster + client.submit"
 
-    def __init__(self, alloc: Allocation) -> None:
+    def __init__(self, alloc: Allocation, hpc: Mapping[str, Any]) -> None:
         from dask_jobqueue import SLURMCluster
         from distributed import Client
 
         self.tmp = tempfile.mkdtemp(prefix="asyncflow-bench-dask-")
         host = driver_address()
-        cores = _cores(alloc)
+        shape = dask_shape(hpc)
         self.cluster = SLURMCluster(
             queue=alloc.queue,
             account=alloc.account,
-            cores=cores,
-            processes=cores,
-            memory=f"{cores}GB",
+            cores=shape.cores,
+            processes=shape.processes,
+            memory=f"{shape.memory}MiB",
+            job_mem=f"{shape.memory}M",  # Slurm's M is MiB: fits RealMemory
             walltime=alloc.walltime_hms,
             python=sys.executable,
             log_directory=self.tmp,
@@ -51,7 +96,7 @@ class DaskSlurmRaw(DaskRaw):
         )
         self.cluster.scale(jobs=alloc.nodes)
         self.client = Client(self.cluster)
-        self.client.wait_for_workers(alloc.nodes * cores, timeout=600)
+        self.client.wait_for_workers(alloc.nodes * shape.processes, JOIN_TIMEOUT)
 
     def shutdown(self) -> None:
         try:
@@ -93,7 +138,8 @@ class ParslSlurmRaw(ParslRaw):
         htex = HighThroughputExecutor(
             label="htex",
             address=driver_address(),
-            max_workers_per_node=_cores(alloc),
+            # None: Parsl's default, the node's cores, as the adapter leaves it
+            max_workers_per_node=alloc.cores_per_node,
             provider=provider,
         )
         config = Config(
@@ -104,3 +150,4 @@ class ParslSlurmRaw(ParslRaw):
         )
         self.dfk = parsl.load(config)
         self.apps: dict[Any, Any] = {}
+        wait_parsl(self.dfk, alloc.nodes)  # every node's manager, as Dask's workers
