@@ -200,6 +200,8 @@ def run_raw(plan: Plan) -> None:
         t0 = time.perf_counter()
         raw.shutdown()
         emit(kind="shutdown", side="raw", seconds=time.perf_counter() - t0)
+        for text in getattr(raw, "notes", ()):
+            emit(kind="note", side="raw", text=text)
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -19,6 +19,17 @@ Two things a raw user must do differently from the adapter, and this module does
 - raptor returns results through msgpack, which cannot carry a numpy array: the
   worker logs the error and the task never completes.  So the map-reduce
   workload has no raw baseline here (see :meth:`RadicalRaw.skip`).
+
+``RadicalRaw(hpc)``, with the page's ``'resource': 'slurm'`` dict, submits the
+pilot through Slurm.  radical.pilot reaches a batch system only through a
+resource config, which a raw user writes by hand once per cluster: here it is
+the one the adapter writes (:func:`asyncflow.adapters.radical.batch.config_dir`,
+found through ``RADICAL_CONFIG_USER_DIR``), with what a user exports on the
+login node: the interface the compute nodes reach this host on
+(``RADICAL_DEFAULT_IFACE``) and a job name (``SBATCH_JOB_NAME``: radical.pilot's
+PSI/J launcher drops the PilotDescription's), so that shutdown can check that
+Slurm lists no job of ours any more.  The sandbox goes under the current
+directory, which the nodes share.  The measured path is radical.pilot's own API.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +48,11 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .raw import WORKERS, Raw
+from .raw import Raw
 
 START_TIMEOUT = 600.0
+#: seconds Slurm gets to list the pilot's job no more after the close
+SLURM_GONE_TIMEOUT = 30.0
 #: a bulk of tasks gets this long, plus PER_TASK each, before it counts as hung;
 #: generous: on a loaded 2-core machine raptor's workers took over 2 min to start
 WAIT_BASE, PER_TASK = 600.0, 2.0
@@ -62,7 +76,22 @@ class RadicalRaw(Raw):
     name = "radical.pilot submit_tasks"
 
     def __init__(self, resources: Mapping[str, Any] | None = None) -> None:
-        self.base = os.path.realpath(tempfile.mkdtemp(prefix="asyncflow-bench-rp-"))
+        from asyncflow.adapters.radical.config import plan
+
+        # the adapter's plan of the pilot, so that both sides get the same cores
+        self.layout = plan(resources or {"resource": "local.localhost"})
+        alloc = self.layout.allocation
+        #: the Slurm job's name (radical.pilot's PSI/J launcher drops job_name)
+        self.job_name = f"asyncflow-bench-rp-{os.getpid()}" if alloc else None
+        #: what shutdown had to clean up after radical.pilot's own close
+        self.notes: list[str] = []
+        self.base = os.path.realpath(
+            tempfile.mkdtemp(
+                prefix="asyncflow-bench-rp-",
+                # a Slurm pilot's sandbox must be on the nodes' shared filesystem
+                dir=os.getcwd() if alloc else None,
+            )
+        )
         atexit.register(shutil.rmtree, self.base, True)
         os.makedirs(os.path.join(self.base, "tmp"))
         # the recipe: set before radical.pilot starts its processes
@@ -76,39 +105,60 @@ class RadicalRaw(Raw):
             "RADICAL_PILOT_BASE": self.base,
             "TMPDIR": os.path.join(self.base, "tmp"),
         }
+        self.iface = None
+        if alloc is not None:
+            from asyncflow.adapters.radical import batch
+            from asyncflow.slurm import driver_address
+
+            # the resource config a raw user writes for the cluster, by hand
+            env["RADICAL_CONFIG_USER_DIR"] = batch.config_dir(self.base, alloc)
+            env["SBATCH_JOB_NAME"] = str(self.job_name)
+            self.iface = batch.interface_of(driver_address())
+            if self.iface:
+                env["RADICAL_DEFAULT_IFACE"] = self.iface
         self._saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         self.session: Any = None
         self.pilot: Any = None
         self._fns: dict[Any, Callable[..., Any]] = {}
         try:
-            self._start(resources or {"resource": "local.localhost"})
+            self._start()
         except BaseException:
             self.shutdown()
             raise
 
-    def _start(self, resources: Mapping[str, Any]) -> None:
+    def _start(self) -> None:
         import radical.pilot as rp
 
-        from asyncflow.adapters.radical import pilot_description
+        from asyncflow.adapters.radical.batch import advertised_interface
 
         self.rp = rp
-        pd = pilot_description(resources)
+        lay = self.layout
+        pd = dict(lay.description)
         pd["sandbox"] = self.base
-        self.session = rp.Session(cfg={"base": self.base, "client_sandbox": self.base})
-        pmgr = rp.PilotManager(session=self.session)
-        self.tmgr = rp.TaskManager(session=self.session)
+        # radical.utils may have read RADICAL_DEFAULT_IFACE already (at import)
+        with advertised_interface(self.iface):
+            self.session = rp.Session(
+                cfg={"base": self.base, "client_sandbox": self.base}
+            )
+            pmgr = rp.PilotManager(session=self.session)
+            self.tmgr = rp.TaskManager(session=self.session)
         self.pilot = pmgr.submit_pilots(rp.PilotDescription(pd))
         self.tmgr.add_pilots(self.pilot)
-        master = rp.TaskDescription({"mode": rp.RAPTOR_MASTER})
+        master = rp.TaskDescription(
+            {"mode": rp.RAPTOR_MASTER, "ranks": 1, "cores_per_rank": 1}
+        )
         self.raptor = self.pilot.submit_raptors([master])[0]
+        # the adapter's raptor workers on this pilot: as many, as big
         worker = {
             "mode": rp.RAPTOR_WORKER,
             "ranks": 1,
-            "cores_per_rank": WORKERS,
+            "cores_per_rank": lay.worker_cores,
             "raptor_class": "DefaultWorker",
         }
-        self.raptor.submit_workers([rp.TaskDescription(worker)])
+        self.raptor.submit_workers(
+            [rp.TaskDescription(worker) for _ in range(lay.n_workers)]
+        )
         self.pilot.wait([rp.PMGR_ACTIVE, *rp.FINAL], timeout=START_TIMEOUT)
         if self.pilot.state != rp.PMGR_ACTIVE:
             raise RuntimeError(f"raw radical.pilot: the pilot is {self.pilot.state}")
@@ -184,7 +234,8 @@ class RadicalRaw(Raw):
     # -- close -----------------------------------------------------------------------
     def shutdown(self) -> None:
         """The recipe's deterministic close, then whatever still runs in our
-        directory, then the directory."""
+        directory or Slurm's queue (noted: radical.pilot left it), then the
+        directory."""
         try:
             if self.pilot is not None:
                 with contextlib.suppress(Exception):
@@ -194,13 +245,54 @@ class RadicalRaw(Raw):
                 self.session.close(download=False, terminate=False)
         finally:
             self.pilot = self.session = None
-            kill_under(self.base)
+            killed = kill_under(self.base)
+            if killed:
+                self.notes.append(
+                    f"{killed} radical.pilot process(es) still ran after the "
+                    "session closed; killed"
+                )
+            if self.job_name:
+                left = cancel_jobs(self.job_name)
+                if left:
+                    self.notes.append(
+                        f"Slurm job(s) of the pilot outlived the session's close: "
+                        f"{', '.join(left)}; cancelled"
+                    )
             for k, v in self._saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _squeue(name: str) -> dict[str, str]:
+    """Slurm's jobs called ``name``: id -> state."""
+    res = subprocess.run(
+        ["squeue", "-h", "-n", name, "-o", "%i %T"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return dict(line.split()[:2] for line in res.stdout.split("\n") if line.strip())
+
+
+def cancel_jobs(name: str, timeout: float = SLURM_GONE_TIMEOUT) -> list[str]:
+    """Wait until Slurm lists no job called ``name``; one still queued or
+    running (which radical.pilot's cancel should have ended) is cancelled,
+    and returned, as is one still listed after ``timeout`` s."""
+    try:
+        jobs = _squeue(name)
+        alive = [f"{i} ({st})" for i, st in jobs.items() if st != "COMPLETING"]
+        if alive:
+            subprocess.run(["scancel", "-n", name], capture_output=True, timeout=30)
+        deadline = time.monotonic() + timeout
+        while jobs and time.monotonic() < deadline:
+            time.sleep(0.25)
+            jobs = _squeue(name)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [f"(squeue/scancel failed: {exc})"]
+    return alive + [f"{i} still {st} after {timeout:.0f} s" for i, st in jobs.items()]
 
 
 def kill_under(base: str) -> int:
