@@ -5,26 +5,123 @@ Every conformance test is an ``async def`` scenario that receives a fresh
 turns it into an ordinary synchronous pytest test that runs it in a new event loop
 and always shuts the engine down, so the suite needs no asyncio plugin and does
 not collide with one the adapter's project already uses.
+
+Every scenario's engine hands the adapter a :class:`ReportLedger` instead of its
+own sink: it passes everything on and notes each report, and the scenario fails
+if any task was reported twice (the protocol's "exactly once"), whatever the
+scenario itself was about.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 from ..engine import WorkflowEngine
-from ..protocol import Capability, ExecutionBackend
+from ..errors import UpstreamGone
+from ..protocol import Capability, CompletionSink, ExecutionBackend
 
-__all__ = ["BackendFixtures", "scenario"]
+__all__ = [
+    "BackendFixtures",
+    "Bounds",
+    "ReportLedger",
+    "assert_reported_once",
+    "backend_of",
+    "scenario",
+]
 
 USER_PROPERTY = "asyncflow_backend"
 
 
-class BackendFixtures:
+class Bounds:
+    """How long the suite lets an adapter take where time is the promise.
+
+    Generous for a loaded CI machine; a slow runtime's test class may raise them
+    (and the suite's own strength test lowers them to stay fast)."""
+
+    #: seconds a task that raises at once may take to be reported, at least;
+    #: the bound is ten no-op round trips on the same backend when that is longer
+    failure_report_floor: float = 5.0
+    #: seconds ``shutdown()`` may take while a function is stuck in a long sleep,
+    #: and a second ``shutdown()`` at all
+    shutdown_bound: float = 30.0
+    #: seconds from cancelling a running function (``CANCEL_RUNNING``) until it
+    #: has stopped
+    stop_bound: float = 20.0
+    #: the longest the event loop may go without a turn while the engine calls
+    #: ``start()`` and ``submit()``
+    loop_gap_bound: float = 1.0
+
+
+class ReportLedger:
+    """The engine's sink, wrapped: notes every report so that a second one for
+    the same uid (result after result, exception after result, ...) is caught.
+
+    ``UpstreamGone`` is not a report but a request to resubmit the same uid, so
+    it is not counted."""
+
+    def __init__(self, sink: CompletionSink):
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._first: dict[str, str] = {}
+        self.doubles: list[str] = []
+
+    def _note(self, uid: str, what: str) -> None:
+        with self._lock:
+            first = self._first.get(uid)
+            if first is None:
+                self._first[uid] = what
+            else:
+                self.doubles.append(f"{uid}: {what} after {first}")
+
+    def set_result(self, uid: str, value: Any) -> None:
+        self._note(uid, f"result {type(value).__name__}")
+        self._sink.set_result(uid, value)
+
+    def set_exception(self, uid: str, exc: BaseException) -> None:
+        if not isinstance(exc, UpstreamGone):
+            self._note(uid, f"exception {type(exc).__name__}")
+        self._sink.set_exception(uid, exc)
+
+    def set_running(self, uid: str) -> None:
+        self._sink.set_running(uid)
+
+    def set_backend_state(self, backend: object, state: str, detail: str) -> None:
+        self._sink.set_backend_state(backend, state, detail)
+
+
+class _CheckedEngine(WorkflowEngine):
+    """A WorkflowEngine whose backends report through a :class:`ReportLedger`."""
+
+    ledger: ReportLedger | None = None
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        super()._bind(loop)
+        # The backends' start() tasks were only created: they read the sink later.
+        if self.ledger is None and self._sink is not None:
+            self.ledger = ReportLedger(self._sink)
+            self._sink = self.ledger  # type: ignore[assignment]
+
+
+def assert_reported_once(flow: WorkflowEngine) -> None:
+    """Fail if the adapter reported any task more than once."""
+    ledger = getattr(flow, "ledger", None)
+    doubles = ledger.doubles if ledger is not None else []
+    assert not doubles, "reported more than once: " + "; ".join(doubles[:5])
+
+
+def backend_of(flow: WorkflowEngine) -> ExecutionBackend:
+    """The adapter under test (a scenario's engine has exactly one)."""
+    (backend,) = flow.backends.values()
+    return backend
+
+
+class BackendFixtures(Bounds):
     """Override :meth:`backend` to return a *new* backend object per test.
 
     It may attach to a runtime your own session-scoped fixture started; the
@@ -75,11 +172,12 @@ def scenario(
             limit = timeout or self.scenario_timeout
 
             async def main() -> None:
-                flow = WorkflowEngine(backend=backend)
+                flow = _CheckedEngine(backend=backend)
                 try:
                     await asyncio.wait_for(fn(self, flow, **kwargs), limit)
                 finally:
                     await asyncio.wait_for(flow.shutdown(), 60)
+                assert_reported_once(flow)
 
             asyncio.run(main())
 
