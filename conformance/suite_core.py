@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
-from .. import DependencyFailureError, TaskState
+from .. import DependencyFailureError, TaskState, WorkerLostError
 from ..engine import WorkflowEngine
 from ..protocol import Capability
 from . import tasks as t
-from .base import scenario
+from .base import Bounds, assert_reported_once, backend_of, scenario
+from .gate import Gate
 
 C = Capability
 
 __all__ = ["BlockTests", "DependencyTests", "FailureTests", "FunctionTests"]
 
 
-class FunctionTests:
+class FunctionTests(Bounds):
     @scenario(C.FUNCTIONS)
     async def test_result_args_and_kwargs(self, flow: WorkflowEngine) -> None:
         pack = flow.function_task(t.pack)
@@ -58,6 +61,54 @@ class FunctionTests:
         await asyncio.sleep(0)  # done callbacks run one loop turn later
         assert seen == [42]
 
+    @scenario(C.FUNCTIONS)
+    async def test_each_task_reported_once(self, flow: WorkflowEngine) -> None:
+        """Results, exceptions, async functions, chains and (where declared)
+        commands: the engine ignores a second report, so only the ledger every
+        scenario's sink goes through can tell that the adapter sent one."""
+        inc, aadd, boom = (
+            flow.function_task(t.inc),
+            flow.function_task(t.aadd),
+            flow.function_task(t.boom),
+        )
+        futs = [inc(i) for i in range(10)] + [aadd(i, 1) for i in range(10)]
+        futs += [boom(f"b{i}") for i in range(5)] + [inc(inc(inc(0)))]
+        if C.EXECUTABLES in backend_of(flow).info.capabilities:
+            sh = flow.executable_task(lambda line: line)
+            futs += [sh("true"), sh("exit 3")]
+        await asyncio.gather(*futs, return_exceptions=True)
+        await flow.shutdown()  # drained: every report the adapter makes is in
+        assert_reported_once(flow)
+
+    @scenario(C.FUNCTIONS)
+    async def test_start_and_submit_never_block_the_loop(
+        self, flow: WorkflowEngine
+    ) -> None:
+        """A ticker measures the loop's longest gap while the engine starts the
+        adapter and hands it batches; a blocking call shows up as a long gap."""
+        loop, gaps, stop = asyncio.get_running_loop(), [0.0], asyncio.Event()
+
+        async def tick() -> None:
+            last = loop.time()
+            while not stop.is_set():
+                await asyncio.sleep(0.005)
+                gaps.append(loop.time() - last - 0.005)
+                last = loop.time()
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.sleep(0)  # the ticker takes its first time before start()
+        inc = flow.function_task(t.inc)
+        assert await asyncio.gather(*[inc(i) for i in range(100)]) == list(
+            range(1, 101)
+        )
+        assert await inc(inc(inc(0))) == 3
+        stop.set()
+        await ticker
+        assert max(gaps) < self.loop_gap_bound, (
+            f"the event loop stood still for {max(gaps):.2f}s "
+            f"(bound {self.loop_gap_bound}s)"
+        )
+
 
 class DependencyTests:
     @scenario(C.FUNCTIONS)
@@ -93,7 +144,7 @@ class DependencyTests:
         assert await total(*leaves) == sum(range(1, 1001))
 
 
-class FailureTests:
+class FailureTests(Bounds):
     @scenario(C.FUNCTIONS)
     async def test_exception_type_and_message_preserved(
         self, flow: WorkflowEngine
@@ -132,6 +183,62 @@ class FailureTests:
     async def test_recursion_error_comes_back(self, flow: WorkflowEngine) -> None:
         with pytest.raises(RecursionError):
             await flow.function_task(t.recurse)(0)
+
+    @scenario(C.FUNCTIONS)
+    async def test_dependents_of_a_failure_never_run(
+        self, flow: WorkflowEngine, tmp_path: Path
+    ) -> None:
+        """Piped (handed to the adapter while the upstream runs, where
+        ``PIPELINE`` is declared) or not (a timeout is never piped), a dependent
+        of a failed task must not run at all, not merely be reported failed."""
+        async with Gate() as gate:
+            up = flow.function_task(t.fail_at_gate)(gate.address, "up")
+            piped = flow.function_task(t.touch)
+            plain = flow.function_task(timeout=120)(t.touch)
+            child = piped(str(tmp_path / "piped"), up)
+            deps = [child, piped(str(tmp_path / "grandchild"), child)]
+            deps.append(plain(str(tmp_path / "plain"), up))
+            await gate.arrived("up")
+            gate.release("up")
+            with pytest.raises(ValueError, match="planned failure"):
+                await up
+            for dep in deps:
+                with pytest.raises(DependencyFailureError):
+                    await dep
+        await flow.shutdown()  # drained: a dependent the adapter ran has written
+        ran = sorted(p.name for p in tmp_path.iterdir())
+        assert not ran, f"dependents of a failed task ran: {ran}"
+
+    @scenario(C.FUNCTIONS)
+    async def test_failure_is_reported_promptly(self, flow: WorkflowEngine) -> None:
+        """A task that raises at once is reported about as fast as one that
+        returns: within ten no-op round trips, or the floor if that is longer."""
+        inc, boom = flow.function_task(t.inc), flow.function_task(t.boom)
+        assert await inc(0) == 1  # the runtime is up
+        loop, trip = asyncio.get_running_loop(), 0.0
+        for i in range(3):
+            start = loop.time()
+            assert await inc(i) == i + 1
+            trip = max(trip, loop.time() - start)
+        bound = max(self.failure_report_floor, 10 * trip)
+        try:
+            with pytest.raises(ValueError, match="prompt"):
+                await asyncio.wait_for(boom("prompt"), bound)
+        except TimeoutError:
+            pytest.fail(
+                f"a failure took over {bound:.1f}s to be reported (a no-op round "
+                f"trip took {trip:.3f}s)"
+            )
+
+    @scenario(C.FUNCTIONS, C.SERIALIZES)
+    async def test_killed_worker_is_worker_lost(self, flow: WorkflowEngine) -> None:
+        """A function that ends its worker process fails with WorkerLostError,
+        and the backend goes on running the next task."""
+        if await flow.function_task(t.getpid)() == os.getpid():
+            pytest.skip("functions run in the driver process: os._exit would end it")
+        with pytest.raises(WorkerLostError):
+            await flow.function_task(t.exit_worker)(os.getpid())
+        assert await flow.function_task(t.inc)(1) == 2, "the next task runs"
 
 
 class BlockTests:

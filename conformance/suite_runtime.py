@@ -1,5 +1,6 @@
-"""Mixins for promises that touch the runtime: commands, cancelling, timeouts,
-retries, parallelism, payloads, serialisation, resources and shutdown."""
+"""Mixins for promises that touch the runtime: commands, timeouts, retries,
+parallelism, payloads, serialisation and resources.  Cancelling and shutdown
+live in :mod:`.suite_lifecycle` and are re-exported here."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import os
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from .. import (
-    EngineClosedError,
     ExecutableFailedError,
     ResourceUnavailableError,
     SerializationError,
@@ -23,6 +22,7 @@ from ..protocol import Capability
 from . import tasks as t
 from .base import scenario
 from .gate import Gate
+from .suite_lifecycle import CancelTests, ShutdownTests, _dies
 
 C = Capability
 
@@ -37,22 +37,6 @@ __all__ = [
     "ShutdownTests",
     "TimeoutTests",
 ]
-
-
-async def _dies(pid: int, within: float = 30.0) -> bool:
-    """Wait (in a thread, on the process's exit) until ``pid`` is gone."""
-
-    def wait() -> bool:
-        try:
-            proc = psutil.Process(pid)
-            proc.wait(timeout=within)
-        except psutil.NoSuchProcess:
-            return True
-        except psutil.TimeoutExpired:
-            return False
-        return True
-
-    return await asyncio.to_thread(wait)
 
 
 class ExecutableTests:
@@ -101,61 +85,6 @@ class ExecutableTests:
         lines = flow.executable_task(lambda: "seq 1 20000")
         out = await lines()
         assert out.splitlines() == [str(i) for i in range(1, 20001)]
-
-
-class CancelTests:
-    @scenario(C.FUNCTIONS)
-    async def test_cancel_waiting_task_and_dependents(
-        self, flow: WorkflowEngine
-    ) -> None:
-        async with Gate() as gate:
-            wait, inc = flow.function_task(t.gate_wait), flow.function_task(t.inc)
-            blocker = wait(gate.address, "block")
-            waiting = inc(blocker)
-            downstream = inc(waiting)
-            assert waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-            assert downstream.cancelled()
-            await gate.arrived("block")
-            gate.release("block")
-            assert await blocker == "go", "the upstream itself is unaffected"
-
-    @scenario(C.FUNCTIONS)
-    async def test_cancel_running_function(self, flow: WorkflowEngine) -> None:
-        async with Gate() as gate:
-            wait, inc = flow.function_task(t.gate_wait), flow.function_task(t.inc)
-            running = wait(gate.address, "run")
-            dependent = inc(running)
-            await gate.arrived("run")
-            assert running.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await running
-            with pytest.raises(asyncio.CancelledError):
-                await dependent
-
-    @scenario(C.FUNCTIONS, C.CANCEL_RUNNING)
-    async def test_cancel_running_function_stops_it(self, flow: WorkflowEngine) -> None:
-        async with Gate() as gate:
-            running = flow.function_task(t.gate_wait)(gate.address, "run")
-            (pid,) = await gate.arrived("run")
-            running.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await running
-            if pid != os.getpid():
-                assert await _dies(pid), "the worker running it was stopped"
-
-    @scenario(C.EXECUTABLES, C.KILL_EXECUTABLES)
-    async def test_cancel_running_executable_kills_it(
-        self, flow: WorkflowEngine
-    ) -> None:
-        async with Gate() as gate:
-            running = flow.executable_task(lambda: gate.command("cmd"))()
-            (pid,) = await gate.arrived("cmd")
-            running.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await running
-            assert await _dies(pid), "the command's process was killed"
 
 
 class TimeoutTests:
@@ -270,44 +199,3 @@ class ResourceTests:
         with pytest.raises(ResourceUnavailableError):
             await asyncio.wait_for(gpus(1), 60)
         assert await flow.function_task(resources={"cores": 1})(t.inc)(1) == 2
-
-
-class ShutdownTests:
-    @scenario(C.FUNCTIONS)
-    async def test_shutdown_cancels_idempotent_and_closes(
-        self, flow: WorkflowEngine
-    ) -> None:
-        before = {th.ident for th in threading.enumerate()}
-        children = {p.pid for p in psutil.Process().children(recursive=True)}
-        async with Gate() as gate:
-            wait, inc = flow.function_task(t.gate_wait), flow.function_task(t.inc)
-            assert await inc(1) == 2
-            running = wait(gate.address, "held")
-            waiting = inc(running)
-            await gate.arrived("held")
-            gate.release("held")
-            await flow.shutdown()
-            await flow.shutdown()
-            assert running.done() and waiting.done()
-            with pytest.raises(EngineClosedError):
-                inc(1)
-        leftover = await asyncio.to_thread(_new_threads_after_join, before)
-        assert not leftover, f"threads left after shutdown: {leftover}"
-        new = {p.pid for p in psutil.Process().children(recursive=True)} - children
-        alive = [pid for pid in new if not await _dies(pid, 15)]
-        assert not alive, f"processes left after shutdown: {alive}"
-
-
-def _new_threads_after_join(before: set[int | None]) -> list[str]:
-    left = []
-    for th in threading.enumerate():
-        if th.ident in before or th is threading.current_thread():
-            continue
-        # enumerate() lists threads still starting, which join() refuses.
-        started = getattr(th, "_started", None)
-        if started is not None:
-            started.wait(10)
-        th.join(10)
-        if th.is_alive() and not th.name.startswith("asyncio_"):
-            left.append(th.name)
-    return left

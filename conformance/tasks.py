@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 from typing import Any
 
 from .gate import gate_wait
@@ -18,8 +20,12 @@ __all__ = [
     "add",
     "boom",
     "count_lines",
+    "exit_worker",
+    "fail_at_gate",
     "flaky",
     "gate_wait",
+    "getpid",
+    "hold",
     "inc",
     "make_bytes",
     "nbytes",
@@ -27,6 +33,7 @@ __all__ = [
     "raise_custom",
     "recurse",
     "total",
+    "touch",
 ]
 
 
@@ -94,3 +101,52 @@ def count_lines(path: str) -> int:
 
 def recurse(n: int) -> int:
     return recurse(n + 1)
+
+
+def touch(path: str, *upstreams: Any) -> str:
+    """Leave a marker: the trace of a task the test expects never to run."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return path
+
+
+def fail_at_gate(address: tuple[str, int], tag: str) -> None:
+    """Wait at the gate, then fail: an upstream still running while its
+    dependents are handed over."""
+    gate_wait(address, tag)
+    raise ValueError(f"{tag}: planned failure")
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def exit_worker(driver_pid: int) -> str:
+    """End the worker process at once, as a crash would.  Never the driver's:
+    that would end the test run, so there it only says where it ran."""
+    if os.getpid() == driver_pid:
+        return "driver"
+    os._exit(1)
+
+
+def hold(address: tuple[str, int], marker: str, limit: float = 120.0) -> str:
+    """Stay connected to the test for up to ``limit`` seconds, then write
+    ``marker``.
+
+    The connection closes only when this function returns or its process dies,
+    so the test learns without sleeping that it stopped, and the marker that it
+    stopped before finishing.  It waits in 50 ms steps, so that an interrupt
+    raised in this thread lands, and ends early when the test closes its side.
+    """
+    with socket.create_connection(address, timeout=limit) as sock:
+        sock.sendall(f"{os.getpid()}\n".encode())
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                sock.recv(1)  # b"" (closed) or data: the test let go
+                break
+            except TimeoutError:
+                continue
+        touch(marker)
+    return marker
