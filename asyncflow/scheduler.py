@@ -563,20 +563,17 @@ class Scheduler:
     ) -> None:
         backend = fut._backend or fut._decl.backend
         label = self._labels.get(id(backend), "engine") if backend else "engine"
-        event = TaskEvent(
-            time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps
+        self._publish(
+            TaskEvent(time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps)
         )
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("event subscriber %r failed", callback)
 
     def _emit_backend(self, backend: object, state: str, detail: str) -> None:
         label = self._labels.get(id(backend), "engine")
-        event = TaskEvent(
-            time.time(), EventKind.BACKEND, "", state, label, 0, (), detail
+        self._publish(
+            TaskEvent(time.time(), EventKind.BACKEND, "", state, label, 0, (), detail)
         )
+
+    def _publish(self, event: TaskEvent) -> None:
         for callback in list(self._subscribers):
             try:
                 callback(event)

@@ -63,10 +63,10 @@ class _Sink:
         engine = self._engine
         while queue:
             uid, kind, value = queue.popleft()
-            if kind == 3:
-                engine._emit_backend(*value)
-                continue
-            if kind == 2:
+            if kind > 1:  # observers only: results and errors pay one test
+                if kind == 3:
+                    engine._emit_backend(*value)
+                    continue
                 fut = inflight.get(uid)
                 if fut is not None and fut._tstate is TaskState.SUBMITTED:
                     fut._tstate = TaskState.RUNNING
