@@ -262,15 +262,21 @@ class _NullSink:
     def set_running(self, uid: str) -> None: ...
 
 
+#: How the head's proxy reports a specific server that died while starting.
+_SPAWN_FLAKE = ("Starting Ray client server failed", "psutil.ZombieProcess")
+
+
 def attach(address: str) -> RayExecutionBackend:
     """A backend already connected through Ray Client (the engine's own start
     then finds it up).
 
     Ray's client proxy on the head starts one "specific server" process per
     connection, forking from a gRPC handler thread; now and then (under load)
-    that child dies before it runs any Python, and the connection is refused
-    with "Starting Ray client server failed".  That is the head's flake, not the
-    adapter's: connect again, at most twice, and say so in the log.
+    that child dies before it runs any Python.  The proxy then refuses the
+    connection with "Starting Ray client server failed", or, when the child
+    dies while the proxy reads its command line, with psutil's ZombieProcess
+    from the proxy's thread.  That is the head's flake, not the adapter's:
+    connect again, at most twice, and say so in the log.
     """
     for attempt in range(3):
         backend = RayExecutionBackend(address=address)
@@ -279,7 +285,7 @@ def attach(address: str) -> RayExecutionBackend:
             return backend
         except BackendStartError as exc:
             asyncio.run(backend.shutdown())
-            if "Starting Ray client server failed" not in str(exc) or attempt == 2:
+            if not any(sign in str(exc) for sign in _SPAWN_FLAKE) or attempt == 2:
                 raise
             log.warning("Ray Client connection refused by the head, retrying: %s", exc)
     raise AssertionError("unreachable")
