@@ -50,6 +50,7 @@ _ABSENT = {
 
 #: what a default pilot (raptor workers, two or more cores) supports
 DEFAULT_CAPABILITIES = Capabilities.of(
+    C.CANCEL_QUEUED,
     C.EXECUTABLES,
     C.FUNCTIONS,
     C.GPUS,
@@ -112,7 +113,8 @@ class RadicalExecutionBackend:
 
     def _make_info(self) -> BackendInfo:
         lay = self._runtime.layout
-        caps = [C.EXECUTABLES, C.KILL_EXECUTABLES, C.RESOURCES, C.GPUS]
+        caps = [C.CANCEL_QUEUED, C.EXECUTABLES, C.KILL_EXECUTABLES, C.RESOURCES]
+        caps.append(C.GPUS)
         absent = dict(_ABSENT)
         if lay.function_cores:
             caps += [C.FUNCTIONS, C.SERIALIZES]
@@ -260,16 +262,9 @@ class RadicalExecutionBackend:
 
     # -- cancel and shutdown -----------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> None:
-        rp_uids = []
-        for uid in uids:
-            rec = self._records.pop(uid, None)
-            if rec is None:
-                continue
-            rec.cancelled = True
-            if rec.rp_uid:
-                rp_uids.append(rec.rp_uid)
-        if rp_uids:
-            self._runtime.dispatcher.cancel(rp_uids)
+        records = [r for uid in uids if (r := self._records.pop(uid, None))]
+        if records:
+            self._runtime.dispatcher.cancel(records)
 
     async def shutdown(self) -> None:
         if self._closed:

@@ -13,9 +13,11 @@ radical.pilot uid to the :class:`Record` of the backend that submitted it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import os
 import shlex
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +105,8 @@ class Dispatcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.broken: str | None = None  # the pilot is gone: why
+        #: where cancelled function tasks get their tickets; seen by the workers
+        self.tickets = ""
 
     def attach(self, tmgr: Any) -> None:
         self.tmgr = tmgr
@@ -130,9 +134,20 @@ class Dispatcher:
             self._queue.extend(records)
             self._cond.notify()
 
-    def cancel(self, rp_uids: list[str]) -> None:
+    def cancel(self, records: Sequence[Record]) -> None:
+        """Cancel in radical.pilot what it was given, and drop the rest before
+        it is.  Raptor runs a queued function task it was told to cancel, so
+        such a task also gets a ticket, a file its worker looks for before
+        calling the function (:func:`~.worker.call_remote`)."""
         with self._cond:
-            self._cancels.extend(rp_uids)
+            for rec in records:
+                rec.cancelled = True
+                if not rec.rp_uid:
+                    continue  # the submitter skips it
+                self._cancels.append(rec.rp_uid)
+                if rec.command is None and self.tickets:
+                    with contextlib.suppress(OSError):
+                        open(os.path.join(self.tickets, rec.rp_uid), "w").close()
             self._cond.notify()
 
     def fail_functions(self, reason: str) -> None:
@@ -187,17 +202,19 @@ class Dispatcher:
                     self._fail(batch, "submission to radical.pilot failed", exc)
 
     def _submit(self, batch: list[Record]) -> None:
+        with self._cond:  # a cancel from now on sees the uid, and cancels it
+            batch = [r for r in batch if not r.cancelled and r.spec is not None]
+            for rec in batch:
+                rec.rp_uid = self.new_uid()
         tds = []
         for rec in batch:
-            if rec.cancelled or rec.spec is None:
-                continue
             spec, rec.spec = rec.spec, None
+            assert spec is not None
             try:
-                td = self._describe(spec)
+                td = self._describe(spec, rec.rp_uid)
             except Exception as exc:
                 rec.backend._deliver_error(rec, exc)
                 continue
-            rec.rp_uid = td.uid
             self.routes[td.uid] = rec
             tds.append(td)
         if not tds:
@@ -223,9 +240,9 @@ class Dispatcher:
             )
             rec.backend._deliver_error(rec, error)
 
-    def _describe(self, spec: TaskSpec) -> Any:
+    def _describe(self, spec: TaskSpec, uid: str) -> Any:
         res = spec.resources
-        td: dict[str, Any] = {"uid": self.new_uid(), "name": spec.name[:64]}
+        td: dict[str, Any] = {"uid": uid, "name": spec.name[:64]}
         td.update(_user_keys(spec))
         if spec.command is not None:
             td["executable"] = command_line(spec.command)
@@ -238,8 +255,9 @@ class Dispatcher:
             payload = pack_call(spec)
             td["mode"] = rp.TASK_FUNCTION
             td["raptor_id"] = self.raptor_id
+            ticket = os.path.join(self.tickets, uid) if self.tickets else ""
             td["function"] = rp.PythonTask(
-                call_remote, (self._paths, spec.name, payload), {}
+                call_remote, (self._paths, spec.name, payload, ticket), {}
             )
             module = getattr(spec.function, "__module__", None)
             if module and module != "__main__" and self.worker_imports:

@@ -166,6 +166,8 @@ class RadicalRuntime:
             tempfile.mkdtemp(prefix="asyncflow-rp-", dir=self._workdir or None)
         )
         self.base = base
+        self.dispatcher.tickets = os.path.join(base, "cancelled")
+        os.makedirs(self.dispatcher.tickets)
         watchdog = self._watchdog = cleanup.Watchdog([base], self.keep_files)
         before = cleanup.children()
         mp_before = _mp_tempdir()

@@ -56,8 +56,15 @@ def pack_call(spec: TaskSpec) -> bytes:
         ) from exc
 
 
-def call_remote(paths: Sequence[str], name: str, payload: bytes) -> str:
-    """Runs inside a raptor worker: call the task, return a pickled envelope."""
+def call_remote(
+    paths: Sequence[str], name: str, payload: bytes, ticket: str = ""
+) -> str:
+    """Runs inside a raptor worker: call the task, return a pickled envelope.
+
+    A task whose ``ticket`` file exists was cancelled while raptor held it in
+    its queue, and is not called at all."""
+    if ticket and os.path.exists(ticket):
+        return _envelope((False, asyncio.CancelledError(f"task {name!r}")), name)
     for p in paths:  # the driver's modules, for functions pickled by reference
         if p not in sys.path:
             sys.path.append(p)
@@ -77,10 +84,14 @@ def call_remote(paths: Sequence[str], name: str, payload: bytes) -> str:
     th = threading.Thread(target=run, name="asyncflow-task")
     th.start()
     th.join()
+    return _envelope(box[0], name)
+
+
+def _envelope(outcome: tuple[bool, Any], name: str = "") -> str:
     try:
-        blob = cloudpickle.dumps(box[0])
+        blob = cloudpickle.dumps(outcome)
     except Exception as exc:
-        what = "result" if box[0][0] else f"exception {box[0][1]!r}"
+        what = "result" if outcome[0] else f"exception {outcome[1]!r}"
         blob = cloudpickle.dumps(
             (
                 False,
