@@ -54,6 +54,7 @@ _COMMON = (
     C.RESOURCES,
     C.LARGE_PAYLOADS,
     C.PARALLEL,
+    C.CANCEL_QUEUED,
 )
 _NO_INTERRUPT = (
     "a running thread or pool process cannot be interrupted; the engine "

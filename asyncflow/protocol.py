@@ -26,7 +26,8 @@ ended.  The contract, in full:
 
 ``cancel(uids)``
     Stop these tasks if possible: drop them if pending, stop or kill them if
-    running (see the ``CANCEL_RUNNING`` and ``KILL_EXECUTABLES`` capabilities).
+    running (see the ``CANCEL_QUEUED``, ``CANCEL_RUNNING`` and
+    ``KILL_EXECUTABLES`` capabilities).
     The engine has already resolved the futures as cancelled; later reports for
     these uids are ignored.  Called on the loop; must not block.
 
@@ -75,6 +76,9 @@ class Capability(enum.Enum):
     """Runs command lines, capturing stdout, stderr and the exit code."""
     PARALLEL = "parallel"
     """Runs at least two tasks at the same time."""
+    CANCEL_QUEUED = "cancel_queued"
+    """A task cancelled before it started never starts, even when a worker
+    frees up the moment after ``cancel()``."""
     CANCEL_RUNNING = "cancel_running"
     """A running *function* really stops when cancelled (not just abandoned)."""
     KILL_EXECUTABLES = "kill_executables"

@@ -39,7 +39,8 @@ USER_PROPERTY = "asyncflow_backend"
 
 
 class Bounds:
-    """How long the suite lets an adapter take where time is the promise.
+    """How long the suite lets an adapter take where time is the promise, how
+    many tasks keep every worker busy, and which processes are not leaks.
 
     Generous for a loaded CI machine; a slow runtime's test class may raise them
     (and the suite's own strength test lowers them to stay fast)."""
@@ -56,6 +57,16 @@ class Bounds:
     #: the longest the event loop may go without a turn while the engine calls
     #: ``start()`` and ``submit()``
     loop_gap_bound: float = 1.0
+    #: tasks that hold every slot so that one more must wait in the runtime's
+    #: queue: more than the backend under test runs at once
+    slots_to_fill: int = 64
+    #: seconds the processes an adapter started have to exit once
+    #: ``shutdown()`` returned
+    process_grace: float = 15.0
+    #: command-line fragments of helper processes your runtime's library starts
+    #: once per interpreter and keeps until exit, which the leak check must not
+    #: count (see :mod:`asyncflow.conformance.processes`)
+    helper_processes: tuple[str, ...] = ()
 
 
 class ReportLedger:

@@ -46,6 +46,7 @@ class Gate:
         self._writers: dict[str, list[asyncio.StreamWriter]] = defaultdict(list)
         self._changed = asyncio.Condition()
         self._barriers: dict[str, int] = {}
+        self._open: set[str] = set()
         self._server: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -77,13 +78,18 @@ class Gate:
             self._pids[tag].append(pid)
             self._writers[tag].append(writer)
             self._changed.notify_all()
-        if self._barriers.get(tag) == len(self._writers[tag]):
+        if tag in self._open or self._barriers.get(tag) == len(self._writers[tag]):
             self.release(tag)
 
     def release(self, tag: str) -> None:
         for w in self._writers.pop(tag, []):
             w.write(b"go\n")
             w.close()
+
+    def open(self, tag: str) -> None:
+        """Release everyone waiting at ``tag`` now and whoever arrives later."""
+        self._open.add(tag)
+        self.release(tag)
 
     def count(self, tag: str) -> int:
         return len(self._pids.get(tag, ()))

@@ -148,7 +148,8 @@ def test_backends_shows_version_and_capabilities_of_an_out_of_tree_adapter() -> 
         "asyncio-example",
         "yes",
         md.version("asyncflow-example-adapter"),
-        "executables, functions, kill_executables, large_payloads, parallel, resources",
+        "cancel_queued, executables, functions, kill_executables, large_payloads, "
+        "parallel, resources",
     ]
 
 

@@ -58,6 +58,8 @@ DEFAULT_CAPABILITIES = Capabilities.of(
     C.LARGE_PAYLOADS,
     C.PARALLEL,
     C.PIPELINE,
+    cancel_queued="Dask cancels through its scheduler, asynchronously: a worker "
+    "that frees up before the cancel reaches it may still start a queued task",
     cancel_running="Dask cannot interrupt a running Python function: its worker "
     "thread runs on and the result is discarded (executables are killed)",
     gpus="no Dask worker advertises a 'GPU' resource; start workers with "

@@ -50,6 +50,7 @@ _WATCH_PERIOD = 0.5
 
 #: What ``ParslExecutionBackend()`` (the local HTEX) declares; other configs vary.
 DEFAULT_CAPABILITIES = Capabilities.of(
+    C.CANCEL_QUEUED,
     C.CANCEL_RUNNING,
     C.EXECUTABLES,
     C.FUNCTIONS,
@@ -174,8 +175,12 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
         else:
             absent["serializes"] = "some executors run tasks in the driver process"
         if all(p.local for p in scope):
-            caps.add(C.KILL_EXECUTABLES)
+            caps.update((C.KILL_EXECUTABLES, C.CANCEL_QUEUED))
         else:
+            absent["cancel_queued"] = (
+                "Parsl cannot take back a task its interchange holds, and the "
+                "cancel marks of workers on other hosts are out of the driver's reach"
+            )
             absent["kill_executables"] = (
                 "AppFuture.cancel is not implemented in Parsl and workers on other "
                 "hosts are out of the driver's reach; the engine abandons the task"

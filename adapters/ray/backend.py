@@ -113,6 +113,7 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixi
         caps = [
             C.FUNCTIONS,
             C.EXECUTABLES,
+            C.CANCEL_QUEUED,
             C.CANCEL_RUNNING,
             C.KILL_EXECUTABLES,
             C.RESOURCES,
@@ -250,6 +251,7 @@ class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixi
 RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined]
     C.FUNCTIONS,
     C.EXECUTABLES,
+    C.CANCEL_QUEUED,
     C.CANCEL_RUNNING,
     C.KILL_EXECUTABLES,
     C.RESOURCES,

@@ -9,11 +9,13 @@ show that the same suite test passes there.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
+from multiprocessing import resource_tracker
 from typing import Any
 
 from asyncflow import ConcurrentExecutionBackend
@@ -157,6 +159,23 @@ class WaitsForStuckWork(Processes):
         pass  # so shutdown waits for a running function instead of killing it
 
 
+class LeavesAProcess(Threads):
+    """Starts a helper process with the runtime and never stops it."""
+
+    async def start(self, sink: CompletionSink) -> None:
+        await super().start(sink)
+        self.helper = subprocess.Popen(["sleep", "300"])
+
+
+class UsesResourceTracker(Threads):
+    """Correct: the first in this interpreter to need multiprocessing's
+    resource tracker, which then lives as long as the interpreter."""
+
+    async def start(self, sink: CompletionSink) -> None:
+        await super().start(sink)
+        resource_tracker.ensure_running()
+
+
 class ShutdownRaisesTwice(Threads):
     async def shutdown(self) -> None:
         if self._closed:
@@ -169,6 +188,14 @@ class ShutdownHangsTwice(Threads):
         if self._closed:
             await asyncio.Event().wait()  # waits for a close that happened
         await super().shutdown()
+
+
+# -- a cancelled queued task never runs ------------------------------------------------
+class RunsCancelledQueued(Threads):
+    """Forgets a cancel that arrives before the task started."""
+
+    def cancel(self, uids: Sequence[str]) -> None:
+        pass
 
 
 # -- CANCEL_RUNNING declared and honoured ----------------------------------------------

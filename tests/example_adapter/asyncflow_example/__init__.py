@@ -29,6 +29,7 @@ class AsyncioBackend:
     CAPABILITIES = Capabilities.of(
         C.FUNCTIONS,
         C.EXECUTABLES,
+        C.CANCEL_QUEUED,
         C.KILL_EXECUTABLES,
         C.PARALLEL,
         C.RESOURCES,
