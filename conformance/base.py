@@ -157,11 +157,16 @@ Scenario = Callable[..., Coroutine[Any, Any, None]]
 def scenario(
     *requires: Capability, timeout: float | None = None
 ) -> Callable[[Scenario], Callable[..., None]]:
-    """Make ``async def test_x(self, flow, ...)`` a test needing ``requires``."""
+    """Make ``async def test_x(self, flow, ...)`` a test needing ``requires``.
+
+    A scenario about the adapter alone, outside any engine, takes ``backend``
+    in place of ``flow``."""
 
     def decorate(fn: Scenario) -> Callable[..., None]:
         params = list(inspect.signature(fn).parameters.values())
-        assert [p.name for p in params[:2]] == ["self", "flow"], fn
+        first = [p.name for p in params[:2]]
+        assert first in (["self", "flow"], ["self", "backend"]), fn
+        bare = first[1] == "backend"  # the adapter alone, with no engine
         extra = params[2:]
 
         def test(
@@ -183,6 +188,9 @@ def scenario(
             limit = timeout or self.scenario_timeout
 
             async def main() -> None:
+                if bare:
+                    await asyncio.wait_for(fn(self, backend, **kwargs), limit)
+                    return
                 flow = _CheckedEngine(backend=backend)
                 try:
                     await asyncio.wait_for(fn(self, flow, **kwargs), limit)

@@ -18,7 +18,7 @@ import pytest
 
 from .. import EngineClosedError
 from ..engine import WorkflowEngine
-from ..protocol import Capability
+from ..protocol import Capability, ExecutionBackend
 from . import tasks as t
 from .base import Bounds, backend_of, scenario
 from .gate import Gate
@@ -235,6 +235,13 @@ class ShutdownTests(Bounds):
         assert await flow.function_task(t.inc)(1) == 2
         await flow.shutdown()
         backend = backend_of(flow)
+        await asyncio.wait_for(backend.shutdown(), self.shutdown_bound)
+
+    @scenario()
+    async def test_shutdown_before_start(self, backend: ExecutionBackend) -> None:
+        """A backend made and dropped without ever running (a failed set-up, an
+        engine that never started) must still shut down, twice, quietly."""
+        await asyncio.wait_for(backend.shutdown(), self.shutdown_bound)
         await asyncio.wait_for(backend.shutdown(), self.shutdown_bound)
 
     @scenario(C.FUNCTIONS)

@@ -35,6 +35,7 @@ CAUGHT_BY = {
         "test_shutdown_cancels_idempotent_and_closes",
         "`sleep 300` (parent",
     ),
+    "ShutdownNeedsStart": ("test_shutdown_before_start", "before start()"),
     "ShutdownRaisesTwice": ("test_shutdown_twice_through_the_protocol", "already"),
     "ShutdownHangsTwice": ("test_shutdown_twice_through_the_protocol", "Timeout"),
     "RunsCancelledQueued": ("test_cancelled_queued_task_never_runs", "ran anyway"),

@@ -176,6 +176,14 @@ class UsesResourceTracker(Threads):
         resource_tracker.ensure_running()
 
 
+class ShutdownNeedsStart(Threads):
+    """Assumes shutdown() follows start()."""
+
+    async def shutdown(self) -> None:
+        assert self._sink is not None, "shutdown() before start()"
+        await super().shutdown()
+
+
 class ShutdownRaisesTwice(Threads):
     async def shutdown(self) -> None:
         if self._closed:
