@@ -38,6 +38,43 @@ ended.  The contract, in full:
 
 An adapter class may also carry a ``CAPABILITIES`` attribute so that tools such
 as ``asyncflow backends`` can list what it supports without starting a runtime.
+``info.capabilities`` is what the started object really supports (a runtime's
+size can decide ``PARALLEL``); every capability left out of
+``Capabilities.of(...)`` is given a reason, which the conformance suite quotes
+when it skips the tests that need it.
+
+What an adapter reports, and when
+---------------------------------
+Each is a :mod:`asyncflow.errors` class given to ``sink.set_exception`` with a
+message that names the task and says what to do:
+
+* the task's own exception, as its own type: run tasks through
+  :func:`asyncflow.worker.run_spec` (or ``call_function``/``run_command``),
+  which also attach the worker's traceback and raise
+  ``ExecutableFailedError`` for a command that exited non-zero;
+* ``ResourceUnavailableError``, from ``submit`` at once, for ``resources=`` the
+  runtime can never meet (more cores or GPUs than any worker has);
+* ``SerializationError``, at once, for a function, argument or result that
+  cannot be shipped to or from a worker;
+* ``TaskDefinitionError``, at once, for a spec this runtime cannot run at all
+  (a missing ``cwd``, an option it does not know);
+* ``WorkerLostError`` for every task that was running on a worker that died
+  (``os._exit``, a segfault, the OOM killer, a lost node), as soon as the runtime
+  notices, never as a hang.  The backend must stay usable: later tasks run on a
+  fresh worker (a broken process pool is replaced);
+* ``BackendStartError`` raised from ``start()`` when the runtime cannot come up
+  or be reached, with the runtime's own reason.
+
+A cancelled task is never reported (the engine already resolved it, and drops
+late reports).
+
+What the engine owns
+--------------------
+Dependencies, failure propagation to dependents, ``timeout=`` (the engine's
+timer calls ``cancel``), ``retries=`` (the engine submits a new spec, its
+``attempt`` one higher) and the cancellation of dependents.  An adapter never
+retries, times out or re-runs a task on its own; ``TaskSpec.timeout`` and
+``attempt`` are there for the runtime's own logs and limits, not to act on.
 
 Results cross threads through the sink, which is safe to call from any thread and
 batches wake-ups onto the loop.  A result may be a :class:`RemoteValue`: the data

@@ -149,6 +149,10 @@ class TaskSpec:
     values, except that an upstream result this same backend produced as a
     :class:`~asyncflow.protocol.RemoteValue` is passed through as that object, so
     the adapter can hand the runtime its native reference instead of the data.
+
+    ``timeout`` and ``attempt`` are the engine's: it times the task out (by
+    calling the adapter's ``cancel``) and retries it (with a new spec).  An
+    adapter may pass them on to the runtime's logs or limits, never act on them.
     """
 
     uid: str

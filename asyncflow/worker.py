@@ -4,6 +4,26 @@ Every adapter calls these so that a task behaves the same on every backend: the
 same exception types with the worker traceback attached, the same treatment of
 ``async def``, and the same subprocess handling for executables.  The module
 imports nothing heavy because it is imported in every worker process.
+
+Running a task
+    :func:`run_spec` runs a whole :class:`~asyncflow.spec.TaskSpec`;
+    :func:`call_function` and :func:`run_command` are its two halves.  What they
+    raise is what the adapter reports: the task's own exception as itself,
+    :class:`~asyncflow.errors.ExecutableFailedError` for a command that exited
+    non-zero, :class:`~asyncflow.errors.TaskInterruptedError` for a task that
+    raised ``SystemExit`` or ``KeyboardInterrupt``.
+
+Killing a command that runs in another process
+    :func:`run_command` starts each command in a session of its own, so killing
+    its process group kills whatever it spawned too.  In the worker process that
+    runs it, :func:`kill_command` does that by task uid; an adapter calls it
+    there (through the runtime's own way of running code on a worker) when the
+    engine cancels the task.  A command whose worker died is out of that reach,
+    as nothing stops a command when its parent dies.  For that, an adapter that
+    owns its workers gives each worker's environment
+    ``COMMAND_PIDS_ENV=pid_dir_under(a temp dir it owns)``: every command is then
+    listed there while it runs, and once the workers are gone, at shutdown,
+    :func:`kill_listed` kills whatever is still listed.
 """
 
 from __future__ import annotations
@@ -32,10 +52,13 @@ from .errors import (
 from .spec import Command, TaskSpec
 
 __all__ = [
+    "COMMAND_PIDS_ENV",
     "call_function",
     "call_pickled",
     "dumps_function",
     "kill_command",
+    "kill_listed",
+    "pid_dir_under",
     "run_chunk",
     "run_command",
     "run_spec",
@@ -345,7 +368,11 @@ def _list_pid(pid: int) -> str | None:
 
 
 def pid_dir_under(root: str) -> str:
-    """Where a backend lists its workers' commands, under a temp dir it owns."""
+    """Where a backend lists its workers' commands, under a temp dir it owns.
+
+    The backend creates it before its first worker starts; a command started
+    while it is missing is not listed (and so not killed by :func:`kill_listed`).
+    """
     return os.path.join(root, "commands")
 
 

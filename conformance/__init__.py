@@ -20,7 +20,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendFixtures, scenario
+from .base import BackendFixtures, Bounds, scenario
 from .gate import Gate, gate_wait
 
 # The mixins import psutil and the test tasks; they load on first use, so that
@@ -63,6 +63,7 @@ _SUITE = (
 __all__ = [
     "BackendFixtures",
     "BlockTests",
+    "Bounds",
     "CancelTests",
     "ConformanceSuite",
     "DependencyTests",
