@@ -40,6 +40,7 @@ from ..errors import (
 from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ..spec import TaskSpec
 from ..worker import dumps_function, kill_command, run_spec
+from ._awaitable import AwaitableBackend
 from ._processqueue import ProcessQueue, cancel_future
 from ._threadqueue import ThreadQueue
 
@@ -80,7 +81,7 @@ PROCESS_CAPABILITIES = Capabilities.of(
 )
 
 
-class ConcurrentExecutionBackend:
+class ConcurrentExecutionBackend(AwaitableBackend):
     """Runs tasks on a ``concurrent.futures`` executor (a thread pool by default)."""
 
     #: for listings that must not start a runtime (``asyncflow backends``)

@@ -27,6 +27,7 @@ from ...errors import BackendStartError, EngineClosedError, TaskDefinitionError
 from ...hpc import is_allocation
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...worker import COMMAND_PIDS_ENV, kill_listed, pid_dir_under
+from .._awaitable import AwaitableBackend
 from .allocation import _AllocationMixin
 from .base import _Tracked, _Worker, log
 from .errors import _start_error
@@ -68,7 +69,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
 
 
 class DaskExecutionBackend(
-    _SubmitMixin, _ResourcesMixin, _ResultsMixin, _AllocationMixin
+    _SubmitMixin, _ResourcesMixin, _ResultsMixin, _AllocationMixin, AwaitableBackend
 ):
     """Runs tasks on a Dask distributed cluster.
 

@@ -32,6 +32,7 @@ from ...errors import EngineClosedError, TaskDefinitionError, WorkerLostError
 from ...hpc import is_allocation
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...worker import pid_dir_under
+from .._awaitable import AwaitableBackend
 from .base import _InterchangeLost, _Task, log
 from .cancel import _INPROC_CANCELLED, _kill_here
 from .config import local_htex_config
@@ -63,7 +64,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
 )
 
 
-class ParslExecutionBackend(_SubmitMixin, _ResultsMixin):
+class ParslExecutionBackend(_SubmitMixin, _ResultsMixin, AwaitableBackend):
     """Runs tasks through a Parsl DataFlowKernel.
 
     * ``ParslExecutionBackend()``: a local HighThroughputExecutor with

@@ -27,6 +27,7 @@ from ...errors import (
 )
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...spec import Resources, TaskSpec
+from .._awaitable import AwaitableBackend
 from ._rp import rp, ru
 from .config import Layout
 from .dispatch import Record
@@ -62,7 +63,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
 )
 
 
-class RadicalExecutionBackend:
+class RadicalExecutionBackend(AwaitableBackend):
     """Runs tasks on a radical.pilot pilot.
 
     ``RadicalExecutionBackend({'resource': 'local.localhost'})`` starts a session

@@ -23,6 +23,7 @@ import ray
 from ... import _signals
 from ...errors import BackendStartError, EngineClosedError
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
+from .._awaitable import AwaitableBackend
 from .base import _Task, log
 from .errors import _attach_hint
 from .process import _auth_mode_is_token, _ProcessMixin, _usable_cpus
@@ -33,7 +34,9 @@ from .watch import _WatchMixin
 C = Capability
 
 
-class RayExecutionBackend(_SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixin):
+class RayExecutionBackend(
+    _SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixin, AwaitableBackend
+):
     """Runs tasks on Ray.
 
     ``RayExecutionBackend()`` starts a local Ray (``num_cpus`` defaults to the
