@@ -1,7 +1,9 @@
 """asyncflow: one asyncio workflow, five runtimes.
 
 The runtime adapters other than the embedded default are imported on first use,
-so ``import asyncflow`` stays fast and needs none of the optional runtimes.
+so ``import asyncflow`` stays fast and needs none of the optional runtimes.  Where
+a runtime is missing, its backend's name still imports: it names a class whose
+construction raises BackendNotInstalledError with the install hint.
 """
 
 from __future__ import annotations
@@ -90,9 +92,12 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from .registry import backend_class
+        from .registry import backend_class, missing_backend_class
 
-        cls = backend_class(_LAZY[name])
+        try:
+            cls = backend_class(_LAZY[name])
+        except BackendNotInstalledError as exc:
+            cls = missing_backend_class(name, exc)
         globals()[name] = cls
         return cls
     raise AttributeError(f"module 'asyncflow' has no attribute {name!r}")

@@ -162,6 +162,34 @@ def backend_class(name: str) -> Callable[..., Any]:
         ) from exc
 
 
+def missing_backend_class(cls_name: str, error: BackendNotInstalledError) -> type:
+    """A class named ``cls_name`` whose construction raises ``error`` again.
+
+    ``from asyncflow import RadicalExecutionBackend`` heads radical.asyncflow
+    scripts moved over by their imports, including scripts that pick another
+    backend at run time; the import must succeed where radical.pilot is absent,
+    and the install hint comes when the class is used.
+    """
+    from .adapters._awaitable import AwaitableBackend
+
+    message = str(error)
+    cause = error.__cause__
+
+    def refuse(cls: type, *args: Any, **kwargs: Any) -> Any:
+        raise BackendNotInstalledError(message) from cause
+
+    return type(
+        cls_name,
+        (AwaitableBackend,),
+        {
+            "__new__": refuse,
+            "__module__": "asyncflow",
+            "__qualname__": cls_name,
+            "__doc__": f"Not available here: {message}",
+        },
+    )
+
+
 def capabilities_of(name: str) -> Any:
     """A backend's class-level ``CAPABILITIES``, without starting its runtime."""
     try:

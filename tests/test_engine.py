@@ -351,7 +351,7 @@ def test_no_runtime_is_imported_by_import_asyncflow() -> None:
 def test_missing_runtime_names_the_extra() -> None:
     code = (
         "import sys; sys.modules['distributed'] = None; import asyncflow\n"
-        "try:\n    asyncflow.DaskExecutionBackend\n"
+        "try:\n    asyncflow.DaskExecutionBackend()\n"
         "except asyncflow.BackendNotInstalledError as e:\n    print(e)"
     )
     out = subprocess.run(
