@@ -17,7 +17,7 @@ classes below describe what asyncflow itself has to say::
     ├── TaskInterruptedError(AsyncflowError)             SystemExit/Ctrl-C in a task
     ├── DependencyFailureError(AsyncflowError)           an upstream task failed
     ├── UpstreamGone(AsyncflowError)                     adapter-to-engine signal
-    └── ExecutableFailedError(AsyncflowError)            a command exited non-zero
+    └── ExecutableFailedError(AsyncflowError, RuntimeError)  a command exited non-zero
 
 Cancellation is plain :class:`asyncio.CancelledError`, as everywhere in asyncio.
 
@@ -114,6 +114,17 @@ class DependencyFailureError(AsyncflowError):
             f"task {task!r} was not run: upstream task {names} failed{via}: {cause}"
         )
 
+    # radical.asyncflow's names for the same facts, so its scripts run unchanged
+    @property
+    def failed_dependencies(self) -> list[str]:
+        """The failed tasks this one depended on directly (``upstream``)."""
+        return list(self.upstream)
+
+    @property
+    def root_cause(self) -> BaseException | None:
+        """The exception of the task whose own code failed (``__cause__``)."""
+        return self.__cause__
+
     def __reduce__(self):
         return (
             _rebuild_dependency_failure,
@@ -128,8 +139,10 @@ def _rebuild_dependency_failure(task, upstream, root, message):
     return err
 
 
-class ExecutableFailedError(AsyncflowError):
+class ExecutableFailedError(AsyncflowError, RuntimeError):
     """An executable task's command exited with a non-zero code.
+
+    A ``RuntimeError`` too, as in radical.asyncflow, whose scripts catch it so.
 
     Carries the whole ``stdout`` and ``stderr`` and the ``exit_code`` (negative for a
     signal, as in :mod:`subprocess`).
