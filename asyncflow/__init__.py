@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .adapters.concurrent import ConcurrentExecutionBackend
+from .adapters.noop import NoopExecutionBackend
+from .data import InputFile, OutputFile
 from .engine import WorkflowEngine
 from .errors import (
     AsyncflowError,
@@ -63,6 +65,9 @@ __all__ = [
     "EngineClosedError",
     "ExecutableFailedError",
     "ExecutionBackend",
+    "InputFile",
+    "NoopExecutionBackend",
+    "OutputFile",
     "ParslExecutionBackend",
     "RadicalExecutionBackend",
     "RayExecutionBackend",

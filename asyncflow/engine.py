@@ -10,10 +10,12 @@ import collections
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
 from . import _signals
+from .data import FileLinks
+from .description import declared_default, merge, translate
 from .errors import (
     AsyncflowError,
     EngineClosedError,
@@ -78,13 +80,60 @@ def _plainly_sync(fn: Any) -> bool:
     )
 
 
+Backends = (
+    ExecutionBackend | Mapping[str, ExecutionBackend] | Sequence[ExecutionBackend]
+)
+
+
+def _named_backends(backend: Backends | None, dry_run: bool) -> dict[str, Any]:
+    """``{name: backend}`` from any form ``backend=`` takes."""
+    if backend is None and not dry_run:
+        from .registry import default_backend
+
+        backend = default_backend()
+    backends: dict[str, Any]
+    if isinstance(backend, Mapping):
+        backends = dict(backend)
+    elif isinstance(backend, list | tuple):
+        backends = {}
+        for b in backend:
+            name = getattr(getattr(b, "info", None), "name", None) or repr(b)
+            if name in backends:
+                raise TaskDefinitionError(
+                    f"two backends in backend=[...] are named {name!r}; pass a "
+                    "dict {name: backend} to name them yourself"
+                )
+            backends[name] = b
+    elif backend is None:
+        backends = {"default": None}
+    else:
+        backends = {"default": backend}
+    if not backends:
+        raise TaskDefinitionError(
+            f"WorkflowEngine(backend={backend!r}) needs a backend"
+        )
+    if dry_run:
+        from .adapters.noop import NoopExecutionBackend
+
+        return {name: NoopExecutionBackend(name) for name in backends}
+    return backends
+
+
 class WorkflowEngine(Scheduler):
     """Runs decorated tasks on backends, wiring futures into a DAG.
 
     ``backend`` is one backend, a ``{name: backend}`` dict (the first is the
-    default), or ``None`` for the default: ``$ASYNCFLOW_BACKEND`` if set, else a
-    thread pool.  The constructor is synchronous and may run in or out of an event
-    loop: the engine binds to the loop that first uses it.
+    default), a list of backends known by their ``info.name`` (radical.asyncflow's
+    form of the dict), or ``None`` for the default: ``$ASYNCFLOW_BACKEND`` if set,
+    else a thread pool.  The constructor is synchronous and may run in or out of
+    an event loop: the engine binds to the loop that first uses it.
+
+    ``dry_run=True`` runs nothing: every task resolves on a
+    :class:`~asyncflow.adapters.noop.NoopExecutionBackend` in dependency order,
+    and backends passed in are left untouched (not started, not shut down), so
+    the same script checks its shape by flipping one flag.  ``implicit_data``
+    links a task reading ``InputFile(p)`` to the task that declared
+    ``OutputFile(p)``.
 
     The engine owns the backends handed to it: :meth:`shutdown` shuts each one
     down.  Each backend in turn only stops runtime resources it started itself
@@ -92,18 +141,16 @@ class WorkflowEngine(Scheduler):
     """
 
     def __init__(
-        self, backend: ExecutionBackend | Mapping[str, ExecutionBackend] | None = None
+        self,
+        backend: Backends | None = None,
+        *,
+        dry_run: bool = False,
+        implicit_data: bool = True,
     ):
-        if backend is None:
-            from .registry import default_backend
-
-            backend = default_backend()
-        if isinstance(backend, Mapping):
-            if not backend:
-                raise TaskDefinitionError("WorkflowEngine(backend={}) needs a backend")
-            backends = dict(backend)
-        else:
-            backends = {"default": backend}
+        backends = _named_backends(backend, dry_run)
+        self.dry_run = dry_run
+        self.implicit_data = implicit_data
+        self._files = FileLinks() if implicit_data else None
         for name, b in backends.items():
             gaps = _protocol_gaps(b)
             if gaps:
@@ -131,18 +178,20 @@ class WorkflowEngine(Scheduler):
         self._guard: asyncio.Task[None] | None = None
         self._subscribers: list[Subscriber] = []
         self._recorder: TraceRecorder | None = None
+        named = isinstance(backend, Mapping | list | tuple) or dry_run
         self._labels = {
-            id(b): (name if isinstance(backend, Mapping) else b.info.name)
-            for name, b in backends.items()
+            id(b): (name if named else b.info.name) for name, b in backends.items()
         }
         for hook in creation_hooks:
             hook(self)
 
     # -- construction helpers ------------------------------------------------
     @classmethod
-    async def create(cls, backend: Any = None) -> WorkflowEngine:
+    async def create(
+        cls, backend: Any = None, *, dry_run: bool = False, implicit_data: bool = True
+    ) -> WorkflowEngine:
         """Build an engine and wait until its backends have started."""
-        engine = cls(backend)
+        engine = cls(backend, dry_run=dry_run, implicit_data=implicit_data)
         await engine.start()
         return engine
 
@@ -185,14 +234,20 @@ class WorkflowEngine(Scheduler):
         return self._decorate(fn, TaskKind.BLOCK, opts)
 
     def _decorate(self, fn: Any, kind: TaskKind, opts: dict[str, Any]) -> Any:
+        described = opts.pop("task_description", None)
+
         def make(f: Any) -> TaskDecl:
             name = getattr(f, "__name__", repr(f))
             if not callable(f):
                 return TaskDecl(self, f, kind, TaskOptions())  # raises the clear error
-            options = TaskOptions.build(name, **opts)
             backend: ExecutionBackend | None = None
             if kind is not TaskKind.BLOCK:
-                backend = self._backend_for(options.backend, name)
+                backend = self._backend_for(opts.get("backend"), name)
+            description = merge(declared_default(f, name), described)
+            options = TaskOptions.build(
+                name, **translate(description, name, backend, opts)
+            )
+            if backend is not None:
                 need = (
                     Capability.FUNCTIONS
                     if kind is TaskKind.FUNCTION
@@ -205,11 +260,13 @@ class WorkflowEngine(Scheduler):
                         f"{kind.value} tasks ({caps.why_not(need)}); route it to "
                         "another backend with backend=..."
                     )
-            return TaskDecl(self, f, kind, options, backend)
+            decl = TaskDecl(self, f, kind, options, backend)
+            decl.described = (description, dict(opts))
+            return decl
 
         if fn is None:
             return make
-        if opts:
+        if opts or described is not None:
             raise TaskDefinitionError(
                 "pass options as keywords: @flow.function_task(retries=2)"
             )
@@ -332,14 +389,19 @@ class WorkflowEngine(Scheduler):
         }
 
     # -- shutdown -------------------------------------------------------------
-    async def shutdown(self) -> None:
-        """Cancel unfinished tasks and shut every backend down.  Idempotent."""
+    async def shutdown(self, skip_execution_backend: bool = False) -> None:
+        """Cancel unfinished tasks and shut every backend down.  Idempotent.
+
+        ``skip_execution_backend=True`` leaves the backends running, for the
+        caller to shut down or hand to another engine."""
         if self._shutdown_task is None:
             self._closed = True
-            self._shutdown_task = asyncio.ensure_future(self._shutdown())
+            self._shutdown_task = asyncio.ensure_future(
+                self._shutdown(skip_execution_backend)
+            )
         await asyncio.shield(self._shutdown_task)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, skip_backends: bool) -> None:
         to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         for fut in list(self._open.values()):
             if fut._tstate in (TaskState.SUBMITTED, TaskState.RUNNING) and fut._spec:
@@ -355,6 +417,8 @@ class WorkflowEngine(Scheduler):
         await asyncio.gather(*self._starting.values(), return_exceptions=True)
         if self._guard is not None:
             self._guard.cancel()
+        if skip_backends:
+            return
         errors = []
         for backend in self._backends.values():
             try:

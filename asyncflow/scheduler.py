@@ -34,7 +34,7 @@ from .spec import Command, TaskSpec
 from .tasks import TaskDecl, TaskKind, collect_futures, substitute
 
 if TYPE_CHECKING:
-    pass
+    from .data import FileLinks
 
 __all__ = ["Scheduler"]
 
@@ -68,6 +68,7 @@ class Scheduler:
     _closed: bool
     _subscribers: list[Subscriber]
     _labels: dict[int, str]
+    _files: FileLinks | None  # None: implicit_data=False
     _counter: Iterator[int]
     _pipes: dict[int, bool]
     _replay: collections.deque[tuple[TaskFuture, tuple[bool, Any]]]
@@ -93,12 +94,16 @@ class Scheduler:
         self._open[uid] = fut
         fut._args = args
         fut._kwargs = kwargs
+        files = self._files
+        linked = files.link(fut, args, kwargs) if files and (args or kwargs) else None
         if self._subscribers:
             deps = collect_futures(args, kwargs) if (args or kwargs) else []
+            deps.extend(linked or ())
             self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
         if args or kwargs:
             waiting: list[TaskFuture] | None = None
-            for dep in collect_futures(args, kwargs):
+            found = collect_futures(args, kwargs)
+            for dep in [*found, *linked] if linked else found:
                 state = dep._tstate
                 if state is TaskState.DONE:
                     continue
@@ -118,7 +123,7 @@ class Scheduler:
                         dep._dependents = [fut]
                     else:
                         dep._dependents.append(fut)
-                if self._can_pipe(decl, waiting):
+                if not linked and self._can_pipe(decl, waiting):
                     # Hand it to the runtime now, naming the running upstreams:
                     # the runtime starts it the moment they finish, without a
                     # round trip through this loop (see Capability.PIPELINE).

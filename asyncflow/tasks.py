@@ -6,6 +6,7 @@ it was made, naming the task, instead of when the task finally runs.
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import inspect
@@ -105,6 +106,9 @@ class TaskDecl:
         self.kind = kind
         self.opts = opts
         self.backend = backend  # resolved once here, not per call
+        #: (definition-time task_description, the decorator's own keywords), for
+        #: a call that brings a task_description of its own
+        self.described: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
         self.name: str = getattr(fn, "__name__", None) or type(fn).__name__
         self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             type(fn).__call__
@@ -112,7 +116,28 @@ class TaskDecl:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture:
+        if "task_description" in kwargs:
+            return self.engine._call(
+                self._described(kwargs.pop("task_description")), args, kwargs
+            )
         return self.engine._call(self, args, kwargs)
+
+    def _described(self, call_description: Any) -> TaskDecl:
+        """This task with a call's ``task_description`` over its own."""
+        from .description import merge, translate
+
+        if call_description is None:
+            return self
+        description, opts = self.described
+        if not isinstance(call_description, Mapping):
+            merged: Any = call_description  # translate names the bad type
+        else:
+            merged = merge(description, call_description)
+        variant = copy.copy(self)
+        variant.opts = TaskOptions.build(
+            self.name, **translate(merged, self.name, self.backend, opts)
+        )
+        return variant
 
     def __repr__(self) -> str:
         return f"<{_decorator(self.kind)} {self.name}>"
