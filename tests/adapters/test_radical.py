@@ -478,6 +478,26 @@ def test_resources_map_to_the_task_description(
 
 
 @STARTS_A_PILOT
+def test_task_description_reaches_radical_pilot(
+    backend: RadicalExecutionBackend,
+) -> None:
+    """radical.asyncflow's ``task_description``: portable keys become resources,
+    the rest TaskDescription keys of radical.pilot's own (``pre_exec`` here)."""
+
+    async def scenario(flow: WorkflowEngine) -> None:
+        @flow.executable_task(task_description={"pre_exec": ["export AF_PRE=set"]})
+        def show() -> str:
+            return 'echo "$AF_PRE $RP_RANKS"'
+
+        assert await show() == "set 1\n"
+        assert await show(task_description={"pre_exec": []}) == " 1\n"
+        with pytest.raises(ResourceUnavailableError, match="3 core"):
+            await show(task_description={"cores_per_rank": 3})
+
+    run(scenario, backend)
+
+
+@STARTS_A_PILOT
 def test_output_and_failures_are_complete(backend: RadicalExecutionBackend) -> None:
     async def scenario(flow: WorkflowEngine) -> None:
         big = flow.executable_task(
