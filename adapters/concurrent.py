@@ -68,6 +68,7 @@ _NO_PIPELINE = (
 THREAD_CAPABILITIES = Capabilities.of(
     *_COMMON,
     C.PIPELINE,
+    C.REPORTS_RUNNING,
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
     serializes="threads share the driver's memory",
@@ -76,6 +77,8 @@ PROCESS_CAPABILITIES = Capabilities.of(
     *_COMMON,
     C.SERIALIZES,
     C.PIPELINE,
+    reports_running="function tasks travel to pool processes in chunks, which "
+    "report only their outcomes",
     cancel_running=_NO_INTERRUPT,
     gpus="concurrent.futures knows nothing of GPUs",
 )

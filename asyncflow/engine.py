@@ -25,6 +25,7 @@ from .events import EventStream, Subscriber, TraceRecorder
 from .future import TaskFuture, TaskState
 from .protocol import Capability, ExecutionBackend
 from .scheduler import Scheduler, _Sink
+from .services import Services
 from .spec import TaskSpec
 from .tasks import TaskDecl, TaskKind, TaskOptions
 
@@ -119,6 +120,26 @@ def _named_backends(backend: Backends | None, dry_run: bool) -> dict[str, Any]:
     return backends
 
 
+def _check_service(name: str, kind: TaskKind, backend: Any) -> None:
+    """A service is stopped at shutdown, so its backend must be able to."""
+    if backend is None:
+        raise TaskDefinitionError(
+            f"block {name!r}: service=True is for function and executable tasks"
+        )
+    need = (
+        Capability.CANCEL_RUNNING
+        if kind is TaskKind.FUNCTION
+        else Capability.KILL_EXECUTABLES
+    )
+    caps = backend.info.capabilities
+    if need not in caps:
+        raise TaskDefinitionError(
+            f"service task {name!r}: backend {backend.info.name!r} could not stop "
+            f"it at shutdown ({caps.why_not(need)}); run it on a backend with "
+            f"{need.value!r}, or make it an executable task"
+        )
+
+
 class WorkflowEngine(Scheduler):
     """Runs decorated tasks on backends, wiring futures into a DAG.
 
@@ -151,6 +172,7 @@ class WorkflowEngine(Scheduler):
         self.dry_run = dry_run
         self.implicit_data = implicit_data
         self._files = FileLinks() if implicit_data else None
+        self._services = Services(self)
         for name, b in backends.items():
             gaps = _protocol_gaps(b)
             if gaps:
@@ -260,6 +282,8 @@ class WorkflowEngine(Scheduler):
                         f"{kind.value} tasks ({caps.why_not(need)}); route it to "
                         "another backend with backend=..."
                     )
+            if options.service:
+                _check_service(name, kind, backend)
             decl = TaskDecl(self, f, kind, options, backend)
             decl.described = (description, dict(opts))
             return decl
@@ -408,6 +432,8 @@ class WorkflowEngine(Scheduler):
                 entry = to_backend.setdefault(id(fut._backend), (fut._backend, []))
                 entry[1].append(fut._spec.uid)
             self._cancel(fut, "engine shut down", notify=False)
+        for key, (backend, uids) in self._services.stop_all().items():
+            to_backend.setdefault(key, (backend, []))[1].extend(uids)
         for backend, uids in to_backend.values():
             if id(backend) in self._started:
                 self._backend_cancel(backend, uids)

@@ -113,6 +113,9 @@ class Capability(enum.Enum):
     """Runs command lines, capturing stdout, stderr and the exit code."""
     PARALLEL = "parallel"
     """Runs at least two tasks at the same time."""
+    REPORTS_RUNNING = "reports_running"
+    """Calls ``sink.set_running`` when each task starts on a worker (service
+    tasks are up then, rather than when the runtime accepts them)."""
     CANCEL_QUEUED = "cancel_queued"
     """A task cancelled before it started never starts, even when a worker
     frees up the moment after ``cancel()``."""

@@ -35,6 +35,7 @@ from .tasks import TaskDecl, TaskKind, collect_futures, substitute
 
 if TYPE_CHECKING:
     from .data import FileLinks
+    from .services import Services
 
 __all__ = ["Scheduler"]
 
@@ -69,6 +70,7 @@ class Scheduler:
     _subscribers: list[Subscriber]
     _labels: dict[int, str]
     _files: FileLinks | None  # None: implicit_data=False
+    _services: Services
     _counter: Iterator[int]
     _pipes: dict[int, bool]
     _replay: collections.deque[tuple[TaskFuture, tuple[bool, Any]]]
@@ -170,6 +172,7 @@ class Scheduler:
                 or dep._tstate not in _LIVE
                 or dep._decl.kind is not TaskKind.FUNCTION
                 or dep._attempt < dep._decl.opts.retries
+                or dep._decl.opts.service  # its value comes before its end
             ):
                 return False
         return True
@@ -349,6 +352,8 @@ class Scheduler:
             self._schedule_flush()
         if self._subscribers:
             self._emit(EventKind.SUBMITTED, fut)
+        if fut._decl.opts.service:
+            self._services.submitted(fut, backend, spec.uid)
         if spec.timeout is not None:
             assert self._loop is not None
             fut._timer = self._loop.call_later(
@@ -381,6 +386,9 @@ class Scheduler:
                     fut = self._inflight.pop(spec.uid, None)
                     if fut is not None:
                         self._finish_error(fut, exc, retry=False)
+            else:
+                if self._services.live:
+                    self._services.accepted(backend, batch)
 
     def _on_timeout(self, fut: TaskFuture, spec_uid: str) -> None:
         fut._timer = None

@@ -35,7 +35,9 @@ class _Sink:
         self._push((uid, 1, exc))
 
     def set_running(self, uid: str) -> None:
-        if self._engine._subscribers:  # only observers care; skip the hop otherwise
+        engine = self._engine
+        # only observers and services care; skip the hop otherwise
+        if engine._subscribers or engine._services.live:
             self._push((uid, 2, None))
 
     def set_backend_state(self, backend: object, state: str, detail: str) -> None:
@@ -72,10 +74,14 @@ class _Sink:
                     fut._tstate = TaskState.RUNNING
                     if engine._subscribers:
                         engine._emit(EventKind.RUNNING, fut)
+                if engine._services.live:
+                    engine._services.up(uid)
                 continue
             fut = inflight.pop(uid, None)
             if fut is None:
                 continue  # cancelled or timed out meanwhile
+            if engine._services.live and engine._services.ended(uid, not kind, value):
+                continue
             if kind == 0:
                 engine._finish_ok(fut, value)
             else:

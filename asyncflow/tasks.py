@@ -41,6 +41,7 @@ class TaskOptions:
     env: Mapping[str, str] | None = None
     cwd: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    service: bool = False
 
     @classmethod
     def build(
@@ -54,6 +55,7 @@ class TaskOptions:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         options: Mapping[str, Any] | None = None,
+        service: bool = False,
     ) -> TaskOptions:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise TaskDefinitionError(
@@ -74,6 +76,10 @@ class TaskOptions:
             raise TaskDefinitionError(
                 f"task {name!r}: options= must be a dict of backend-specific settings"
             )
+        if not isinstance(service, bool):
+            raise TaskDefinitionError(
+                f"task {name!r}: service= must be True or False, got {service!r}"
+            )
         return cls(
             retries,
             None if timeout is None else float(timeout),
@@ -82,6 +88,7 @@ class TaskOptions:
             env,
             None if cwd is None else str(cwd),
             dict(options or {}),
+            service,
         )
 
 

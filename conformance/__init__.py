@@ -38,6 +38,7 @@ _LAZY = {
     "ResourceTests": "suite_runtime",
     "RetryTests": "suite_runtime",
     "SerializationTests": "suite_runtime",
+    "ServiceTests": "suite_services",
     "ShutdownTests": "suite_runtime",
     "TimeoutTests": "suite_runtime",
 }
@@ -57,6 +58,7 @@ _SUITE = (
     "PipelineTests",
     "SerializationTests",
     "ResourceTests",
+    "ServiceTests",
     "ShutdownTests",
 )
 
@@ -77,6 +79,7 @@ __all__ = [
     "ResourceTests",
     "RetryTests",
     "SerializationTests",
+    "ServiceTests",
     "ShutdownTests",
     "TimeoutTests",
     "gate_wait",
@@ -119,6 +122,7 @@ if TYPE_CHECKING:
         ShutdownTests,
         TimeoutTests,
     )
+    from .suite_services import ServiceTests
 
     class ConformanceSuite(
         FunctionTests,
@@ -134,6 +138,7 @@ if TYPE_CHECKING:
         PipelineTests,
         SerializationTests,
         ResourceTests,
+        ServiceTests,
         ShutdownTests,
     ):
         """Every mixin at once: what an adapter claiming full conformance runs."""

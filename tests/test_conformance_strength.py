@@ -38,6 +38,7 @@ CAUGHT_BY = {
     "ShutdownNeedsStart": ("test_shutdown_before_start", "before start()"),
     "ShutdownRaisesTwice": ("test_shutdown_twice_through_the_protocol", "already"),
     "ShutdownHangsTwice": ("test_shutdown_twice_through_the_protocol", "Timeout"),
+    "SilentStart": ("test_start_of_a_task_is_reported", "no set_running"),
     "RunsCancelledQueued": ("test_cancelled_queued_task_never_runs", "ran anyway"),
     "IgnoresCancelRunning": (
         "test_cancelled_running_function_never_finishes",

@@ -59,6 +59,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
     C.LARGE_PAYLOADS,
     C.PARALLEL,
     C.PIPELINE,
+    reports_running="Dask tells its scheduler, not the client, when a task starts",
     cancel_queued="Dask cancels through its scheduler, asynchronously: a worker "
     "that frees up before the cancel reaches it may still start a queued task",
     cancel_running="Dask cannot interrupt a running Python function: its worker "

@@ -61,6 +61,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
     C.RESOURCES,
     C.SERIALIZES,
     gpus=_NO_GPUS,
+    reports_running="Parsl tells the driver only how a task ended",
 )
 
 
@@ -164,7 +165,9 @@ class ParslExecutionBackend(_SubmitMixin, _ResultsMixin, AwaitableBackend):
             else [self._profiles[self._label]]
         )
         caps = {C.FUNCTIONS, C.EXECUTABLES, C.LARGE_PAYLOADS}
-        absent: dict[str, str] = {}
+        absent: dict[str, str] = {
+            "reports_running": "Parsl tells the driver only how a task ended"
+        }
         if sum(p.slots for p in scope) >= 2:
             caps.add(C.PARALLEL)
         else:

@@ -39,6 +39,8 @@ __all__ = ["RadicalExecutionBackend"]
 C = Capability
 
 _ABSENT = {
+    "reports_running": "raptor reports a function task only when it ends (an "
+    "executable's start is reported)",
     "cancel_running": "a raptor worker cannot stop a running function; it runs to "
     "the end and its result is dropped",
     "large_payloads": "arguments and results travel inside radical.pilot task "

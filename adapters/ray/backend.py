@@ -124,7 +124,7 @@ class RayExecutionBackend(
             C.LARGE_PAYLOADS,
             C.PIPELINE,
         ]
-        absent: dict[str, str] = {}
+        absent: dict[str, str] = {"reports_running": _NO_RUNNING}
         if cpus >= 2:
             caps.append(C.PARALLEL)
         else:
@@ -250,6 +250,8 @@ class RayExecutionBackend(
             self._variants.clear()
 
 
+_NO_RUNNING = "Ray tells the driver only how a task ended"
+
 # What a default local Ray offers, for listings that must not start Ray.
 RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined]
     C.FUNCTIONS,
@@ -263,4 +265,5 @@ RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined
     C.PIPELINE,
     C.PARALLEL,
     gpus="depends on the cluster: declared when a node reports GPUs",
+    reports_running=_NO_RUNNING,
 )

@@ -198,6 +198,18 @@ class ShutdownHangsTwice(Threads):
         await super().shutdown()
 
 
+# -- REPORTS_RUNNING declared and honoured ----------------------------------------
+class _Quiet(_Relay):
+    def set_running(self, uid: str) -> None:
+        pass
+
+
+class SilentStart(Threads):
+    """Declares REPORTS_RUNNING (as the thread adapter does) but never reports."""
+
+    relay = _Quiet
+
+
 # -- a cancelled queued task never runs ------------------------------------------------
 class RunsCancelledQueued(Threads):
     """Forgets a cancel that arrives before the task started."""
