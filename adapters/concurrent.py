@@ -19,6 +19,7 @@ Pass ``shutdown_executor=False`` to keep a shared executor alive.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -44,7 +45,7 @@ from ._awaitable import AwaitableBackend
 from ._processqueue import ProcessQueue, cancel_future
 from ._threadqueue import ThreadQueue
 
-__all__ = ["ConcurrentExecutionBackend", "process_backend"]
+__all__ = ["ConcurrentExecutionBackend", "LocalExecutionBackend", "process_backend"]
 
 C = Capability
 
@@ -319,6 +320,15 @@ def _like(old: Executor, workers: int) -> ProcessPoolExecutor:
 
 def _shutdown_executor(ex: Executor) -> None:
     ex.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalExecutionBackend(ConcurrentExecutionBackend):
+    """radical.asyncflow's name for the embedded backend, with its signature:
+    ``name`` labels it in a list of backends (``backend=[...]``)."""
+
+    def __init__(self, executor: Executor | None = None, name: str = "default"):
+        super().__init__(executor)
+        self._info = dataclasses.replace(self._info, name=name)
 
 
 def process_backend(max_workers: int | None = None) -> ConcurrentExecutionBackend:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .adapters.concurrent import ConcurrentExecutionBackend
+from .adapters.concurrent import ConcurrentExecutionBackend, LocalExecutionBackend
 from .adapters.noop import NoopExecutionBackend
 from .data import InputFile, OutputFile
 from .engine import WorkflowEngine
@@ -66,6 +66,7 @@ __all__ = [
     "ExecutableFailedError",
     "ExecutionBackend",
     "InputFile",
+    "LocalExecutionBackend",
     "NoopExecutionBackend",
     "OutputFile",
     "ParslExecutionBackend",

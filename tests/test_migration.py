@@ -19,6 +19,7 @@ from asyncflow import (
     ConcurrentExecutionBackend,
     DependencyFailureError,
     ExecutableFailedError,
+    LocalExecutionBackend,
     ResourceUnavailableError,
     TaskDefinitionError,
     WorkflowEngine,
@@ -273,3 +274,16 @@ def test_init_default_logger_writes_console_file_and_json(tmp_path: Path) -> Non
         for h in list(logger.handlers):
             logger.removeHandler(h)
             h.close()
+
+
+def test_local_execution_backend_is_the_peers_name_for_threads() -> None:
+    async def main() -> None:
+        local = await LocalExecutionBackend(ThreadPoolExecutor(1), name="local")
+        flow = WorkflowEngine([local, threads()])
+        try:
+            assert list(flow.backends) == ["local", "concurrent-threads"]
+            assert await flow.function_task(backend="local")(lambda: 7)() == 7
+        finally:
+            await flow.shutdown()
+
+    run(main())
