@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import UpstreamGone
 from ..protocol import CompletionSink, UpstreamRef
 from ..spec import TaskSpec
-from ..worker import substitute
+from ..walk import find, replace
 
 __all__ = ["Pipes", "collect"]
 
@@ -142,19 +142,11 @@ class Pipes:
 
 def collect(obj: Any, into: set[str]) -> None:
     """Add the uids of the UpstreamRefs in ``obj`` (nested containers too)."""
-    t = type(obj)
-    if t is UpstreamRef:
-        into.add(obj.uid)
-    elif t is tuple or t is list or t is set or t is frozenset:
-        for v in obj:
-            collect(v, into)
-    elif t is dict:
-        for v in obj.values():
-            collect(v, into)
+    into.update(ref.uid for ref in find(obj, UpstreamRef))
 
 
 def _swap(obj: Any, values: dict[str, Any]) -> Any:
-    return substitute(obj, UpstreamRef, lambda ref: values[ref.uid])
+    return replace(obj, UpstreamRef, lambda ref: values[ref.uid])
 
 
 def _resolved(w: _Waiting) -> TaskSpec:

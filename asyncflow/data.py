@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import TaskDefinitionError
-from .worker import substitute
+from .walk import find
 
 __all__ = ["File", "FileLinks", "InputFile", "OutputFile"]
 
@@ -102,13 +102,8 @@ class FileLinks:
             return []
         reads: list[str] = []
         writes: list[str] = []
-
-        def note(f: File) -> File:
+        for f in find((args, kwargs), _FILES):
             (reads if type(f) is InputFile else writes).append(f.filepath)
-            return f
-
-        substitute((args, kwargs), InputFile, note)
-        substitute((args, kwargs), OutputFile, note)
         writers = {
             id(w): w
             for path in reads
@@ -117,3 +112,6 @@ class FileLinks:
         for path in writes:
             self._writers[path] = task
         return list(writers.values())
+
+
+_FILES = frozenset({InputFile, OutputFile})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import TaskDefinitionError
 from .future import TaskFuture
 from .spec import Resources, check_env
+from .walk import find, replace
 
 if TYPE_CHECKING:
     from .engine import WorkflowEngine
@@ -158,32 +159,12 @@ def _decorator(kind: TaskKind) -> str:
     }[kind]
 
 
-_CONTAINERS = (list, tuple, dict, set, frozenset)
+_FUTURES = frozenset({TaskFuture})
 
 
 def collect_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[TaskFuture]:
     """Every TaskFuture in args/kwargs, nested in builtin containers, once each."""
-    found: list[TaskFuture] = []
-    stack: list[Any] = [args]
-    if kwargs:
-        stack.append(kwargs)
-    while stack:
-        obj = stack.pop()
-        t = type(obj)
-        if t is dict:
-            for v in obj.values():
-                tv = type(v)
-                if tv is TaskFuture:
-                    found.append(v)
-                elif tv in _CONTAINERS:
-                    stack.append(v)
-        else:
-            for v in obj:
-                tv = type(v)
-                if tv is TaskFuture:
-                    found.append(v)
-                elif tv in _CONTAINERS:
-                    stack.append(v)
+    found = find((args, kwargs) if kwargs else args, _FUTURES)
     if len(found) > 1:
         found = list({id(f): f for f in found}.values())
     return found
@@ -191,13 +172,4 @@ def collect_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[TaskF
 
 def substitute(obj: Any, value_of: Callable[[TaskFuture], Any]) -> Any:
     """A copy of ``obj`` with every TaskFuture replaced by ``value_of(future)``."""
-    t = type(obj)
-    if t is TaskFuture:
-        return value_of(obj)
-    if t is tuple or t is list:
-        return t(substitute(v, value_of) for v in obj)
-    if t is dict:
-        return {k: substitute(v, value_of) for k, v in obj.items()}
-    if t is set or t is frozenset:
-        return t(substitute(v, value_of) for v in obj)
-    return obj
+    return replace(obj, _FUTURES, value_of)

@@ -50,6 +50,7 @@ from .errors import (
     TaskInterruptedError,
 )
 from .spec import Command, TaskSpec
+from .walk import replace
 
 __all__ = [
     "COMMAND_PIDS_ENV",
@@ -253,19 +254,6 @@ def _always_pickles(value: Any) -> bool:
     return False
 
 
-def substitute(obj: Any, kind: type, value_of: Callable[[Any], Any]) -> Any:
-    """``obj`` with every ``kind`` placeholder in it, nested in tuples, lists,
-    sets and dicts too, replaced by ``value_of(placeholder)``."""
-    t = type(obj)
-    if t is kind:
-        return value_of(obj)
-    if t is tuple or t is list or t is set or t is frozenset:
-        return t(substitute(v, kind, value_of) for v in obj)
-    if t is dict:
-        return {k: substitute(v, kind, value_of) for k, v in obj.items()}
-    return obj
-
-
 def _link(obj: Any, values: list[Any]) -> Any:
     def value_of(ref: ChunkRef) -> Any:
         value = values[ref.index]
@@ -273,7 +261,7 @@ def _link(obj: Any, values: list[Any]) -> Any:
             raise _Skip
         return value
 
-    return substitute(obj, ChunkRef, value_of)
+    return replace(obj, ChunkRef, value_of)
 
 
 def raise_error(exc: BaseException) -> None:

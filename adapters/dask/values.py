@@ -16,6 +16,7 @@ from dask.sizeof import sizeof
 
 from ...errors import UpstreamGone
 from ...protocol import RemoteValue, UpstreamRef
+from ...walk import contains, find, replace
 
 if TYPE_CHECKING:
     from .backend import DaskExecutionBackend
@@ -34,49 +35,31 @@ class DaskRemoteValue(RemoteValue):
         return await owner._fetch(self.handle)
 
 
-_CONTAINERS = (list, tuple, dict, set, frozenset)
 _SMALL = (int, float, bool, type(None), complex)
+_MARKERS = frozenset({DaskRemoteValue, UpstreamRef})
 
 
 def _swap(obj: Any, owner: _DaskBase) -> Any:
     """``obj`` with this backend's remote values replaced by their Dask futures
     (Dask finds futures nested in lists, tuples, sets and dicts)."""
-    t = type(obj)
-    if t is DaskRemoteValue:
-        return obj.handle if obj.owner is owner else obj
-    if t is UpstreamRef:
-        tracked = owner._tasks.get(obj.uid)
+
+    def native(marker: Any) -> Any:
+        if type(marker) is DaskRemoteValue:
+            return marker.handle if marker.owner is owner else marker
+        tracked = owner._tasks.get(marker.uid)
         if tracked is None:
-            raise UpstreamGone(obj.uid)
+            raise UpstreamGone(marker.uid)
         return tracked.future
-    if t is tuple or t is list or t is set:
-        return t(_swap(v, owner) for v in obj)
-    if t is dict:
-        return {k: _swap(v, owner) for k, v in obj.items()}
-    return obj
+
+    return replace(obj, _MARKERS, native)
 
 
 def _refs(obj: Any, out: set[str]) -> None:
-    t = type(obj)
-    if t is UpstreamRef:
-        out.add(obj.uid)
-    elif t is dict:
-        for v in obj.values():
-            _refs(v, out)
-    elif t in _CONTAINERS:
-        for v in obj:
-            _refs(v, out)
+    out.update(ref.uid for ref in find(obj, UpstreamRef))
 
 
 def _has_remote(obj: Any) -> bool:
-    t = type(obj)
-    if t is DaskRemoteValue or t is UpstreamRef:
-        return True
-    if t is dict:
-        return any(_has_remote(v) for v in obj.values())
-    if t in _CONTAINERS:
-        return any(_has_remote(v) for v in obj)
-    return False
+    return contains(obj, _MARKERS)
 
 
 def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

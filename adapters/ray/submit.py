@@ -25,11 +25,15 @@ from ...errors import (
 )
 from ...protocol import UpstreamRef
 from ...spec import Resources, TaskSpec
+from ...walk import replace
 from .._pipes import collect
 from .base import _Task
 from .errors import _submit_error
 from .results import RayValue, _ResultsMixin
 from .worker import _EXEC, _NESTED, MARKER, _function_runner, _Slot
+
+#: what a spec's arguments may hold for this backend to swap
+_MARKERS = frozenset({RayValue, UpstreamRef})
 
 _OWN_OPTIONS = frozenset({"num_returns", "max_retries", "retry_exceptions"})
 
@@ -206,34 +210,31 @@ class _SubmitMixin(_ResultsMixin):
     def _native_args(self, spec: TaskSpec) -> tuple[tuple[Any, ...], dict[str, Any]]:
         nested: list[ray.ObjectRef] = []
 
-        def native(obj: Any, top: bool) -> Any:
-            t = type(obj)
-            if t is RayValue or t is UpstreamRef:
-                if obj.owner is not self:  # pragma: no cover - engine fetches these
-                    raise TaskDefinitionError(
-                        f"task {spec.name!r}: got a value from another backend"
-                    )
-                if t is RayValue:
-                    handle = obj.handle
-                else:  # a task still running here (Capability.PIPELINE)
-                    running = self._tasks.get(obj.uid)
-                    if running is None:
-                        raise UpstreamGone(obj.uid)
-                    handle = running.ref
-                if top:
-                    return handle
-                nested.append(handle)
-                return _Slot(len(nested) - 1)
-            if t is tuple or t is list:
-                return t(native(v, False) for v in obj)
-            if t is dict:
-                return {k: native(v, False) for k, v in obj.items()}
-            if t is set or t is frozenset:
-                return t(native(v, False) for v in obj)
-            return obj
+        def handle(marker: Any) -> Any:
+            if marker.owner is not self:  # pragma: no cover - engine fetches these
+                raise TaskDefinitionError(
+                    f"task {spec.name!r}: got a value from another backend"
+                )
+            if type(marker) is RayValue:
+                return marker.handle
+            running = self._tasks.get(marker.uid)  # still running here (PIPELINE)
+            if running is None:
+                raise UpstreamGone(marker.uid)
+            return running.ref
 
-        args = tuple(native(a, True) for a in spec.args)
-        kwargs = {k: native(v, True) for k, v in spec.kwargs.items()}
+        def slot(marker: Any) -> _Slot:
+            nested.append(handle(marker))
+            return _Slot(len(nested) - 1)
+
+        def native(obj: Any) -> Any:
+            """Top-level refs as themselves (Ray resolves those), nested ones as
+            slots the worker fills from extra arguments."""
+            if type(obj) in _MARKERS:
+                return handle(obj)
+            return replace(obj, _MARKERS, slot)
+
+        args = tuple(native(a) for a in spec.args)
+        kwargs = {k: native(v) for k, v in spec.kwargs.items()}
         if not nested:  # top-level refs only: Ray resolves them itself
             return args, kwargs
         kwargs[_NESTED] = len(nested)

@@ -21,6 +21,7 @@ import ray
 import psutil  # isort: skip  (after ray, which can provide a vendored copy)
 
 from ...spec import Command
+from ...walk import replace
 from ...worker import call_function, run_command
 
 #: Environment variable set on every command this adapter runs: "<token>/<uid>".
@@ -45,16 +46,7 @@ class _Slot:
 
 
 def _fill(obj: Any, values: Sequence[Any]) -> Any:
-    t = type(obj)
-    if t is _Slot:
-        return values[obj.index]
-    if t is tuple or t is list:
-        return t(_fill(v, values) for v in obj)
-    if t is dict:
-        return {k: _fill(v, values) for k, v in obj.items()}
-    if t is set or t is frozenset:
-        return t(_fill(v, values) for v in obj)
-    return obj
+    return replace(obj, _Slot, lambda slot: values[slot.index])
 
 
 def _function_runner(

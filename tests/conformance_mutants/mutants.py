@@ -18,7 +18,7 @@ from dataclasses import replace
 from multiprocessing import resource_tracker
 from typing import Any
 
-from asyncflow import ConcurrentExecutionBackend
+from asyncflow import ConcurrentExecutionBackend, walk
 from asyncflow.errors import WorkerLostError
 from asyncflow.protocol import (
     BackendInfo,
@@ -28,7 +28,6 @@ from asyncflow.protocol import (
     UpstreamRef,
 )
 from asyncflow.spec import TaskSpec
-from asyncflow.worker import substitute
 from asyncflow_example import AsyncioBackend
 
 
@@ -105,7 +104,7 @@ class RunsPipedEarly(Threads):
 
     def submit(self, specs: Sequence[TaskSpec]) -> None:
         def unpipe(s: TaskSpec) -> TaskSpec:
-            args = substitute(s.args, UpstreamRef, lambda ref: None)
+            args = walk.replace(s.args, UpstreamRef, lambda ref: None)
             return replace(s, args=args, has_remote_args=False)
 
         super().submit([unpipe(s) if s.has_remote_args else s for s in specs])
