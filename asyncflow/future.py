@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class TaskFuture(asyncio.Future):
         "_backend",
         "_decl",
         "_dependents",
+        "_deps",
         "_early",
         "_engine",
         "_job",
@@ -81,6 +83,8 @@ class TaskFuture(asyncio.Future):
         self._early: tuple[bool, Any] | None = None
         self._args: tuple[Any, ...] = ()
         self._kwargs: dict[str, Any] = {}
+        # the futures among args/kwargs, found once when the task is called
+        self._deps: Sequence[TaskFuture] = ()
         self._backend: Any = None
         self._attempt = 0
         self._timer: asyncio.TimerHandle | None = None

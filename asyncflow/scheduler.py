@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -96,15 +96,18 @@ class Scheduler:
         self._open[uid] = fut
         fut._args = args
         fut._kwargs = kwargs
-        files = self._files
-        linked = files.link(fut, args, kwargs) if files and (args or kwargs) else None
+        found: Sequence[TaskFuture] = ()
+        linked = None
+        if args or kwargs:
+            found = fut._deps = collect_futures(args, kwargs)
+            files = self._files
+            if files is not None:
+                linked = files.link(fut, args, kwargs)
         if self._subscribers:
-            deps = collect_futures(args, kwargs) if (args or kwargs) else []
-            deps.extend(linked or ())
+            deps = (*found, *linked) if linked else found
             self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
         if args or kwargs:
             waiting: list[TaskFuture] | None = None
-            found = collect_futures(args, kwargs)
             for dep in [*found, *linked] if linked else found:
                 state = dep._tstate
                 if state is TaskState.DONE:
@@ -214,7 +217,7 @@ class Scheduler:
         args, kwargs = fut._args, fut._kwargs
         remote = False
         if args or kwargs:
-            deps = collect_futures(args, kwargs)
+            deps = fut._deps
             if deps:
                 fetch = [
                     d
@@ -225,12 +228,12 @@ class Scheduler:
                     fut._job = asyncio.ensure_future(self._fetch_then_ready(fut, fetch))
                     return
                 remote = any(d._remote is not None for d in deps)
-                args = substitute(args, _value_of)
-                kwargs = substitute(kwargs, _value_of)
+                args, kwargs = substitute((args, kwargs), _value_of)
         if fut._after:
             remote = True  # kept: see _unpipe
         else:
             fut._args = fut._kwargs = None  # type: ignore[assignment]
+            fut._deps = ()
         if kind is TaskKind.FUNCTION:
             assert target is not None
             opts = decl.opts
@@ -413,6 +416,7 @@ class Scheduler:
             return
         if fut._args is not None:
             fut._args = fut._kwargs = None  # type: ignore[assignment]
+            fut._deps = ()
         if fut._timer is not None:
             fut._timer.cancel()
             fut._timer = None
@@ -468,6 +472,7 @@ class Scheduler:
         fut._tstate = TaskState.FAILED
         fut._spec = None
         fut._args = fut._kwargs = None  # type: ignore[assignment]
+        fut._deps = ()
         if self._subscribers:
             self._emit(EventKind.FAILED, fut)
         _set_exception(fut, exc)
@@ -501,6 +506,7 @@ class Scheduler:
             dep._engine._open.pop(dep.uid, None)
             dep._tstate = TaskState.FAILED
             dep._args = dep._kwargs = None  # type: ignore[assignment]
+            dep._deps = ()
             if dep._job is not None:
                 dep._job.cancel()
                 dep._job = None
@@ -534,6 +540,7 @@ class Scheduler:
             f._tstate = TaskState.CANCELLED
             f._spec = f._early = None
             f._args = f._kwargs = None  # type: ignore[assignment]
+            f._deps = ()
             if f._engine._subscribers:
                 f._engine._emit(EventKind.CANCELLED, f)
             _future_cancel(f, msg)
