@@ -38,6 +38,7 @@ from .protocol import (
     ExecutionBackend,
     RemoteValue,
 )
+from .registry import ADAPTERS as _ADAPTERS
 from .registry import available_backends, load_backend
 from .spec import Command, Resources, TaskSpec
 
@@ -88,11 +89,11 @@ __all__ = [
     "load_backend",
 ]
 
+#: class name -> backend name, for the adapters whose runtime is optional
 _LAZY = {
-    "DaskExecutionBackend": "dask",
-    "RayExecutionBackend": "ray",
-    "ParslExecutionBackend": "parsl",
-    "RadicalExecutionBackend": "radical",
+    adapter.target.rpartition(":")[2]: name
+    for name, adapter in _ADAPTERS.items()
+    if adapter.runtime is not None
 }
 
 

@@ -173,6 +173,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .registry import batch_names
+
     parser = argparse.ArgumentParser(
         prog="asyncflow", description=__doc__.split("\n\n")[0]
     )
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON|FILE",
         help='the reference page\'s HPC allocation, e.g. \'{"resource": "slurm", '
         '"queue": "debug", "nodes": 2, "walltime": 30}\', or a file '
-        "holding it; for dask, parsl and radical",
+        f"holding it; for {batch_names()}",
     )
     run.add_argument(
         "--trace", metavar="FILE", help="write a Chrome trace-event JSON of every task"

@@ -1,8 +1,9 @@
 """Finding backends by name: the ``asyncflow.backends`` entry-point group.
 
-The in-tree adapters register there like anyone else's.  ``KNOWN`` adds what an
-entry point cannot say: which module must import for the runtime to count as
-installed, and which extra installs it.
+The in-tree adapters register there like anyone else's.  ``ADAPTERS`` adds what
+an entry point cannot say: which module must import for the runtime to count as
+installed, which extra installs it, whether it takes an HPC allocation, and
+what ``asyncflow bench`` compares it with.
 """
 
 from __future__ import annotations
@@ -18,54 +19,104 @@ from typing import Any
 
 from .errors import BackendNotInstalledError, TaskDefinitionError
 
-__all__ = ["BackendStatus", "available_backends", "default_backend", "load_backend"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "BackendStatus",
+    "available_backends",
+    "default_backend",
+    "load_backend",
+]
 
 GROUP = "asyncflow.backends"
 
-# name -> (import path, runtime module, runtime distribution, install hint)
-KNOWN: dict[str, tuple[str, str | None, str | None, str]] = {
-    "threads": (
-        "asyncflow.adapters.concurrent:ConcurrentExecutionBackend",
-        None,
-        None,
-        "built in",
-    ),
-    "processes": (
-        "asyncflow.adapters.concurrent:process_backend",
-        None,
-        None,
-        "built in",
-    ),
-    "dask": (
-        "asyncflow.adapters.dask:DaskExecutionBackend",
-        "distributed",
-        "distributed",
-        "pip install 'asyncflow[dask]'",
-    ),
-    "ray": (
-        "asyncflow.adapters.ray:RayExecutionBackend",
-        "ray",
-        "ray",
-        "pip install 'asyncflow[ray]'",
-    ),
-    "parsl": (
-        "asyncflow.adapters.parsl:ParslExecutionBackend",
-        "parsl",
-        "parsl",
-        "pip install 'asyncflow[parsl]'",
-    ),
-    "radical": (
-        "asyncflow.adapters.radical:RadicalExecutionBackend",
-        "radical.pilot",
-        "radical.pilot",
-        "pip install 'asyncflow[radical]'",
-    ),
+
+@dataclass(frozen=True)
+class Adapter:
+    """One in-tree adapter: what its entry point cannot say, and what the
+    command line and ``asyncflow bench`` need to know of it.
+
+    ``runtime`` is the module that must import for the runtime to count as
+    installed, and the distribution whose version is shown (None: built in,
+    nothing beyond asyncflow); ``extra`` the pyproject extra installing it.
+    ``batch`` marks
+    backends that take the reference page's HPC allocation dict
+    (``{'resource': 'slurm', 'queue': ..., 'nodes': ...}``) as first argument.
+    ``baseline`` is what the bench compares the backend with: the runtime's own
+    API doing the same work, a :class:`asyncflow.bench.raw.Raw` named by import
+    path so that listing backends imports no bench code.
+    """
+
+    name: str
+    target: str
+    baseline: str
+    runtime: str | None = None
+    extra: str | None = None
+    batch: bool = False
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install 'asyncflow[{self.extra}]'" if self.extra else "built in"
+
+
+#: every in-tree adapter, in the order listings and bench tables show them;
+#: pyproject.toml's entry points and extras agree (tests/test_registry_table.py)
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a
+    for a in (
+        Adapter(
+            "threads",
+            "asyncflow.adapters.concurrent:ConcurrentExecutionBackend",
+            baseline="asyncflow.bench.raw:ThreadsRaw",
+        ),
+        Adapter(
+            "processes",
+            "asyncflow.adapters.concurrent:process_backend",
+            baseline="asyncflow.bench.raw:ProcessesRaw",
+        ),
+        Adapter(
+            "dask",
+            "asyncflow.adapters.dask:DaskExecutionBackend",
+            baseline="asyncflow.bench.raw:DaskRaw",
+            runtime="distributed",
+            extra="dask",
+            batch=True,
+        ),
+        Adapter(
+            "ray",
+            "asyncflow.adapters.ray:RayExecutionBackend",
+            baseline="asyncflow.bench.raw:RayRaw",
+            runtime="ray",
+            extra="ray",
+        ),
+        Adapter(
+            "parsl",
+            "asyncflow.adapters.parsl:ParslExecutionBackend",
+            baseline="asyncflow.bench.raw:ParslRaw",
+            runtime="parsl",
+            extra="parsl",
+            batch=True,
+        ),
+        Adapter(
+            "radical",
+            "asyncflow.adapters.radical:RadicalExecutionBackend",
+            baseline="asyncflow.bench.rawrp:RadicalRaw",
+            runtime="radical.pilot",
+            extra="radical",
+            batch=True,
+        ),
+    )
 }
 
+#: in-tree backends that take the HPC allocation dict
+BATCH = frozenset(a.name for a in ADAPTERS.values() if a.batch)
 
-#: in-tree backends that take the reference page's HPC allocation dict
-#: (``{'resource': 'slurm', 'queue': ..., 'nodes': ...}``) as first argument
-BATCH = frozenset({"dask", "parsl", "radical"})
+
+def batch_names() -> str:
+    """``'dask, parsl and radical'``: help texts name the batch backends from
+    the table, so that they never list one the table does not mark."""
+    *rest, last = [a.name for a in ADAPTERS.values() if a.batch]
+    return f"{', '.join(rest)} and {last}" if rest else last
 
 
 @dataclass(frozen=True)
@@ -84,7 +135,7 @@ def _registered() -> dict[str, tuple[str, str | None]]:
     installed from any package shows its version, not only the in-tree ones.
     """
     found: dict[str, tuple[str, str | None]] = {
-        name: (known[0], None) for name, known in KNOWN.items()
+        name: (adapter.target, None) for name, adapter in ADAPTERS.items()
     }
     for ep in md.entry_points(group=GROUP):
         dist = ep.dist
@@ -103,14 +154,15 @@ def available_backends() -> list[BackendStatus]:
     Ray, ...), else that of the distribution providing the adapter."""
     out = []
     for name, (target, provider_version) in _registered().items():
-        _, module, dist, hint = KNOWN.get(name, (target, None, None, ""))
-        if module is None:
-            module = target.partition(":")[0]
-            installed = _importable(module)
+        adapter = ADAPTERS.get(name)
+        runtime = adapter.runtime if adapter else None
+        hint = adapter.install_hint if adapter else ""
+        if runtime is None:
+            installed = _importable(target.partition(":")[0])
             version = provider_version if installed else None
         else:
-            installed = _importable(module)
-            version = _version(dist) if installed and dist else None
+            installed = _importable(runtime)
+            version = _version(runtime) if installed else None
         out.append(
             BackendStatus(
                 name,
@@ -154,7 +206,8 @@ def backend_class(name: str) -> Callable[..., Any]:
     try:
         return _resolve(targets[name])
     except ImportError as exc:
-        hint = KNOWN.get(name, ("", None, None, ""))[3]
+        adapter = ADAPTERS.get(name)
+        hint = adapter.install_hint if adapter else ""
         raise BackendNotInstalledError(
             f"backend {name!r} needs a runtime that is not installed "
             f"({exc.name or exc})"
@@ -226,7 +279,7 @@ def default_backend() -> Any:
     allocation = _json_object("ASYNCFLOW_HPC", '{"resource": "slurm", "nodes": 2}')
     if not allocation:
         return load_backend(name, **options)
-    if name in KNOWN and name not in BATCH:
+    if name in ADAPTERS and name not in BATCH:
         raise TaskDefinitionError(
             f"backend {name!r} takes no HPC allocation (ASYNCFLOW_HPC / --hpc); "
             f"use one of {', '.join(sorted(BATCH))}, or start Ray in a batch job "

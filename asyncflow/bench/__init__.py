@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..registry import BATCH, available_backends
+from ..registry import BATCH, available_backends, batch_names
 from .report import (
     COLUMNS,
     ORDER,
@@ -122,7 +122,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--hpc",
         metavar="JSON|FILE",
-        help="run dask, parsl and radical on a batch cluster with the reference "
+        help=f"run {batch_names()} on a batch cluster with the reference "
         'page\'s allocation dict (e.g. \'{"resource": "slurm", "nodes": 3, '
         "\"cores_per_node\": 2}'); the raw sides use each runtime's own Slurm API",
     )

@@ -10,13 +10,17 @@ lives in :mod:`.rawrp`: it is big enough for a module of its own.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..hpc import Allocation
 
 WORKERS = 2
 
@@ -48,6 +52,12 @@ class Raw:
     def shutdown(self) -> None:
         pass
 
+    @classmethod
+    def for_allocation(cls, alloc: Allocation, hpc: dict[str, Any]) -> Raw | None:
+        """The runtime's own API on the batch cluster that ``hpc``, the page's
+        allocation dict, describes; None where the bench has no such baseline."""
+        return None
+
 
 class ExecutorRaw(Raw):
     def __init__(self, processes: bool):
@@ -65,6 +75,16 @@ class ExecutorRaw(Raw):
 
     def shutdown(self) -> None:
         self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class ThreadsRaw(ExecutorRaw):
+    def __init__(self) -> None:
+        super().__init__(processes=False)
+
+
+class ProcessesRaw(ExecutorRaw):
+    def __init__(self) -> None:
+        super().__init__(processes=True)
 
 
 class DaskRaw(Raw):
@@ -91,6 +111,12 @@ class DaskRaw(Raw):
     def shutdown(self) -> None:
         self.client.close()
         self.cluster.close()
+
+    @classmethod
+    def for_allocation(cls, alloc: Allocation, hpc: dict[str, Any]) -> Raw | None:
+        from .rawslurm import DaskSlurmRaw
+
+        return DaskSlurmRaw(alloc, hpc)
 
 
 class RayRaw(Raw):
@@ -172,44 +198,27 @@ class ParslRaw(Raw):
         self.parsl.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-
-def make_raw(backend: str, hpc: dict[str, Any] | None = None) -> Raw | None:
-    """The raw runtime matching an asyncflow backend name, or None if there is
-    no comparable raw API here.  With ``hpc`` (the page's allocation dict), the
-    runtime's own Slurm API for the same allocation."""
-    if hpc is not None:
-        return _make_batch_raw(backend, hpc)
-    if backend == "threads":
-        return ExecutorRaw(processes=False)
-    if backend == "processes":
-        return ExecutorRaw(processes=True)
-    if backend == "dask":
-        return DaskRaw()
-    if backend == "ray":
-        return RayRaw()
-    if backend == "parsl":
-        return ParslRaw()
-    if backend == "radical":
-        from .rawrp import RadicalRaw
-
-        return RadicalRaw()
-    return None
-
-
-def _make_batch_raw(backend: str, hpc: dict[str, Any]) -> Raw | None:
-    from ..hpc import Allocation
-
-    alloc, _ = Allocation.from_mapping(hpc, "asyncflow bench --hpc")
-    if backend == "dask":
-        from .rawslurm import DaskSlurmRaw
-
-        return DaskSlurmRaw(alloc, hpc)
-    if backend == "parsl":
+    @classmethod
+    def for_allocation(cls, alloc: Allocation, hpc: dict[str, Any]) -> Raw | None:
         from .rawslurm import ParslSlurmRaw
 
         return ParslSlurmRaw(alloc)
-    if backend == "radical":
-        from .rawrp import RadicalRaw
 
-        return RadicalRaw(hpc)
-    return None
+
+def make_raw(backend: str, hpc: dict[str, Any] | None = None) -> Raw | None:
+    """The raw runtime an asyncflow backend is compared with (its ``baseline``
+    in :data:`asyncflow.registry.ADAPTERS`), or None if there is no comparable
+    raw API here.  With ``hpc`` (the page's allocation dict), the runtime's own
+    Slurm API for the same allocation."""
+    from ..hpc import Allocation
+    from ..registry import ADAPTERS
+
+    adapter = ADAPTERS.get(backend)
+    if adapter is None:
+        return None
+    module, _, name = adapter.baseline.partition(":")
+    cls: type[Raw] = getattr(importlib.import_module(module), name)
+    if hpc is None:
+        return cls()
+    alloc, _ = Allocation.from_mapping(hpc, "asyncflow bench --hpc")
+    return cls.for_allocation(alloc, hpc)

@@ -46,9 +46,12 @@ import tempfile
 import time
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .raw import Raw
+
+if TYPE_CHECKING:
+    from ..hpc import Allocation
 
 START_TIMEOUT = 600.0
 #: seconds Slurm gets to list the pilot's job no more after the close
@@ -74,6 +77,10 @@ def by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 class RadicalRaw(Raw):
     name = "radical.pilot submit_tasks"
+
+    @classmethod
+    def for_allocation(cls, alloc: Allocation, hpc: dict[str, Any]) -> Raw | None:
+        return cls(hpc)  # the adapter's own reading of the dict, as on its side
 
     def __init__(self, resources: Mapping[str, Any] | None = None) -> None:
         from asyncflow.adapters.radical.config import plan

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..registry import ADAPTERS
 from .workloads import SLEEP, expected
 
 #: the issue's figures: asyncflow throughput / raw, at least (threads: 1/3)
@@ -176,7 +177,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-ORDER = ["threads", "processes", "dask", "ray", "parsl", "radical"]
+ORDER = list(ADAPTERS)
 
 
 def order_key(backend: str) -> tuple[int, str]:
