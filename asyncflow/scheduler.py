@@ -408,23 +408,30 @@ class Scheduler:
         )
 
     # -- completion -------------------------------------------------------------
+    @staticmethod
+    def _settle(fut: TaskFuture, state: TaskState, kind: EventKind) -> None:
+        """What every end of a task shares, whichever end it is: no timer, no
+        longer open, nothing kept for a run that will not happen, observers
+        told.  The future itself is resolved by the caller."""
+        if fut._timer is not None:
+            fut._timer.cancel()
+            fut._timer = None
+        engine = fut._engine
+        engine._open.pop(fut.uid, None)
+        fut._tstate = state
+        fut._spec = fut._early = None
+        fut._args = fut._kwargs = None  # type: ignore[assignment]
+        fut._deps = ()
+        if engine._subscribers:
+            engine._emit(kind, fut)
+
     def _finish_ok(self, fut: TaskFuture, value: Any) -> None:
         if fut._tstate in _FINAL:
             return
         if fut._after:  # piped, and an upstream's report is still to come
             fut._early = (True, value)
             return
-        if fut._args is not None:
-            fut._args = fut._kwargs = None  # type: ignore[assignment]
-            fut._deps = ()
-        if fut._timer is not None:
-            fut._timer.cancel()
-            fut._timer = None
-        del self._open[fut.uid]
-        fut._tstate = TaskState.DONE
-        fut._spec = None
-        if self._subscribers:
-            self._emit(EventKind.DONE, fut)
+        self._settle(fut, TaskState.DONE, EventKind.DONE)
         if isinstance(value, RemoteValue):
             fut._remote = value
             if fut._callbacks:  # somebody already waits: fetch now
@@ -468,13 +475,7 @@ class Scheduler:
             new = replace(spec, uid=f"{fut.uid}.r{fut._attempt}", attempt=fut._attempt)
             self._submit(fut, fut._backend, new)
             return
-        self._open.pop(fut.uid, None)
-        fut._tstate = TaskState.FAILED
-        fut._spec = None
-        fut._args = fut._kwargs = None  # type: ignore[assignment]
-        fut._deps = ()
-        if self._subscribers:
-            self._emit(EventKind.FAILED, fut)
+        self._settle(fut, TaskState.FAILED, EventKind.FAILED)
         _set_exception(fut, exc)
         if fut._dependents:
             self._fail_dependents(fut, fut._dependents)
@@ -498,20 +499,13 @@ class Scheduler:
                 continue
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
-            spec = dep._spec
-            if spec is not None:  # a piped dependent, already in its runtime
-                dep._spec = dep._early = None
-                if dep._engine._inflight.pop(spec.uid, None) is not None:
-                    self._backend_cancel(dep._backend, [spec.uid])
-            dep._engine._open.pop(dep.uid, None)
-            dep._tstate = TaskState.FAILED
-            dep._args = dep._kwargs = None  # type: ignore[assignment]
-            dep._deps = ()
+            spec = dep._spec  # set: a piped dependent, already in its runtime
+            if spec is not None and dep._engine._inflight.pop(spec.uid, None):
+                self._backend_cancel(dep._backend, [spec.uid])
             if dep._job is not None:
                 dep._job.cancel()
                 dep._job = None
-            if dep._engine._subscribers:
-                dep._engine._emit(EventKind.FAILED, dep)
+            self._settle(dep, TaskState.FAILED, EventKind.FAILED)
             _set_exception(dep, err)
             if dep._dependents:
                 dep._log_traceback = False
@@ -530,19 +524,10 @@ class Scheduler:
             if spec is not None and self._inflight.pop(spec.uid, None) is not None:
                 entry = to_backend.setdefault(id(f._backend), (f._backend, []))
                 entry[1].append(spec.uid)
-            if f._timer is not None:
-                f._timer.cancel()
-                f._timer = None
             if f._job is not None:
                 f._job.cancel()
                 f._job = None
-            f._engine._open.pop(f.uid, None)
-            f._tstate = TaskState.CANCELLED
-            f._spec = f._early = None
-            f._args = f._kwargs = None  # type: ignore[assignment]
-            f._deps = ()
-            if f._engine._subscribers:
-                f._engine._emit(EventKind.CANCELLED, f)
+            self._settle(f, TaskState.CANCELLED, EventKind.CANCELLED)
             _future_cancel(f, msg)
             if f._dependents:
                 stack.extend(f._dependents)
