@@ -17,13 +17,7 @@ from asyncflow.bench import _finish
 from asyncflow.bench.raw import Raw
 from asyncflow.bench.rawrp import by_value
 from asyncflow.bench.report import cross_check, markdown, summarise, targets
-from asyncflow.bench.workloads import (
-    WORKLOADS,
-    expected,
-    nap,
-    sizes_for,
-    task_count,
-)
+from asyncflow.bench.workloads import WORKLOADS, nap
 
 
 class InlineRaw(Raw):
@@ -39,7 +33,7 @@ class InlineRaw(Raw):
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
 @pytest.mark.parametrize("n", [1, 7, 33])
 def test_expected_is_what_the_workload_computes(workload: str, n: int) -> None:
-    assert WORKLOADS[workload][1](InlineRaw(), n) == expected(workload, n)
+    assert WORKLOADS[workload].raw(InlineRaw(), n) == WORKLOADS[workload].expected(n)
 
 
 def run(backend: str, side: str, workload: str, size: int, **kw: Any) -> dict[str, Any]:
@@ -51,8 +45,8 @@ def run(backend: str, side: str, workload: str, size: int, **kw: Any) -> dict[st
         "size": size,
         "repeat": 0,
         "seconds": 1.0,
-        "tasks": task_count(workload, size),
-        "result": expected(workload, size),
+        "tasks": WORKLOADS[workload].tasks(size),
+        "result": WORKLOADS[workload].expected(size),
         "load": 0.5,
     }
     rec.update(kw)
@@ -109,14 +103,15 @@ def test_targets_threads_have_their_own_goal() -> None:
 
 
 def test_sizes_are_capped_and_fixed_counts_run_once() -> None:
-    assert sizes_for("dask", "fanout", [1000, 10000], False) == ([1000, 10000], None)
-    assert sizes_for("dask", "sleep", [1000, 10000], False) == ([1000], None)
-    sizes, why = sizes_for("radical", "chain", [1000, 10000], False)
+    fanout, chain, sleep = (WORKLOADS[w] for w in ("fanout", "chain", "sleep"))
+    assert fanout.sizes_for("dask", [1000, 10000], False) == ([1000, 10000], None)
+    assert sleep.sizes_for("dask", [1000, 10000], False) == ([1000], None)
+    sizes, why = chain.sizes_for("radical", [1000, 10000], False)
     assert sizes == [5, 50] and why and "10 tasks/s" in why  # growth still shows
-    assert sizes_for("radical", "chain", [1000], False)[0] == [50]
-    assert sizes_for("radical", "chain", [10, 1000], False)[0] == [10, 50]
-    assert sizes_for("radical", "fanout", [100], True)[0] == [12]
-    sizes, why = sizes_for("radical", "mapreduce", [1000, 10000], False)
+    assert chain.sizes_for("radical", [1000], False)[0] == [50]
+    assert chain.sizes_for("radical", [10, 1000], False)[0] == [10, 50]
+    assert fanout.sizes_for("radical", [100], True)[0] == [12]
+    sizes, why = WORKLOADS["mapreduce"].sizes_for("radical", [1000, 10000], False)
     assert sizes == [8] and why and "large_payloads" in why  # 0 maps: one size
 
 
@@ -150,7 +145,7 @@ def test_finish_fails_loudly_on_a_wrong_answer(
     assert data["startup"] == [{"backend": "threads", "side": "raw", "startup_s": 0.1}]
     md = (tmp_path / "bench.md").read_text()
     assert "| threads | fanout | 10 |" in md
-    recs[2]["result"] = expected("fanout", 10)
+    recs[2]["result"] = WORKLOADS["fanout"].expected(10)
     assert _finish(tmp_path, meta, recs, [], [], console) == 0
     assert _finish(tmp_path, meta, recs, [], ["ray: exited 1"], console) == 1
 

@@ -40,7 +40,7 @@ from .report import (
     targets,
     write_files,
 )
-from .workloads import WORKLOADS, sizes_for
+from .workloads import WORKLOADS
 
 __all__ = ["main"]
 
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs[name] = 0
         capped: dict[str, list[str]] = {}
         for w in workloads:
-            these, why = sizes_for(name, w, sizes, ns.quick)
+            these, why = WORKLOADS[w].sizes_for(name, sizes, ns.quick)
             runs[name] += 2 * len(these) * ns.repeat
             if why:
                 capped.setdefault(why, []).append(f"{w} at {max(these)}")

@@ -26,7 +26,7 @@ from typing import Any
 from ..engine import WorkflowEngine
 from ..registry import load_backend
 from .raw import make_raw
-from .workloads import WARMUP, WORKLOADS, ident, sizes_for, task_count
+from .workloads import WARMUP, WORKLOADS, ident
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "threads": {"max_workers": 2},
@@ -56,7 +56,9 @@ class Plan:
         self.hpc: dict[str, Any] | None = spec.get("hpc")  # the page's allocation
         self.cases: list[tuple[str, int]] = []
         for workload in spec["workloads"]:
-            sizes, _ = sizes_for(self.backend, workload, spec["sizes"], self.quick)
+            sizes, _ = WORKLOADS[workload].sizes_for(
+                self.backend, spec["sizes"], self.quick
+            )
             self.cases += [(workload, n) for n in sizes]
 
 
@@ -94,7 +96,7 @@ def measure(
                     # every thread of this driver process: what the front end
                     # costs, and less skewed by other users' load than seconds
                     cpu_s=time.process_time() - c0,
-                    tasks=task_count(workload, n),
+                    tasks=WORKLOADS[workload].tasks(n),
                     result=result,
                     load=os.getloadavg()[0],
                 )
@@ -138,7 +140,7 @@ async def run_asyncflow(plan: Plan) -> None:
 
         def run(workload: str, n: int) -> Any:
             fut = asyncio.run_coroutine_threadsafe(
-                WORKLOADS[workload][0](flow, n), loop
+                WORKLOADS[workload].asyncflow(flow, n), loop
             )
             return fut.result()
 
@@ -195,7 +197,7 @@ def run_raw(plan: Plan) -> None:
         raw.gather([raw.submit(ident, 0)])  # first result: the runtime is up
         emit(kind="startup", side="raw", seconds=time.perf_counter() - t0, api=raw.name)
         with profiled(plan, "raw"):
-            measure("raw", plan, lambda w, n: WORKLOADS[w][1](raw, n), raw.skip)
+            measure("raw", plan, lambda w, n: WORKLOADS[w].raw(raw, n), raw.skip)
     finally:
         t0 = time.perf_counter()
         raw.shutdown()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import ADAPTERS
-from .workloads import SLEEP, expected
+from .workloads import SLEEP, WORKLOADS
 
 #: the issue's figures: asyncflow throughput / raw, at least (threads: 1/3)
 THROUGHPUT_GOAL, THREADS_GOAL = 0.9, 1 / 3
@@ -116,7 +116,7 @@ def cross_check(records: list[dict[str, Any]]) -> list[str]:
         who = f"{r['backend']}/{r['side']}"
         got = json.dumps(r["result"])
         answers[(r["workload"], r["size"])][got].add(who)
-        want = json.dumps(expected(r["workload"], r["size"]))
+        want = json.dumps(WORKLOADS[r["workload"]].expected(r["size"]))
         if got != want:
             problems.append(
                 f"{r['workload']} size {r['size']}: {who} returned {got} "

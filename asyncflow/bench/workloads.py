@@ -1,17 +1,21 @@
 """The benchmark workloads, each written once for asyncflow and once for a raw
 runtime's own API, so the two sides do exactly the same work.
 
-Task bodies live at module level so every runtime ships them by reference, and
-import what they need inside the body so a runtime that ships them by value
-(raw radical.pilot, see :mod:`.rawrp`) can run them too.  :func:`expected` gives
-each workload's answer from first principles: the cross-check compares every
-run, on both sides and every backend, with it.
+Each workload is one :class:`Workload` record in :data:`WORKLOADS`: its two
+sides, its task count and answer, and the backends that cannot run it at full
+size.  Task bodies live at module level so every runtime ships them by
+reference, and import what they need inside the body so a runtime that ships
+them by value (raw radical.pilot, see :mod:`.rawrp`) can run them too.  A
+workload's ``expected`` answer is worked out from first principles, without
+running tasks: the cross-check compares every run, on both sides and every
+backend, with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import WorkflowEngine
@@ -66,35 +70,14 @@ def run_true() -> str:
     ).stdout
 
 
-def task_count(workload: str, n: int) -> int:
-    return {
-        "fanout": n,
-        "chain": n,
-        "diamond": 4 * max(1, n // 4),
-        "mapreduce": min(n, MAPS) + 1,
-        "sleep": min(n, NAPS),
-        "exec": min(n, EXECS),
-    }[workload]
+def diamonds(n: int) -> int:
+    """A diamond is four tasks: size ``n`` runs a quarter as many, at least one."""
+    return max(1, n // 4)
 
 
-def expected(workload: str, n: int) -> Any:
-    """The answer every backend must give, worked out without running tasks."""
-    if workload == "fanout":
-        return n * (n - 1) // 2
-    if workload == "chain":
-        return n
-    if workload == "diamond":
-        k = max(1, n // 4)
-        return k * (k - 1) + 2 * k  # sum of (i + 1) + (i + 1)
-    if workload == "mapreduce":
-        m = min(n, MAPS)
-        return float(ARRAY_ITEMS * m * (m - 1) // 2)
-    if workload == "sleep":
-        m = min(n, NAPS)
-        return m * (m - 1) // 2
-    if workload == "exec":
-        return min(n, EXECS)
-    raise KeyError(workload)
+def triangle(m: int) -> int:
+    """0 + 1 + ... + (m - 1): the sum of the task indices of an ``m``-task run."""
+    return m * (m - 1) // 2
 
 
 # -- asyncflow side -------------------------------------------------------------
@@ -118,7 +101,7 @@ async def af_diamond(flow: WorkflowEngine, n: int) -> Any:
         flow.function_task(add),
     )
     bottoms = []
-    for i in range(max(1, n // 4)):
+    for i in range(diamonds(n)):
         top = i_(i)
         bottoms.append(a_(n_(top), n_(top)))
     return sum(await asyncio.gather(*bottoms))
@@ -156,7 +139,7 @@ def raw_chain(raw: Raw, n: int) -> Any:
 
 
 def raw_diamond(raw: Raw, n: int) -> Any:
-    tops = raw.map(ident, [(i,) for i in range(max(1, n // 4))])
+    tops = raw.map(ident, [(i,) for i in range(diamonds(n))])
     lefts = raw.map(inc, [(t,) for t in tops])
     rights = raw.map(inc, [(t,) for t in tops])
     return sum(raw.gather(raw.map(add, list(zip(lefts, rights, strict=True)))))
@@ -175,55 +158,129 @@ def raw_exec(raw: Raw, n: int) -> Any:
     return len(raw.gather(raw.executables(["/bin/true"], min(n, EXECS), run_true)))
 
 
-WORKLOADS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-    "fanout": (af_fanout, raw_fanout),
-    "chain": (af_chain, raw_chain),
-    "diamond": (af_diamond, raw_diamond),
-    "mapreduce": (af_mapreduce, raw_mapreduce),
-    "sleep": (af_sleep, raw_sleep),
-    "exec": (af_exec, raw_exec),
+@dataclass(frozen=True)
+class Cap:
+    """The largest size one backend runs a workload at (a full run, and
+    ``--quick``), and why: the run notes it wherever it cuts a size."""
+
+    full: int
+    quick: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload: the same work written for asyncflow and for a raw
+    runtime's own API, its task count and right answer at size ``n``, and the
+    backends that cannot run it at full size.  The bench reads nothing else
+    about a workload, so adding one is adding a record."""
+
+    name: str
+    description: str
+    asyncflow: Callable[[WorkflowEngine, int], Coroutine[Any, Any, Any]]
+    raw: Callable[[Raw, int], Any]
+    tasks: Callable[[int], int]
+    expected: Callable[[int], Any]
+    caps: Mapping[str, Cap] = field(default_factory=dict)
+
+    def sizes_for(
+        self, backend: str, sizes: list[int], quick: bool
+    ) -> tuple[list[int], str | None]:
+        """The sizes ``backend`` runs this workload at, and why if any were
+        capped.
+
+        A size above the cap runs at the cap instead (once, however many sizes
+        were above it), so every backend reports every workload; where that
+        leaves one size of several, a tenth of the cap joins it, so cost growth
+        still shows.  Sizes that come to the same task count (the fixed-count
+        workloads) run once, at the smallest."""
+        why = None
+        cap = self.caps.get(backend)
+        if cap:
+            most = cap.quick if quick else cap.full
+            if any(self.tasks(n) > self.tasks(most) for n in sizes):
+                why = cap.why
+                counts = {self.tasks(n) for n in sizes}
+                if len(counts) > 1 and all(n >= most for n in sizes):
+                    sizes = [*sizes, max(1, most // 10)]
+            sizes = [min(n, most) for n in sizes]
+        out: dict[int, int] = {}
+        for n in sorted(sizes):
+            out.setdefault(self.tasks(n), n)
+        return sorted(out.values()), why
+
+
+RADICAL_RATE = (
+    "radical.pilot runs about 10 tasks/s on local.localhost and a dependent hop "
+    "takes about 0.25 s"
+)
+RADICAL_PAYLOADS = (
+    "the adapter declares no large_payloads: each 1 MiB array travels inside "
+    "radical.pilot task messages"
+)
+
+
+def _radical(full: int, quick: int, why: str = RADICAL_RATE) -> dict[str, Cap]:
+    return {"radical": Cap(full, quick, why)}
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "fanout",
+            "n independent no-op tasks, every result gathered (fan-out/fan-in)",
+            af_fanout,
+            raw_fanout,
+            tasks=lambda n: n,
+            expected=triangle,
+            caps=_radical(300, 12),
+        ),
+        Workload(
+            "chain",
+            "n tasks, each taking the previous one's result",
+            af_chain,
+            raw_chain,
+            tasks=lambda n: n,
+            expected=lambda n: n,
+            caps=_radical(50, 6),
+        ),
+        Workload(
+            "diamond",
+            "n / 4 diamonds: one task, two tasks on its result, one on both",
+            af_diamond,
+            raw_diamond,
+            tasks=lambda n: 4 * diamonds(n),
+            expected=lambda n: diamonds(n) * (diamonds(n) + 1),
+            caps=_radical(200, 12),
+        ),
+        Workload(
+            "mapreduce",
+            f"up to {MAPS} tasks making 1 MiB numpy arrays, one task summing them",
+            af_mapreduce,
+            raw_mapreduce,
+            tasks=lambda n: min(n, MAPS) + 1,
+            expected=lambda n: float(ARRAY_ITEMS * triangle(min(n, MAPS))),
+            caps=_radical(8, 3, RADICAL_PAYLOADS),
+        ),
+        Workload(
+            "sleep",
+            f"up to {NAPS} independent {SLEEP * 1000:.0f} ms sleeps: makespan "
+            "against the ideal",
+            af_sleep,
+            raw_sleep,
+            tasks=lambda n: min(n, NAPS),
+            expected=lambda n: triangle(min(n, NAPS)),
+            caps=_radical(300, 12),
+        ),
+        Workload(
+            "exec",
+            f"up to {EXECS} runs of /bin/true, output captured",
+            af_exec,
+            raw_exec,
+            tasks=lambda n: min(n, EXECS),
+            expected=lambda n: min(n, EXECS),
+            caps=_radical(300, 12),
+        ),
+    )
 }
-
-#: per-backend caps on a workload's size: (full run, --quick); "*": the rest
-CAPS: dict[str, dict[str, tuple[int, int]]] = {
-    "radical": {
-        "*": (300, 12),
-        "chain": (50, 6),
-        "diamond": (200, 12),
-        "mapreduce": (8, 3),
-    },
-}
-#: why; a (backend, workload) entry overrides the backend's
-WHY: dict[str | tuple[str, str], str] = {
-    "radical": "radical.pilot runs about 10 tasks/s on local.localhost and a "
-    "dependent hop takes about 0.25 s",
-    ("radical", "mapreduce"): "the adapter declares no large_payloads: each "
-    "1 MiB array travels inside radical.pilot task messages",
-}
-
-
-def sizes_for(
-    backend: str, workload: str, sizes: list[int], quick: bool
-) -> tuple[list[int], str | None]:
-    """The sizes ``backend`` runs ``workload`` at, and why if any were capped.
-
-    A size above the cap runs at the cap instead (once, however many sizes were
-    above it), so every backend reports every workload; where that leaves one
-    size of several, a tenth of the cap joins it, so cost growth still shows.
-    Sizes that come to the same task count (the fixed-count workloads) run once,
-    at the smallest."""
-    why = None
-    caps = CAPS.get(backend, {})
-    pair = caps.get(workload) or caps.get("*")
-    if pair:
-        cap = pair[1 if quick else 0]
-        if any(task_count(workload, n) > task_count(workload, cap) for n in sizes):
-            why = WHY.get((backend, workload)) or WHY.get(backend, "")
-            counts = {task_count(workload, n) for n in sizes}
-            if len(counts) > 1 and all(n >= cap for n in sizes):
-                sizes = [*sizes, max(1, cap // 10)]
-        sizes = [min(n, cap) for n in sizes]
-    out: dict[int, int] = {}
-    for n in sorted(sizes):
-        out.setdefault(task_count(workload, n), n)
-    return sorted(out.values()), why
