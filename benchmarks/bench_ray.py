@@ -1,6 +1,6 @@
 """asyncflow on Ray against the raw Ray API, in the same run on the same Ray.
 
-    python ci/bench_ray.py [--sizes 1000 10000] [--chain 200] [--repeat 3]
+    python benchmarks/bench_ray.py [--sizes 1000 10000] [--chain 200] [--repeat 3]
 
 Fan-out: N no-op tasks, all results awaited (raw: ``ray.get([f.remote() ...])``).
 Chain: each task takes the previous result.  Raw Ray is measured twice: chained

@@ -18,7 +18,7 @@ two sides so that load drifting on a shared machine hits both.  Median of N:
 * the 200 MB hand-off: the driver's peak RSS (a fresh process, owned cluster)
   while a 200 MB value goes from one task to the next.
 
-Run: ``python ci/bench_dask.py [--sizes 1000,10000] [--repeat 3]``.
+Run: ``python benchmarks/bench_dask.py [--sizes 1000,10000] [--repeat 3]``.
 """
 
 from __future__ import annotations

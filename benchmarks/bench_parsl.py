@@ -9,8 +9,8 @@ first, so drift on a busy machine hits both alike.  Median of ``--repeat`` runs:
   wanted).  Raw Parsl chains the idiomatic way, passing each AppFuture to the
   next app call so the DFK resolves the dependency.
 
-    python ci/bench_parsl.py                      # HTEX, 1k and 10k, chain 200
-    python ci/bench_parsl.py --executor threads   # Parsl's ThreadPoolExecutor
+    python benchmarks/bench_parsl.py                     # HTEX, 1k and 10k, chain 200
+    python benchmarks/bench_parsl.py --executor threads  # Parsl's ThreadPoolExecutor
 """
 
 from __future__ import annotations

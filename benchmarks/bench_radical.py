@@ -17,7 +17,7 @@ better for asyncflow).
 radical.pilot manages 5-30 tasks/s here, so the default sizes are the issue's
 (1,000) rather than the other runtimes' 10,000; ``--big`` adds 10k fan-outs.
 
-    .venv/bin/python ci/bench_radical.py [--n 1000] [--rounds 4] [--chain 50]
+    .venv/bin/python benchmarks/bench_radical.py [--n 1000] [--rounds 4] [--chain 50]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ than the whole matrix (an hour on this machine).  Their ``run`` records replace
 the published ones, and a note in ``meta.notes`` says which rows came from which
 run, with its date, load and command, so the table never mixes runs silently.
 
-    python ci/bench_merge.py NEW_DIR "why it was re-measured" [--out docs/bench]
+    python benchmarks/bench_merge.py NEW_DIR "why it was re-measured" [--out docs/bench]
 """
 
 from __future__ import annotations
