@@ -536,7 +536,7 @@ def test_listeners_of_the_pilot(radical_runtime: RadicalRuntime) -> None:
     print(f"listening addresses of the pilot's processes: {sorted(addrs)}")
     assert addrs - {"127.0.0.1", "::1"}, (
         "radical.pilot now listens on loopback only: update the security notes "
-        "in ci/notes/radical.md and the README"
+        "in docs/notes/radical.md and the README"
     )
 
 
