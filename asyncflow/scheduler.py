@@ -106,40 +106,50 @@ class Scheduler:
         if self._subscribers:
             deps = (*found, *linked) if linked else found
             self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
-        if args or kwargs:
-            waiting: list[TaskFuture] | None = None
-            for dep in [*found, *linked] if linked else found:
-                state = dep._tstate
-                if state is TaskState.DONE:
-                    continue
-                if state is TaskState.FAILED:
-                    self._fail_dependents(dep, [fut])
-                    return fut
-                if state is TaskState.CANCELLED:
-                    self._cancel(fut, None)
-                    return fut
-                if waiting is None:
-                    waiting = [dep]
-                else:
-                    waiting.append(dep)
-            if waiting is not None:
-                for dep in waiting:
-                    if dep._dependents is None:
-                        dep._dependents = [fut]
-                    else:
-                        dep._dependents.append(fut)
-                if not linked and self._can_pipe(decl, waiting):
-                    # Hand it to the runtime now, naming the running upstreams:
-                    # the runtime starts it the moment they finish, without a
-                    # round trip through this loop (see Capability.PIPELINE).
-                    fut._after = len(waiting)
-                else:
-                    fut._pending = len(waiting)
-                    if self._subscribers:
-                        self._emit(EventKind.WAITING, fut)
-                    return fut
+        if (args or kwargs) and not self._wait_for(
+            fut, [*found, *linked] if linked else found, piping=not linked
+        ):
+            return fut
         self._ready(fut)
         return fut
+
+    def _wait_for(
+        self, fut: TaskFuture, deps: Sequence[TaskFuture], piping: bool
+    ) -> bool:
+        """Tie a new task to its unfinished dependencies; whether it is to be
+        handed over now (none left to wait for, or piped behind them)."""
+        waiting: list[TaskFuture] | None = None
+        for dep in deps:
+            state = dep._tstate
+            if state is TaskState.DONE:
+                continue
+            if state is TaskState.FAILED:
+                self._fail_dependents(dep, [fut])
+                return False
+            if state is TaskState.CANCELLED:
+                self._cancel(fut, None)
+                return False
+            if waiting is None:
+                waiting = [dep]
+            else:
+                waiting.append(dep)
+        if waiting is None:
+            return True
+        for dep in waiting:
+            if dep._dependents is None:
+                dep._dependents = [fut]
+            else:
+                dep._dependents.append(fut)
+        if piping and self._can_pipe(fut._decl, waiting):
+            # Hand it to the runtime now, naming the running upstreams: the
+            # runtime starts it the moment they finish, without a round trip
+            # through this loop (see Capability.PIPELINE).
+            fut._after = len(waiting)
+            return True
+        fut._pending = len(waiting)
+        if self._subscribers:
+            self._emit(EventKind.WAITING, fut)
+        return False
 
     def _dep_done(self, fut: TaskFuture) -> None:
         if fut._after:
@@ -500,7 +510,9 @@ class Scheduler:
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
             spec = dep._spec  # set: a piped dependent, already in its runtime
-            if spec is not None and dep._engine._inflight.pop(spec.uid, None):
+            inflight = dep._engine._inflight
+            if spec is not None and spec.uid in inflight:
+                del inflight[spec.uid]
                 self._backend_cancel(dep._backend, [spec.uid])
             if dep._job is not None:
                 dep._job.cancel()

@@ -154,6 +154,27 @@ class BackendFixtures(Bounds):
 Scenario = Callable[..., Coroutine[Any, Any, None]]
 
 
+async def _run(
+    fn: Scenario,
+    fixtures: BackendFixtures,
+    backend: ExecutionBackend,
+    bare: bool,
+    limit: float,
+    kwargs: dict[str, Any],
+) -> None:
+    """One scenario on a fresh engine (or on the bare backend), which is always
+    shut down, and whose adapter must have reported each task once."""
+    if bare:
+        await asyncio.wait_for(fn(fixtures, backend, **kwargs), limit)
+        return
+    flow = _CheckedEngine(backend=backend)
+    try:
+        await asyncio.wait_for(fn(fixtures, flow, **kwargs), limit)
+    finally:
+        await asyncio.wait_for(flow.shutdown(), 60)
+    assert_reported_once(flow)
+
+
 def scenario(
     *requires: Capability, timeout: float | None = None
 ) -> Callable[[Scenario], Callable[..., None]]:
@@ -186,19 +207,7 @@ def scenario(
                         f"{info.name}: {info.capabilities.why_not(cap)}"
                     )
             limit = timeout or self.scenario_timeout
-
-            async def main() -> None:
-                if bare:
-                    await asyncio.wait_for(fn(self, backend, **kwargs), limit)
-                    return
-                flow = _CheckedEngine(backend=backend)
-                try:
-                    await asyncio.wait_for(fn(self, flow, **kwargs), limit)
-                finally:
-                    await asyncio.wait_for(flow.shutdown(), 60)
-                assert_reported_once(flow)
-
-            asyncio.run(main())
+            asyncio.run(_run(fn, self, backend, bare, limit, kwargs))
 
         test.__name__ = fn.__name__
         test.__qualname__ = fn.__qualname__
