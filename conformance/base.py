@@ -200,12 +200,15 @@ def scenario(
             request.node.user_properties.append(
                 (USER_PROPERTY, f"{info.name} ({info.runtime} {info.runtime_version})")
             )
-            for cap in requires:
-                if cap not in info.capabilities:
-                    pytest.skip(
-                        f"capability {cap.value!r} not declared by "
-                        f"{info.name}: {info.capabilities.why_not(cap)}"
-                    )
+            missing = [cap for cap in requires if cap not in info.capabilities]
+            if missing:
+                # the backend is the suite's to shut down, run or not (a fixture
+                # may have attached it to a runtime already)
+                asyncio.run(backend.shutdown())
+                pytest.skip(
+                    f"capability {missing[0].value!r} not declared by "
+                    f"{info.name}: {info.capabilities.why_not(missing[0])}"
+                )
             limit = timeout or self.scenario_timeout
             asyncio.run(_run(fn, self, backend, bare, limit, kwargs))
 
