@@ -22,6 +22,7 @@ from ...errors import (
     EngineClosedError,
     ResourceUnavailableError,
     SerializationError,
+    TaskDefinitionError,
     UpstreamGone,
 )
 from ...spec import TaskSpec
@@ -115,6 +116,10 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
         for spec, resources in items:
             try:
                 native = (_swap(spec.args, self), _swap(spec.kwargs, self))
+            except TaskDefinitionError as exc:
+                bad = TaskDefinitionError(f"task {spec.name!r}: {exc}")
+                self._sink.set_exception(spec.uid, bad)  # type: ignore[union-attr]
+                continue
             except UpstreamGone as exc:
                 if exc.uid not in queued:
                     self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
@@ -156,7 +161,7 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
             if spec.has_remote_args and native is None:
                 try:
                     a, kw = _swap(a, self), _swap(kw, self)
-                except UpstreamGone as exc:
+                except (UpstreamGone, TaskDefinitionError) as exc:
                     self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
                     return
             fn = _run_function

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dask.sizeof import sizeof
 
-from ...errors import UpstreamGone
+from ...errors import TaskDefinitionError, UpstreamGone
 from ...protocol import RemoteValue, UpstreamRef
 from ...walk import contains, find, replace
 
@@ -51,6 +51,12 @@ def _swap(obj: Any, owner: _DaskBase) -> Any:
             raise UpstreamGone(marker.uid)
         return tracked.future
 
+    for inner in find(obj, frozenset):
+        if contains(tuple(inner), _MARKERS):
+            raise TaskDefinitionError(
+                "Dask does not look inside a frozenset for the results it must "
+                "pass; put them in a tuple, list or set instead"
+            )
     return replace(obj, _MARKERS, native)
 
 

@@ -31,6 +31,7 @@ from asyncflow import (
     BackendStartError,
     Capability,
     ResourceUnavailableError,
+    TaskDefinitionError,
     TaskState,
     WorkerLostError,
     WorkflowEngine,
@@ -454,3 +455,20 @@ def test_no_thread_per_task(dask_cluster: LocalCluster) -> None:
 
     before = threading.active_count()
     assert asyncio.run(main()) <= before + 4
+
+
+@pytest.mark.timeout(120)
+def test_a_result_inside_a_frozenset_is_refused_clearly() -> None:
+    """Dask passes its futures through frozensets unresolved, which would hand
+    the task a Future for a value: the adapter refuses, naming the task."""
+
+    async def main() -> None:
+        backend = DaskExecutionBackend(
+            n_workers=1, threads_per_worker=1, processes=False
+        )
+        async with WorkflowEngine(backend) as flow:
+            inc, pack = flow.function_task(t.inc), flow.function_task(t.pack)
+            with pytest.raises(TaskDefinitionError, match="'pack'.*frozenset"):
+                await pack(frozenset([inc(1)]))
+
+    asyncio.run(main())
