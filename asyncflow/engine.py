@@ -126,18 +126,23 @@ def _check_service(name: str, kind: TaskKind, backend: Any) -> None:
         raise TaskDefinitionError(
             f"block {name!r}: service=True is for function and executable tasks"
         )
-    need = (
-        Capability.CANCEL_RUNNING
-        if kind is TaskKind.FUNCTION
-        else Capability.KILL_EXECUTABLES
+    function = kind is TaskKind.FUNCTION
+    need = Capability.CANCEL_RUNNING if function else Capability.KILL_EXECUTABLES
+    _require(
+        backend,
+        need,
+        f"service task {name!r}: backend {backend.info.name!r} could not stop it "
+        "at shutdown ({why}); run it on a backend with "
+        f"{need.value!r}, or make it an executable task",
     )
+
+
+def _require(backend: ExecutionBackend, need: Capability, message: str) -> None:
+    """Refuse a declaration ``backend`` cannot honour; ``message`` may quote
+    the backend's reason as ``{why}``."""
     caps = backend.info.capabilities
     if need not in caps:
-        raise TaskDefinitionError(
-            f"service task {name!r}: backend {backend.info.name!r} could not stop "
-            f"it at shutdown ({caps.why_not(need)}); run it on a backend with "
-            f"{need.value!r}, or make it an executable task"
-        )
+        raise TaskDefinitionError(message.replace("{why}", caps.why_not(need)))
 
 
 class WorkflowEngine(Scheduler):
@@ -270,18 +275,14 @@ class WorkflowEngine(Scheduler):
                 name, **translate(description, name, backend, opts)
             )
             if backend is not None:
-                need = (
-                    Capability.FUNCTIONS
-                    if kind is TaskKind.FUNCTION
-                    else Capability.EXECUTABLES
+                function = kind is TaskKind.FUNCTION
+                _require(
+                    backend,
+                    Capability.FUNCTIONS if function else Capability.EXECUTABLES,
+                    f"task {name!r}: backend {backend.info.name!r} cannot run "
+                    f"{kind.value} tasks ({{why}}); route it to another backend "
+                    "with backend=...",
                 )
-                caps = backend.info.capabilities
-                if need not in caps:
-                    raise TaskDefinitionError(
-                        f"task {name!r}: backend {backend.info.name!r} cannot run "
-                        f"{kind.value} tasks ({caps.why_not(need)}); route it to "
-                        "another backend with backend=..."
-                    )
             if options.service:
                 _check_service(name, kind, backend)
             decl = TaskDecl(self, f, kind, options, backend)
