@@ -97,9 +97,8 @@ class FileLinks:
     def link(
         self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[Any]:
-        """Note ``task``'s outputs; return the writers of its inputs."""
-        if not File.declared:
-            return []
+        """Note ``task``'s outputs; return the writers of its inputs (the
+        engine calls it only once some file was declared)."""
         reads: list[str] = []
         writes: list[str] = []
         for f in find((args, kwargs), _FILES):

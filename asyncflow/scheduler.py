@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .data import File
 from .errors import (
     DependencyFailureError,
     ResourceUnavailableError,
@@ -101,7 +102,7 @@ class Scheduler:
         if args or kwargs:
             found = fut._deps = collect_futures(args, kwargs)
             files = self._files
-            if files is not None:
+            if files is not None and File.declared:  # no call until a file exists
                 linked = files.link(fut, args, kwargs)
         if self._subscribers:
             deps = (*found, *linked) if linked else found
