@@ -87,7 +87,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         # with no engine left open, there is nothing to shut down: exit now, as
         # Python's default would, rather than raise an exception that a gc
         # callback or __del__ could swallow.
-        if not any(not engine._closed for engine in engines):
+        if not any(not engine.closed for engine in engines):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(_signals.EXIT_CODE)

@@ -1,14 +1,17 @@
 """The workflow engine: decorators, backends, start-up, observability, shutdown.
 
-The DAG machinery it runs on lives in :mod:`asyncflow.scheduler`.
+The engine composes the parts that run the DAG, which share one
+:class:`~asyncflow.state.EngineState`: the :class:`~asyncflow.scheduler.Scheduler`
+(dependencies, completion, failure, cancellation), its
+:class:`~asyncflow.dispatch.Dispatch` (work handed to backends), the
+:class:`~asyncflow.sink.Sink` (reports coming back) and the
+:class:`~asyncflow.services.Services`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
-import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
@@ -22,11 +25,11 @@ from .errors import (
     TaskDefinitionError,
 )
 from .events import EventStream, Subscriber, TraceRecorder
-from .future import TaskFuture, TaskState
 from .protocol import Capability, ExecutionBackend
-from .scheduler import Scheduler, _Sink
+from .scheduler import Scheduler
 from .services import Services
-from .spec import TaskSpec
+from .sink import Sink
+from .state import EngineState, EventHub
 from .tasks import TaskDecl, TaskKind, TaskOptions
 
 __all__ = ["WorkflowEngine"]
@@ -145,7 +148,7 @@ def _require(backend: ExecutionBackend, need: Capability, message: str) -> None:
         raise TaskDefinitionError(message.replace("{why}", caps.why_not(need)))
 
 
-class WorkflowEngine(Scheduler):
+class WorkflowEngine:
     """Runs decorated tasks on backends, wiring futures into a DAG.
 
     ``backend`` is one backend, a ``{name: backend}`` dict (the first is the
@@ -176,8 +179,6 @@ class WorkflowEngine(Scheduler):
         backends = _named_backends(backend, dry_run)
         self.dry_run = dry_run
         self.implicit_data = implicit_data
-        self._files = FileLinks() if implicit_data else None
-        self._services = Services(self)
         for name, b in backends.items():
             gaps = _protocol_gaps(b)
             if gaps:
@@ -189,26 +190,19 @@ class WorkflowEngine(Scheduler):
                 )
         self._backends: dict[str, ExecutionBackend] = backends
         self._default = next(iter(backends))
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sink: _Sink | None = None
-        self._inflight: dict[str, TaskFuture] = {}  # spec uid -> future
-        self._open: dict[str, TaskFuture] = {}  # every unfinished task
-        self._queues: dict[int, list[TaskSpec]] = {}
-        self._started: dict[int, ExecutionBackend] = {}
+        named = isinstance(backend, Mapping | list | tuple) or dry_run
+        hub = EventHub(
+            {id(b): (name if named else b.info.name) for name, b in backends.items()}
+        )
+        state = self._state = EngineState(hub, FileLinks() if implicit_data else None)
+        #: the DAG machinery; task calls go straight to it
+        self.scheduler = Scheduler(state, self._bind)
+        state.services = Services(state, self.scheduler)
+        self._sink: Sink | None = None
         self._starting: dict[int, asyncio.Task[None]] = {}
-        self._flush_scheduled = False
-        self._counter = itertools.count(1)
-        self._pipes = {}
-        self._replay = collections.deque()
-        self._closed = False
         self._shutdown_task: asyncio.Future[None] | None = None
         self._guard: asyncio.Task[None] | None = None
-        self._subscribers: list[Subscriber] = []
         self._recorder: TraceRecorder | None = None
-        named = isinstance(backend, Mapping | list | tuple) or dry_run
-        self._labels = {
-            id(b): (name if named else b.info.name) for name, b in backends.items()
-        }
         for hook in creation_hooks:
             hook(self)
 
@@ -237,6 +231,11 @@ class WorkflowEngine(Scheduler):
     @property
     def backends(self) -> dict[str, ExecutionBackend]:
         return dict(self._backends)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` was called."""
+        return self._state.closed
 
     # -- decorators ------------------------------------------------------------
     @overload
@@ -310,26 +309,27 @@ class WorkflowEngine(Scheduler):
 
     # -- loop binding and backend start ---------------------------------------
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._closed:
+        state = self._state
+        if state.closed:
             raise EngineClosedError(
                 "this WorkflowEngine was shut down; create a new one to run more tasks"
             )
-        if self._loop is loop:
+        if state.loop is loop:
             return
-        if self._loop is not None and not self._loop.is_closed():
+        if state.loop is not None and not state.loop.is_closed():
             raise AsyncflowError(
                 "this WorkflowEngine belongs to another event loop; call tasks from "
                 "the loop that runs it (from another thread use "
                 "asyncio.run_coroutine_threadsafe)"
             )
-        self._loop = loop
-        self._sink = _Sink(self, loop)
+        state.loop = loop
+        self._sink = Sink(self.scheduler, state, loop)
         self._guard = loop.create_task(self._shut_down_with_loop())
         _signals.watch(loop)
         for backend in self._backends.values():
             key = id(backend)
             if key not in self._starting:
-                self._queues[key] = []
+                state.queues[key] = []
                 self._starting[key] = loop.create_task(self._start_backend(backend))
 
     async def _shut_down_with_loop(self) -> None:
@@ -339,41 +339,33 @@ class WorkflowEngine(Scheduler):
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             self._guard = None  # shutdown() must not cancel the task running it
-            if not self._closed:
+            if not self._state.closed:
                 await self.shutdown()
             raise
 
     async def _start_backend(self, backend: ExecutionBackend) -> None:
         assert self._sink is not None
+        queues = self._state.queues
         try:
             await backend.start(self._sink)
         except BaseException as exc:
-            queued, self._queues[id(backend)] = self._queues[id(backend)], []
-            for spec in queued:
-                fut = self._inflight.pop(spec.uid, None)
-                if fut is not None:
-                    self._finish_error(
-                        fut,
-                        exc
-                        if isinstance(exc, Exception)
-                        else AsyncflowError(f"backend start: {exc!r}"),
-                    )
+            queued, queues[id(backend)] = queues[id(backend)], []
+            self.scheduler.dispatch.fail_queued(
+                queued,
+                exc
+                if isinstance(exc, Exception)
+                else AsyncflowError(f"backend start: {exc!r}"),
+            )
             raise
-        self._started[id(backend)] = backend
-        if self._queues[id(backend)]:
-            self._schedule_flush()
+        self._state.started[id(backend)] = backend
+        if queues[id(backend)]:
+            self.scheduler.dispatch.schedule_flush()
 
     # -- observability ----------------------------------------------------------
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback(TaskEvent)`` on every task state change, on the loop
         thread.  Returns a function that unsubscribes."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._state.hub.subscribe(callback)
 
     def events(self) -> EventStream:
         """An async iterator of every event from now on."""
@@ -420,24 +412,20 @@ class WorkflowEngine(Scheduler):
         ``skip_execution_backend=True`` leaves the backends running, for the
         caller to shut down or hand to another engine."""
         if self._shutdown_task is None:
-            self._closed = True
+            self._state.closed = True
             self._shutdown_task = asyncio.ensure_future(
                 self._shutdown(skip_execution_backend)
             )
         await asyncio.shield(self._shutdown_task)
 
     async def _shutdown(self, skip_backends: bool) -> None:
-        to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
-        for fut in list(self._open.values()):
-            if fut._tstate in (TaskState.SUBMITTED, TaskState.RUNNING) and fut._spec:
-                entry = to_backend.setdefault(id(fut._backend), (fut._backend, []))
-                entry[1].append(fut._spec.uid)
-            self._cancel(fut, "engine shut down", notify=False)
-        for key, (backend, uids) in self._services.stop_all().items():
+        state = self._state
+        to_backend = self.scheduler.cancel_all("engine shut down")
+        for key, (backend, uids) in state.services.stop_all().items():
             to_backend.setdefault(key, (backend, []))[1].extend(uids)
         for backend, uids in to_backend.values():
-            if id(backend) in self._started:
-                self._backend_cancel(backend, uids)
+            if id(backend) in state.started:
+                self.scheduler.dispatch.cancel_in(backend, uids)
         for task in self._starting.values():
             if not task.done():
                 task.cancel()

@@ -50,11 +50,11 @@ class TaskFuture(asyncio.Future):
         "_dependents",
         "_deps",
         "_early",
-        "_engine",
         "_job",
         "_kwargs",
         "_pending",
         "_remote",
+        "_scheduler",
         "_spec",
         "_timer",
         "_tstate",
@@ -64,13 +64,13 @@ class TaskFuture(asyncio.Future):
 
     def __init__(
         self,
-        engine: Scheduler,
+        scheduler: Scheduler,
         decl: TaskDecl,
         uid: str,
         loop: asyncio.AbstractEventLoop,
     ):
         super().__init__(loop=loop)
-        self._engine = engine
+        self._scheduler = scheduler
         self._decl = decl
         self.uid = uid
         self.name = decl.name
@@ -103,12 +103,12 @@ class TaskFuture(asyncio.Future):
         every task that depends on it."""
         if self._tstate in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED):
             return False
-        return self._engine._cancel(self, msg)
+        return self._scheduler.cancel(self, msg)
 
     # -- lazy remote values -------------------------------------------------
     def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
         if self._remote is not None:
-            self._engine._fetch(self)
+            self._scheduler.fetch(self)
         super().add_done_callback(fn, context=context)
 
     def result(self) -> Any:

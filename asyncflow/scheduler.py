@@ -1,42 +1,34 @@
 """The DAG machinery under :class:`~asyncflow.WorkflowEngine`.
 
 Nothing here polls.  A task's future carries the list of its waiting dependents;
-when a backend reports a completion (through :class:`_Sink`, from any thread,
-batched onto the loop), that list is walked and every dependent whose last
-dependency just finished is queued.  Everything queued in one loop turn goes to
-its backend in one ``submit`` call.  Failures and cancellations walk the same
-lists, transitively and at once.
+when a backend reports a completion (through the :class:`~asyncflow.sink.Sink`,
+from any thread, batched onto the loop), that list is walked and every
+dependent whose last dependency just finished is handed to
+:class:`~asyncflow.dispatch.Dispatch`.  Failures and cancellations walk the
+same lists, transitively and at once.
+
+The futures' underscore slots are this module's node records: the scheduler
+writes them, and its collaborators in the engine read them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .data import File
-from .errors import (
-    DependencyFailureError,
-    ResourceUnavailableError,
-    SerializationError,
-    TaskDefinitionError,
-    TaskTimeoutError,
-    UpstreamGone,
-)
-from .events import EventKind, Subscriber, TaskEvent
+from .dispatch import NOT_RETRIED, Dispatch
+from .errors import DependencyFailureError, TaskDefinitionError, UpstreamGone
+from .events import EventKind
 from .future import TaskFuture, TaskState
 from .protocol import Capability, ExecutionBackend, RemoteValue, UpstreamRef
-from .sink import _Sink
-from .spec import Command, TaskSpec
+from .state import EngineState
 from .tasks import TaskDecl, TaskKind, collect_futures, substitute
-
-if TYPE_CHECKING:
-    from .data import FileLinks
-    from .services import Services
 
 __all__ = ["Scheduler"]
 
@@ -44,13 +36,6 @@ log = logging.getLogger("asyncflow")
 
 _FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 _LIVE = (TaskState.SUBMITTED, TaskState.RUNNING)
-# Errors that will fail the same way every time: retrying them only wastes time.
-_NOT_RETRIED = (
-    TaskDefinitionError,
-    SerializationError,
-    ResourceUnavailableError,
-    DependencyFailureError,
-)
 _set_result = asyncio.Future.set_result
 _set_exception = asyncio.Future.set_exception
 _future_cancel = asyncio.Future.cancel
@@ -58,29 +43,27 @@ _future_result = asyncio.Future.result
 
 
 class Scheduler:
-    """Task lifecycle: call, wait, ready, submit, complete, fail, cancel."""
+    """Task lifecycle: call, wait, ready, complete, fail, cancel, fetch."""
 
-    _loop: asyncio.AbstractEventLoop | None
-    _sink: _Sink | None
-    _inflight: dict[str, TaskFuture]
-    _open: dict[str, TaskFuture]
-    _queues: dict[int, list[TaskSpec]]
-    _started: dict[int, ExecutionBackend]
-    _flush_scheduled: bool
-    _closed: bool
-    _subscribers: list[Subscriber]
-    _labels: dict[int, str]
-    _files: FileLinks | None  # None: implicit_data=False
-    _services: Services
-    _counter: Iterator[int]
-    _pipes: dict[int, bool]
-    _replay: collections.deque[tuple[TaskFuture, tuple[bool, Any]]]
-
-    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        state: EngineState,
+        bind: Callable[[asyncio.AbstractEventLoop], None],
+    ):
+        self._state = state
+        self._bind = bind  # the engine's: binds it to a loop, starts backends
+        self.dispatch = Dispatch(state, self)
+        self._inflight = state.inflight
+        self._open = state.open
+        self._hub = state.hub
+        self._counter = itertools.count(1)
+        self._pipes: dict[int, bool] = {}
+        self._replay: collections.deque[tuple[TaskFuture, tuple[bool, Any]]] = (
+            collections.deque()
+        )
 
     # -- calling a task --------------------------------------------------------
-    def _call(
+    def call(
         self, decl: TaskDecl, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> TaskFuture:
         try:
@@ -90,7 +73,8 @@ class Scheduler:
                 f"task {decl.name!r} was called outside a running event loop; call "
                 "tasks from async code (inside asyncio.run(...))"
             ) from None
-        if loop is not self._loop or self._closed:
+        state = self._state
+        if loop is not state.loop or state.closed:
             self._bind(loop)
         uid = f"{decl.name}.{next(self._counter):06d}"
         fut = TaskFuture(self, decl, uid, loop)
@@ -101,17 +85,17 @@ class Scheduler:
         linked = None
         if args or kwargs:
             found = fut._deps = collect_futures(args, kwargs)
-            files = self._files
+            files = state.files
             if files is not None and File.declared:  # no call until a file exists
                 linked = files.link(fut, args, kwargs)
-        if self._subscribers:
+        if self._hub.subscribers:
             deps = (*found, *linked) if linked else found
-            self._emit(EventKind.CREATED, fut, tuple(d.uid for d in deps))
+            self._hub.task(EventKind.CREATED, fut, tuple(d.uid for d in deps))
         if (args or kwargs) and not self._wait_for(
             fut, [*found, *linked] if linked else found, piping=not linked
         ):
             return fut
-        self._ready(fut)
+        self.ready(fut)
         return fut
 
     def _wait_for(
@@ -125,10 +109,10 @@ class Scheduler:
             if state is TaskState.DONE:
                 continue
             if state is TaskState.FAILED:
-                self._fail_dependents(dep, [fut])
+                self.fail_dependents(dep, [fut])
                 return False
             if state is TaskState.CANCELLED:
-                self._cancel(fut, None)
+                self.cancel(fut, None)
                 return False
             if waiting is None:
                 waiting = [dep]
@@ -148,17 +132,18 @@ class Scheduler:
             fut._after = len(waiting)
             return True
         fut._pending = len(waiting)
-        if self._subscribers:
-            self._emit(EventKind.WAITING, fut)
+        if self._hub.subscribers:
+            self._hub.task(EventKind.WAITING, fut)
         return False
 
-    def _dep_done(self, fut: TaskFuture) -> None:
+    def dep_done(self, fut: TaskFuture) -> None:
+        """One dependency of ``fut`` finished well."""
         if fut._after:
             self._piped_dep_done(fut)
             return
         fut._pending -= 1
         if fut._pending == 0 and fut._tstate is TaskState.WAITING:
-            self._ready(fut)
+            self.ready(fut)
 
     # -- pipelining -------------------------------------------------------------
     def _can_pipe(self, decl: TaskDecl, deps: list[TaskFuture]) -> bool:
@@ -207,9 +192,9 @@ class Scheduler:
         while replay:
             f, (ok, value) = replay[0]
             if ok:
-                self._finish_ok(f, value)
+                self.finish_ok(f, value)
             else:
-                self._finish_error(f, value)
+                self.finish_error(f, value)
             replay.popleft()
 
     def _unpipe(self, fut: TaskFuture) -> None:
@@ -218,13 +203,12 @@ class Scheduler:
         fut._tstate = TaskState.WAITING
         fut._spec = None
         fut._backend = None
-        self._ready(fut)
+        self.ready(fut)
 
-    def _ready(self, fut: TaskFuture) -> None:
+    def ready(self, fut: TaskFuture) -> None:
         """All dependencies are done: resolve the arguments and start the work."""
         decl = fut._decl
-        kind = decl.kind
-        target = decl.backend if kind is TaskKind.FUNCTION else None
+        target = decl.backend if decl.kind is TaskKind.FUNCTION else None
         args, kwargs = fut._args, fut._kwargs
         remote = False
         if args or kwargs:
@@ -245,36 +229,7 @@ class Scheduler:
         else:
             fut._args = fut._kwargs = None  # type: ignore[assignment]
             fut._deps = ()
-        if kind is TaskKind.FUNCTION:
-            assert target is not None
-            opts = decl.opts
-            spec = TaskSpec(
-                fut.uid,
-                decl.name,
-                decl.fn,
-                None,
-                args,
-                kwargs,
-                opts.resources,
-                opts.timeout,
-                opts.options,
-                0,
-                decl.is_async,
-                remote,
-            )
-            self._submit(fut, target, spec)
-        elif kind is TaskKind.EXECUTABLE:
-            if decl.is_async:
-                fut._job = asyncio.ensure_future(self._run_body(fut, args, kwargs))
-            else:
-                try:
-                    command = decl.fn(*args, **kwargs)
-                except Exception as exc:
-                    self._finish_error(fut, exc, retry=False)
-                    return
-                self._submit_command(fut, command)
-        else:
-            fut._job = asyncio.ensure_future(self._run_block(fut, args, kwargs))
+        self.dispatch.launch(fut, args, kwargs, remote)
 
     async def _fetch_then_ready(self, fut: TaskFuture, deps: list[TaskFuture]) -> None:
         try:
@@ -283,160 +238,27 @@ class Scheduler:
             pass  # a lost upstream value fails this task through the state below
         failed = [d for d in deps if d._tstate is TaskState.FAILED]
         if failed:
-            self._fail_dependents(failed[0], [fut])
+            self.fail_dependents(failed[0], [fut])
         elif fut._tstate is TaskState.WAITING:
-            self._ready(fut)
-
-    async def _run_body(
-        self, fut: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        try:
-            command = await fut._decl.fn(*args, **kwargs)
-        except Exception as exc:
-            self._finish_error(fut, exc, retry=False)
-            return
-        fut._job = None
-        self._submit_command(fut, command)
-
-    def _submit_command(self, fut: TaskFuture, command: Any) -> None:
-        decl = fut._decl
-        opts = decl.opts
-        try:
-            cmd = Command.coerce(command, decl.name, opts.env, opts.cwd)
-        except TaskDefinitionError as exc:
-            self._finish_error(fut, exc, retry=False)
-            return
-        assert decl.backend is not None
-        backend = decl.backend
-        spec = TaskSpec(
-            fut.uid,
-            decl.name,
-            None,
-            cmd,
-            (),
-            {},
-            opts.resources,
-            opts.timeout,
-            opts.options,
-            0,
-        )
-        self._submit(fut, backend, spec)
-
-    async def _run_block(
-        self, fut: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        decl = fut._decl
-        timeout = decl.opts.timeout
-        while True:
-            try:
-                value = decl.fn(*args, **kwargs)
-                if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-                    value = await (
-                        asyncio.wait_for(value, timeout) if timeout else value
-                    )
-            except TimeoutError as exc:
-                err: BaseException = exc
-                if not isinstance(exc, TaskTimeoutError):
-                    err = TaskTimeoutError(
-                        f"block {decl.name!r} exceeded its timeout of {timeout}s"
-                    )
-            except Exception as exc:
-                err = exc
-            else:
-                fut._job = None
-                self._finish_ok(fut, value)
-                return
-            if fut._attempt < decl.opts.retries and not isinstance(err, _NOT_RETRIED):
-                fut._attempt += 1
-                continue
-            fut._job = None
-            self._finish_error(fut, err, retry=False)
-            return
-
-    # -- submission -----------------------------------------------------------
-    def _submit(
-        self, fut: TaskFuture, backend: ExecutionBackend, spec: TaskSpec
-    ) -> None:
-        fut._spec = spec
-        fut._backend = backend
-        fut._tstate = TaskState.SUBMITTED
-        self._inflight[spec.uid] = fut
-        self._queues[id(backend)].append(spec)
-        if not self._flush_scheduled:
-            self._schedule_flush()
-        if self._subscribers:
-            self._emit(EventKind.SUBMITTED, fut)
-        if fut._decl.opts.service:
-            self._services.submitted(fut, backend, spec.uid)
-        if spec.timeout is not None:
-            assert self._loop is not None
-            fut._timer = self._loop.call_later(
-                spec.timeout, self._on_timeout, fut, spec.uid
-            )
-
-    def _schedule_flush(self) -> None:
-        assert self._loop is not None
-        self._flush_scheduled = True
-        self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        inflight = self._inflight
-        for key, backend in self._started.items():
-            batch = self._queues[key]
-            if not batch:
-                continue
-            self._queues[key] = []
-            # A task cancelled (or timed out) since it was queued has left
-            # _inflight; the backend must never see it, or it would run unseen.
-            batch = [spec for spec in batch if spec.uid in inflight]
-            if not batch:
-                continue
-            try:
-                backend.submit(batch)
-            except Exception as exc:
-                log.exception("backend %s failed to accept a batch", backend.info.name)
-                for spec in batch:
-                    fut = self._inflight.pop(spec.uid, None)
-                    if fut is not None:
-                        self._finish_error(fut, exc, retry=False)
-            else:
-                if self._services.live:
-                    self._services.accepted(backend, batch)
-
-    def _on_timeout(self, fut: TaskFuture, spec_uid: str) -> None:
-        fut._timer = None
-        if self._inflight.pop(spec_uid, None) is None:
-            return
-        self._backend_cancel(fut._backend, [spec_uid])
-        timeout = fut._spec.timeout if fut._spec else None
-        self._finish_error(
-            fut,
-            TaskTimeoutError(
-                f"task {fut.name!r} ({fut.uid}) exceeded its timeout of {timeout}s and "
-                "was cancelled; raise timeout= or use retries="
-            ),
-        )
+            self.ready(fut)
 
     # -- completion -------------------------------------------------------------
-    @staticmethod
-    def _settle(fut: TaskFuture, state: TaskState, kind: EventKind) -> None:
+    def _settle(self, fut: TaskFuture, state: TaskState, kind: EventKind) -> None:
         """What every end of a task shares, whichever end it is: no timer, no
         longer open, nothing kept for a run that will not happen, observers
         told.  The future itself is resolved by the caller."""
         if fut._timer is not None:
             fut._timer.cancel()
             fut._timer = None
-        engine = fut._engine
-        engine._open.pop(fut.uid, None)
+        self._open.pop(fut.uid, None)
         fut._tstate = state
         fut._spec = fut._early = None
         fut._args = fut._kwargs = None  # type: ignore[assignment]
         fut._deps = ()
-        if engine._subscribers:
-            engine._emit(kind, fut)
+        if self._hub.subscribers:
+            self._hub.task(kind, fut)
 
-    def _finish_ok(self, fut: TaskFuture, value: Any) -> None:
+    def finish_ok(self, fut: TaskFuture, value: Any) -> None:
         if fut._tstate in _FINAL:
             return
         if fut._after:  # piped, and an upstream's report is still to come
@@ -446,16 +268,16 @@ class Scheduler:
         if isinstance(value, RemoteValue):
             fut._remote = value
             if fut._callbacks:  # somebody already waits: fetch now
-                self._fetch(fut)
+                self.fetch(fut)
         else:
             _set_result(fut, value)
         dependents = fut._dependents
         if dependents is not None:
             fut._dependents = None
             for dep in dependents:
-                dep._engine._dep_done(dep)
+                dep._scheduler.dep_done(dep)
 
-    def _finish_error(
+    def finish_error(
         self, fut: TaskFuture, exc: BaseException, retry: bool = True
     ) -> None:
         if fut._tstate in _FINAL:
@@ -469,32 +291,35 @@ class Scheduler:
         if fut._timer is not None:
             fut._timer.cancel()
             fut._timer = None
-        spec = fut._spec
-        if (
-            retry
-            and spec is not None
-            and fut._attempt < fut._decl.opts.retries
-            and not isinstance(exc, _NOT_RETRIED)
-            and not self._closed
-        ):
-            fut._attempt += 1
-            log.info(
-                "retrying task %s (attempt %d) after %r", fut.uid, fut._attempt + 1, exc
-            )
-            if self._subscribers:
-                self._emit(EventKind.RETRIED, fut)
-            new = replace(spec, uid=f"{fut.uid}.r{fut._attempt}", attempt=fut._attempt)
-            self._submit(fut, fut._backend, new)
+        if retry and self._retry(fut, exc):
             return
         self._settle(fut, TaskState.FAILED, EventKind.FAILED)
         _set_exception(fut, exc)
         if fut._dependents:
-            self._fail_dependents(fut, fut._dependents)
+            self.fail_dependents(fut, fut._dependents)
             fut._dependents = None
 
-    def _fail_dependents(
-        self, failed: TaskFuture, dependents: list[TaskFuture]
-    ) -> None:
+    def _retry(self, fut: TaskFuture, exc: BaseException) -> bool:
+        """Submit ``fut`` again if its ``retries=`` allow; whether it was."""
+        spec = fut._spec
+        if (
+            spec is None
+            or fut._attempt >= fut._decl.opts.retries
+            or isinstance(exc, NOT_RETRIED)
+            or self._state.closed
+        ):
+            return False
+        fut._attempt += 1
+        log.info(
+            "retrying task %s (attempt %d) after %r", fut.uid, fut._attempt + 1, exc
+        )
+        if self._hub.subscribers:
+            self._hub.task(EventKind.RETRIED, fut)
+        new = replace(spec, uid=f"{fut.uid}.r{fut._attempt}", attempt=fut._attempt)
+        self.dispatch.submit(fut, fut._backend, new)
+        return True
+
+    def fail_dependents(self, failed: TaskFuture, dependents: list[TaskFuture]) -> None:
         """Fail every (transitive) dependent at once, naming the failed upstream."""
         failed._log_traceback = False  # reported through the dependents instead
         exc = failed.exception()
@@ -510,23 +335,28 @@ class Scheduler:
                 continue
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
-            spec = dep._spec  # set: a piped dependent, already in its runtime
-            inflight = dep._engine._inflight
-            if spec is not None and spec.uid in inflight:
-                del inflight[spec.uid]
-                self._backend_cancel(dep._backend, [spec.uid])
-            if dep._job is not None:
-                dep._job.cancel()
-                dep._job = None
-            self._settle(dep, TaskState.FAILED, EventKind.FAILED)
+            dep._scheduler._drop(dep)
+            dep._scheduler._settle(dep, TaskState.FAILED, EventKind.FAILED)
             _set_exception(dep, err)
             if dep._dependents:
                 dep._log_traceback = False
                 stack.extend((dep, d) for d in dep._dependents)
                 dep._dependents = None
 
+    def _drop(self, fut: TaskFuture) -> None:
+        """Stop whatever runs for ``fut``: its spec in a runtime (a piped
+        dependent is there already) and its helper coroutine."""
+        spec = fut._spec
+        if spec is not None and self._inflight.pop(spec.uid, None) is not None:
+            Dispatch.cancel_in(fut._backend, [spec.uid])
+        if fut._job is not None:
+            fut._job.cancel()
+            fut._job = None
+
     # -- cancellation ---------------------------------------------------------
-    def _cancel(self, fut: TaskFuture, msg: Any, notify: bool = True) -> bool:
+    def cancel(self, fut: TaskFuture, msg: Any, notify: bool = True) -> bool:
+        """Cancel ``fut`` and its dependents; ``notify=False`` leaves telling
+        the backends to the caller (shutdown batches them)."""
         stack = [fut]
         to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         while stack:
@@ -547,17 +377,23 @@ class Scheduler:
                 f._dependents = None
         if notify:
             for backend, uids in to_backend.values():
-                self._backend_cancel(backend, uids)
+                Dispatch.cancel_in(backend, uids)
         return True
 
-    def _backend_cancel(self, backend: ExecutionBackend, uids: list[str]) -> None:
-        try:
-            backend.cancel(uids)
-        except Exception:
-            log.exception("backend %s failed to cancel %s", backend.info.name, uids)
+    def cancel_all(self, msg: str) -> dict[int, tuple[ExecutionBackend, list[str]]]:
+        """Cancel every unfinished task; the specs each backend holds, for the
+        caller to cancel in one call per backend."""
+        to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
+        for fut in list(self._open.values()):
+            if fut._tstate in _LIVE and fut._spec:
+                entry = to_backend.setdefault(id(fut._backend), (fut._backend, []))
+                entry[1].append(fut._spec.uid)
+            self.cancel(fut, msg, notify=False)
+        return to_backend
 
     # -- remote values ----------------------------------------------------------
-    def _fetch(self, fut: TaskFuture) -> None:
+    def fetch(self, fut: TaskFuture) -> None:
+        """Bring a value a backend kept in its runtime into the driver."""
         if fut._job is None and fut._remote is not None:
             fut._job = asyncio.ensure_future(self._do_fetch(fut))
 
@@ -575,28 +411,6 @@ class Scheduler:
         fut._remote = None
         fut._job = None
         _set_result(fut, value)
-
-    def _emit(
-        self, kind: EventKind, fut: TaskFuture, deps: tuple[str, ...] = ()
-    ) -> None:
-        backend = fut._backend or fut._decl.backend
-        label = self._labels.get(id(backend), "engine") if backend else "engine"
-        self._publish(
-            TaskEvent(time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps)
-        )
-
-    def _emit_backend(self, backend: object, state: str, detail: str) -> None:
-        label = self._labels.get(id(backend), "engine")
-        self._publish(
-            TaskEvent(time.time(), EventKind.BACKEND, "", state, label, 0, (), detail)
-        )
-
-    def _publish(self, event: TaskEvent) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("event subscriber %r failed", callback)
 
 
 def _value_of(fut: TaskFuture) -> Any:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .future import TaskFuture
     from .scheduler import Scheduler
     from .spec import TaskSpec
+    from .state import EngineState
 
 __all__ = ["Service", "Services"]
 
@@ -53,8 +54,9 @@ class Service:
 class Services:
     """One engine's service tasks, by the uid of the spec that runs each."""
 
-    def __init__(self, engine: Scheduler) -> None:
-        self._engine = engine
+    def __init__(self, state: EngineState, scheduler: Scheduler) -> None:
+        self._state = state
+        self._scheduler = scheduler
         self.live: dict[str, tuple[TaskFuture, ExecutionBackend]] = {}
 
     def submitted(self, fut: TaskFuture, backend: ExecutionBackend, uid: str) -> None:
@@ -65,7 +67,7 @@ class Services:
         the backend will say when they start."""
         if Capability.REPORTS_RUNNING in backend.info.capabilities:
             return
-        loop = self._engine._loop
+        loop = self._state.loop
         assert loop is not None
         for spec in specs:
             if spec.uid in self.live:
@@ -74,17 +76,17 @@ class Services:
 
     def up(self, uid: str) -> None:
         entry = self.live.get(uid)
-        if entry is None or entry[0]._tstate not in _LIVE:
+        if entry is None or entry[0].state not in _LIVE:
             return
         fut, backend = entry
-        label = self._engine._labels.get(id(backend), backend.info.name)
-        self._engine._finish_ok(fut, Service(fut.uid, fut.name, label))
+        label = self._state.hub.label(backend, backend.info.name)
+        self._scheduler.finish_ok(fut, Service(fut.uid, fut.name, label))
 
     def ended(self, uid: str, ok: bool, value: Any) -> bool:
         """The runtime reports the end of ``uid``; True when it was a service
         already up, whose future has nothing more to say."""
         entry = self.live.pop(uid, None)
-        if entry is None or entry[0]._tstate in _LIVE:
+        if entry is None or entry[0].state in _LIVE:
             return False
         fut = entry[0]
         if ok:
@@ -96,9 +98,9 @@ class Services:
     def stop_all(self) -> dict[int, tuple[ExecutionBackend, list[str]]]:
         """The services that are up, to cancel in their runtimes at shutdown."""
         out: dict[int, tuple[ExecutionBackend, list[str]]] = {}
-        inflight = self._engine._inflight
+        inflight = self._state.inflight
         for uid, (fut, backend) in list(self.live.items()):
-            if fut._tstate not in _LIVE:
+            if fut.state not in _LIVE:
                 inflight.pop(uid, None)
                 out.setdefault(id(backend), (backend, []))[1].append(uid)
         self.live.clear()

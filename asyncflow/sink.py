@@ -12,17 +12,24 @@ from .future import TaskState
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
+    from .state import EngineState
 
-__all__ = ["_Sink"]
+__all__ = ["Sink"]
 
 
-class _Sink:
+class Sink:
     """Completions from any thread, delivered to the loop in batches."""
 
-    __slots__ = ("_engine", "_loop", "_queue", "_scheduled", "_thread")
+    __slots__ = ("_loop", "_queue", "_scheduled", "_scheduler", "_state", "_thread")
 
-    def __init__(self, engine: Scheduler, loop: asyncio.AbstractEventLoop):
-        self._engine = engine
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        state: EngineState,
+        loop: asyncio.AbstractEventLoop,
+    ):
+        self._scheduler = scheduler
+        self._state = state
         self._loop = loop
         self._queue: deque[tuple[str, int, Any]] = deque()
         self._scheduled = False
@@ -35,13 +42,13 @@ class _Sink:
         self._push((uid, 1, exc))
 
     def set_running(self, uid: str) -> None:
-        engine = self._engine
+        state = self._state
         # only observers and services care; skip the hop otherwise
-        if engine._subscribers or engine._services.live:
+        if state.hub.subscribers or state.services.live:
             self._push((uid, 2, None))
 
     def set_backend_state(self, backend: object, state: str, detail: str) -> None:
-        if self._engine._subscribers:
+        if self._state.hub.subscribers:
             self._push(("", 3, (backend, state, detail)))
 
     def _push(self, item: tuple[str, int, Any]) -> None:
@@ -61,28 +68,29 @@ class _Sink:
         # point schedules another drain, one that appended before is seen below.
         self._scheduled = False
         queue = self._queue
-        inflight = self._engine._inflight
-        engine = self._engine
+        state = self._state
+        inflight, hub, services = state.inflight, state.hub, state.services
+        scheduler = self._scheduler
         while queue:
             uid, kind, value = queue.popleft()
             if kind > 1:  # observers only: results and errors pay one test
                 if kind == 3:
-                    engine._emit_backend(*value)
+                    hub.backend_state(*value)
                     continue
                 fut = inflight.get(uid)
                 if fut is not None and fut._tstate is TaskState.SUBMITTED:
                     fut._tstate = TaskState.RUNNING
-                    if engine._subscribers:
-                        engine._emit(EventKind.RUNNING, fut)
-                if engine._services.live:
-                    engine._services.up(uid)
+                    if hub.subscribers:
+                        hub.task(EventKind.RUNNING, fut)
+                if services.live:
+                    services.up(uid)
                 continue
             fut = inflight.pop(uid, None)
             if fut is None:
                 continue  # cancelled or timed out meanwhile
-            if engine._services.live and engine._services.ended(uid, not kind, value):
+            if services.live and services.ended(uid, not kind, value):
                 continue
             if kind == 0:
-                engine._finish_ok(fut, value)
+                scheduler.finish_ok(fut, value)
             else:
-                engine._finish_error(fut, value)
+                scheduler.finish_error(fut, value)

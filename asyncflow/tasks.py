@@ -110,6 +110,7 @@ class TaskDecl:
                 f"{type(fn).__name__}; decorate a def or async def"
             )
         self.engine = engine
+        self._call = engine.scheduler.call
         self.fn = fn
         self.kind = kind
         self.opts = opts
@@ -125,10 +126,10 @@ class TaskDecl:
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskFuture:
         if "task_description" in kwargs:
-            return self.engine._call(
+            return self._call(
                 self._described(kwargs.pop("task_description")), args, kwargs
             )
-        return self.engine._call(self, args, kwargs)
+        return self._call(self, args, kwargs)
 
     def _described(self, call_description: Any) -> TaskDecl:
         """This task with a call's ``task_description`` over its own."""

@@ -279,7 +279,7 @@ async def test_finished_tasks_are_not_retained() -> None:
         await asyncio.sleep(0)  # let the loop drop its last wake-up handle
         gc.collect()
         assert [r() for r in refs] == [None, None]
-        assert not flow._open and not flow._inflight
+        assert not flow._state.open and not flow._state.inflight
 
 
 # -- remote values: data stays in the runtime until someone awaits it --------------

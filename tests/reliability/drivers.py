@@ -413,8 +413,8 @@ async def soak_scenario(name: str, total: int) -> dict[str, Any]:
             "grown_mb": (me.memory_info().rss - rss) / 2**20,
             "fds_before": fds,
             "fds_after": me.num_fds(),
-            "open": len(flow._open),
-            "inflight": len(flow._inflight),
+            "open": len(flow._state.open),
+            "inflight": len(flow._state.inflight),
         }
 
 
