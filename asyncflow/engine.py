@@ -11,12 +11,12 @@ The engine composes the parts that run the DAG, which share one
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from . import _signals
+from .checks import Backends, check_service, named_backends, protocol_gaps, require
 from .data import FileLinks
 from .description import declared_default, merge, translate
 from .errors import (
@@ -40,112 +40,6 @@ log.addHandler(logging.NullHandler())
 #: Called with every new engine; ``asyncflow run`` uses it to attach tracing and
 #: progress to engines the user's script creates.
 creation_hooks: list[Callable[[WorkflowEngine], None]] = []
-
-
-#: the protocol's members and what each must be
-_MEMBERS = (
-    ("info", "attribute"),
-    ("start", "async"),
-    ("submit", "method"),
-    ("cancel", "method"),
-    ("shutdown", "async"),
-)
-
-
-def _protocol_gaps(backend: object) -> list[str]:
-    """What keeps ``backend`` from being an adapter, one phrase per member, so
-    that its author learns which member to add or fix rather than a list of all
-    five (isinstance on the Protocol only says yes or no, and not whether the
-    methods that must be awaited are ``async``)."""
-    gaps = []
-    for member, kind in _MEMBERS:
-        try:
-            value = getattr(backend, member)
-        except AttributeError:
-            gaps.append(f"lacks {member}" + ("" if kind == "attribute" else "()"))
-            continue
-        if kind == "attribute":
-            continue
-        if not callable(value):
-            gaps.append(f"{member} is a {type(value).__name__}, not a method")
-        elif kind == "async" and _plainly_sync(value):
-            gaps.append(f"{member}() is not async (the engine awaits it)")
-    return gaps
-
-
-def _plainly_sync(fn: Any) -> bool:
-    """A plain ``def``: neither it nor what it wraps is a coroutine function.
-    Other callables may return an awaitable; they get the benefit of the doubt."""
-    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
-        return False
-    return not (
-        inspect.iscoroutinefunction(fn)
-        or inspect.iscoroutinefunction(inspect.unwrap(fn))
-    )
-
-
-Backends = (
-    ExecutionBackend | Mapping[str, ExecutionBackend] | Sequence[ExecutionBackend]
-)
-
-
-def _named_backends(backend: Backends | None, dry_run: bool) -> dict[str, Any]:
-    """``{name: backend}`` from any form ``backend=`` takes."""
-    if backend is None and not dry_run:
-        from .registry import default_backend
-
-        backend = default_backend()
-    backends: dict[str, Any]
-    if isinstance(backend, Mapping):
-        backends = dict(backend)
-    elif isinstance(backend, list | tuple):
-        backends = {}
-        for b in backend:
-            name = getattr(getattr(b, "info", None), "name", None) or repr(b)
-            if name in backends:
-                raise TaskDefinitionError(
-                    f"two backends in backend=[...] are named {name!r}; pass a "
-                    "dict {name: backend} to name them yourself"
-                )
-            backends[name] = b
-    elif backend is None:
-        backends = {"default": None}
-    else:
-        backends = {"default": backend}
-    if not backends:
-        raise TaskDefinitionError(
-            f"WorkflowEngine(backend={backend!r}) needs a backend"
-        )
-    if dry_run:
-        from .adapters.noop import NoopExecutionBackend
-
-        return {name: NoopExecutionBackend(name) for name in backends}
-    return backends
-
-
-def _check_service(name: str, kind: TaskKind, backend: Any) -> None:
-    """A service is stopped at shutdown, so its backend must be able to."""
-    if backend is None:
-        raise TaskDefinitionError(
-            f"block {name!r}: service=True is for function and executable tasks"
-        )
-    function = kind is TaskKind.FUNCTION
-    need = Capability.CANCEL_RUNNING if function else Capability.KILL_EXECUTABLES
-    _require(
-        backend,
-        need,
-        f"service task {name!r}: backend {backend.info.name!r} could not stop it "
-        "at shutdown ({why}); run it on a backend with "
-        f"{need.value!r}, or make it an executable task",
-    )
-
-
-def _require(backend: ExecutionBackend, need: Capability, message: str) -> None:
-    """Refuse a declaration ``backend`` cannot honour; ``message`` may quote
-    the backend's reason as ``{why}``."""
-    caps = backend.info.capabilities
-    if need not in caps:
-        raise TaskDefinitionError(message.replace("{why}", caps.why_not(need)))
 
 
 class WorkflowEngine:
@@ -176,11 +70,11 @@ class WorkflowEngine:
         dry_run: bool = False,
         implicit_data: bool = True,
     ):
-        backends = _named_backends(backend, dry_run)
+        backends = named_backends(backend, dry_run)
         self.dry_run = dry_run
         self.implicit_data = implicit_data
         for name, b in backends.items():
-            gaps = _protocol_gaps(b)
+            gaps = protocol_gaps(b)
             if gaps:
                 raise TaskDefinitionError(
                     f"backend {name!r} ({b!r}) does not implement the asyncflow "
@@ -275,7 +169,7 @@ class WorkflowEngine:
             )
             if backend is not None:
                 function = kind is TaskKind.FUNCTION
-                _require(
+                require(
                     backend,
                     Capability.FUNCTIONS if function else Capability.EXECUTABLES,
                     f"task {name!r}: backend {backend.info.name!r} cannot run "
@@ -283,7 +177,7 @@ class WorkflowEngine:
                     "with backend=...",
                 )
             if options.service:
-                _check_service(name, kind, backend)
+                check_service(name, kind, backend)
             decl = TaskDecl(self, f, kind, options, backend)
             decl.described = (description, dict(opts))
             return decl

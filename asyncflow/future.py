@@ -36,6 +36,12 @@ class TaskState(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+#: the states a task never leaves
+FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+#: the states of a task its backend holds
+LIVE = (TaskState.SUBMITTED, TaskState.RUNNING)
+
+
 class TaskFuture(asyncio.Future):
     """Awaitable handle of one task call."""
 
@@ -101,7 +107,7 @@ class TaskFuture(asyncio.Future):
     def cancel(self, msg: Any = None) -> bool:
         """Cancel the task: drop it if pending, stop it if running, and cancel
         every task that depends on it."""
-        if self._tstate in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED):
+        if self._tstate in FINAL:
             return False
         return self._scheduler.cancel(self, msg)
 

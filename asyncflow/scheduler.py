@@ -14,7 +14,6 @@ writes them, and its collaborators in the engine read them.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -25,8 +24,9 @@ from .data import File
 from .dispatch import NOT_RETRIED, Dispatch
 from .errors import DependencyFailureError, TaskDefinitionError, UpstreamGone
 from .events import EventKind
-from .future import TaskFuture, TaskState
-from .protocol import Capability, ExecutionBackend, RemoteValue, UpstreamRef
+from .future import FINAL, LIVE, TaskFuture, TaskState
+from .piping import Piping
+from .protocol import ExecutionBackend, RemoteValue, UpstreamRef
 from .state import EngineState
 from .tasks import TaskDecl, TaskKind, collect_futures, substitute
 
@@ -34,8 +34,6 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger("asyncflow")
 
-_FINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
-_LIVE = (TaskState.SUBMITTED, TaskState.RUNNING)
 _set_result = asyncio.Future.set_result
 _set_exception = asyncio.Future.set_exception
 _future_cancel = asyncio.Future.cancel
@@ -56,11 +54,8 @@ class Scheduler:
         self._inflight = state.inflight
         self._open = state.open
         self._hub = state.hub
+        self.piping = Piping(self)
         self._counter = itertools.count(1)
-        self._pipes: dict[int, bool] = {}
-        self._replay: collections.deque[tuple[TaskFuture, tuple[bool, Any]]] = (
-            collections.deque()
-        )
 
     # -- calling a task --------------------------------------------------------
     def call(
@@ -125,7 +120,7 @@ class Scheduler:
                 dep._dependents = [fut]
             else:
                 dep._dependents.append(fut)
-        if piping and self._can_pipe(fut._decl, waiting):
+        if piping and self.piping.can_pipe(fut._decl, waiting):
             # Hand it to the runtime now, naming the running upstreams: the
             # runtime starts it the moment they finish, without a round trip
             # through this loop (see Capability.PIPELINE).
@@ -139,64 +134,13 @@ class Scheduler:
     def dep_done(self, fut: TaskFuture) -> None:
         """One dependency of ``fut`` finished well."""
         if fut._after:
-            self._piped_dep_done(fut)
+            self.piping.dep_done(fut)
             return
         fut._pending -= 1
         if fut._pending == 0 and fut._tstate is TaskState.WAITING:
             self.ready(fut)
 
-    # -- pipelining -------------------------------------------------------------
-    def _can_pipe(self, decl: TaskDecl, deps: list[TaskFuture]) -> bool:
-        """Whether a new call may go to its backend before ``deps`` finish.
-
-        Only plain function tasks with no retries and no timeout are piped, on
-        both ends: a retried upstream gets a new runtime identity, and a
-        timeout must not count the time spent waiting for upstreams.
-        """
-        if decl.kind is not TaskKind.FUNCTION:
-            return False
-        opts = decl.opts
-        if opts.retries or opts.timeout is not None:
-            return False
-        target = decl.backend
-        ok = self._pipes.get(id(target))
-        if ok is None:
-            caps = target.info.capabilities  # type: ignore[union-attr]
-            ok = self._pipes[id(target)] = Capability.PIPELINE in caps
-        if not ok:
-            return False
-        for dep in deps:
-            if (
-                dep._backend is not target
-                or dep._tstate not in _LIVE
-                or dep._decl.kind is not TaskKind.FUNCTION
-                or dep._attempt < dep._decl.opts.retries
-                or dep._decl.opts.service  # its value comes before its end
-            ):
-                return False
-        return True
-
-    def _piped_dep_done(self, fut: TaskFuture) -> None:
-        fut._after -= 1
-        if fut._after or fut._tstate in _FINAL:
-            return
-        early, fut._early = fut._early, None
-        if early is None:
-            return  # still running in the runtime: its own report finishes it
-        # Replaying a report can release the next held-back one, and so on down
-        # a long chain: a loop, not recursion, so 10,000 hops cannot overflow.
-        replay = self._replay
-        replay.append((fut, early))
-        if len(replay) > 1:
-            return  # an outer call is draining
-        while replay:
-            f, (ok, value) = replay[0]
-            if ok:
-                self.finish_ok(f, value)
-            else:
-                self.finish_error(f, value)
-            replay.popleft()
-
+    # -- ready ------------------------------------------------------------------
     def _unpipe(self, fut: TaskFuture) -> None:
         """The adapter could not find a running upstream (it finished before the
         spec arrived): submit again, with the upstreams' values."""
@@ -259,7 +203,7 @@ class Scheduler:
             self._hub.task(kind, fut)
 
     def finish_ok(self, fut: TaskFuture, value: Any) -> None:
-        if fut._tstate in _FINAL:
+        if fut._tstate in FINAL:
             return
         if fut._after:  # piped, and an upstream's report is still to come
             fut._early = (True, value)
@@ -280,7 +224,7 @@ class Scheduler:
     def finish_error(
         self, fut: TaskFuture, exc: BaseException, retry: bool = True
     ) -> None:
-        if fut._tstate in _FINAL:
+        if fut._tstate in FINAL:
             return
         if fut._after:  # piped: the upstreams' fate decides what this means
             fut._early = (False, exc)
@@ -331,7 +275,7 @@ class Scheduler:
         stack = [(failed, d) for d in dependents]
         while stack:
             upstream, dep = stack.pop()
-            if dep._tstate in _FINAL:
+            if dep._tstate in FINAL:
                 continue
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
@@ -361,7 +305,7 @@ class Scheduler:
         to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         while stack:
             f = stack.pop()
-            if f._tstate in _FINAL:
+            if f._tstate in FINAL:
                 continue
             spec = f._spec
             if spec is not None and self._inflight.pop(spec.uid, None) is not None:
@@ -385,7 +329,7 @@ class Scheduler:
         caller to cancel in one call per backend."""
         to_backend: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         for fut in list(self._open.values()):
-            if fut._tstate in _LIVE and fut._spec:
+            if fut._tstate in LIVE and fut._spec:
                 entry = to_backend.setdefault(id(fut._backend), (fut._backend, []))
                 entry[1].append(fut._spec.uid)
             self.cancel(fut, msg, notify=False)

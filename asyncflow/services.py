@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .future import TaskState
+from .future import LIVE
 from .protocol import Capability, ExecutionBackend
 
 if TYPE_CHECKING:
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["Service", "Services"]
 
 log = logging.getLogger("asyncflow")
-
-_LIVE = (TaskState.SUBMITTED, TaskState.RUNNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +74,7 @@ class Services:
 
     def up(self, uid: str) -> None:
         entry = self.live.get(uid)
-        if entry is None or entry[0].state not in _LIVE:
+        if entry is None or entry[0].state not in LIVE:
             return
         fut, backend = entry
         label = self._state.hub.label(backend, backend.info.name)
@@ -86,7 +84,7 @@ class Services:
         """The runtime reports the end of ``uid``; True when it was a service
         already up, whose future has nothing more to say."""
         entry = self.live.pop(uid, None)
-        if entry is None or entry[0].state in _LIVE:
+        if entry is None or entry[0].state in LIVE:
             return False
         fut = entry[0]
         if ok:
@@ -100,7 +98,7 @@ class Services:
         out: dict[int, tuple[ExecutionBackend, list[str]]] = {}
         inflight = self._state.inflight
         for uid, (fut, backend) in list(self.live.items()):
-            if fut.state not in _LIVE:
+            if fut.state not in LIVE:
                 inflight.pop(uid, None)
                 out.setdefault(id(backend), (backend, []))[1].append(uid)
         self.live.clear()

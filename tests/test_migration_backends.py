@@ -21,8 +21,8 @@ from asyncflow import (
     WorkflowEngine,
 )
 from asyncflow.adapters._awaitable import AwaitableBackend
+from asyncflow.checks import protocol_gaps
 from asyncflow.conformance import tasks as t
-from asyncflow.engine import _protocol_gaps
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,7 +64,7 @@ def test_every_adapter_has_the_awaitable_forms(name: str) -> None:
     assert inspect.iscoroutinefunction(cls.create)
     # the mixin sits last: the adapter's own protocol members win
     assert cls.__mro__[-2] is AwaitableBackend
-    assert _protocol_gaps(cls) == []
+    assert protocol_gaps(cls) == []
 
 
 async def test_await_backend_returns_the_backend() -> None:
