@@ -206,6 +206,8 @@ def backend_class(name: str) -> Callable[..., Any]:
     try:
         return _resolve(targets[name])
     except ImportError as exc:
+        if not _missing_runtime(exc):
+            raise  # a broken adapter, not a missing runtime: show the real error
         adapter = ADAPTERS.get(name)
         hint = adapter.install_hint if adapter else ""
         raise BackendNotInstalledError(
@@ -213,6 +215,15 @@ def backend_class(name: str) -> Callable[..., Any]:
             f"({exc.name or exc})"
             f"; install it with: {hint or 'pip install the adapter package'}"
         ) from exc
+
+
+def _missing_runtime(exc: ImportError) -> bool:
+    """Whether ``exc`` says a third-party module is absent (so the install hint
+    helps), rather than that asyncflow's own code failed to import."""
+    missing = exc.name or ""
+    return isinstance(exc, ModuleNotFoundError) and not (
+        missing == "asyncflow" or missing.startswith("asyncflow.")
+    )
 
 
 def missing_backend_class(cls_name: str, error: BackendNotInstalledError) -> type:

@@ -65,3 +65,14 @@ def test_the_bench_baseline_is_a_raw_runtime(name: str) -> None:
     assert issubclass(cls, Raw)
     own_batch_form = "for_allocation" in vars(cls)
     assert own_batch_form == adapter.batch == (name in BATCH)
+
+
+def test_a_broken_adapter_is_not_reported_as_a_missing_runtime() -> None:
+    """An adapter whose own code fails to import shows that error; the install
+    hint is only for a third-party runtime that is absent."""
+    from asyncflow.registry import _missing_runtime
+
+    assert _missing_runtime(ModuleNotFoundError("no", name="distributed"))
+    ours = ImportError("cannot import name 'X'", name="asyncflow.adapters.dask.x")
+    assert not _missing_runtime(ours)
+    assert not _missing_runtime(ModuleNotFoundError("no", name="asyncflow.nope"))
