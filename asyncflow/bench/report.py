@@ -270,10 +270,30 @@ def markdown(
     """The run as Markdown: what ``docs/bench/bench.md`` holds and the README
     section is spliced from.  Failures come first: figures next to them are
     incomplete."""
+    lines = [
+        *_md_preamble(meta),
+        "",
+        *_md_table(COLUMNS, table_rows(rows)),
+        "",
+        *_md_startup(starts),
+        "",
+        *_md_targets(goals),
+    ]
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    if failures:
+        lines += ["", "**Failed in this run** (the figures above lack what broke):"]
+        lines += [f"- {f.splitlines()[0]}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _md_preamble(meta: dict[str, Any]) -> list[str]:
+    """Where and how the figures were measured, and how to read the columns:
+    the tables are quoted on their own, so they must not need the code."""
     versions = ", ".join(
         f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items())
     )
-    lines = [
+    return [
         f"Measured by `{meta.get('command', 'asyncflow bench')}` on "
         f"{machine_line(meta)}. Versions: {versions or '-'}.",
         "",
@@ -285,44 +305,39 @@ def markdown(
         "task, which other users' load skews less than wall time. *load*: "
         "1-minute load average while it ran, on "
         f"{meta.get('cores')} cores.",
-        "",
-        *_md_table(COLUMNS, table_rows(rows)),
-        "",
-        *_md_table(
-            ["backend", "side", "start-up to first result (s)", "shutdown (s)"],
-            [
-                [
-                    s["backend"],
-                    s["side"],
-                    _f(s.get("startup_s"), ".2f"),
-                    _f(s.get("shutdown_s"), ".2f"),
-                ]
-                for s in sorted(
-                    starts, key=lambda s: (order_key(s["backend"]), s["side"])
-                )
-            ],
-        ),
-        "",
-        *_md_table(
-            ["backend", "target (issue 7)", "goal", "measured", "met"],
-            [
-                [
-                    g["backend"],
-                    g["target"],
-                    g["goal"],
-                    _f(g["value"], ".2f"),
-                    {True: "yes", False: "**no**", None: "-"}[g["met"]],
-                ]
-                for g in goals
-            ],
-        ),
     ]
-    if notes:
-        lines += ["", *[f"- {n}" for n in notes]]
-    if failures:
-        lines += ["", "**Failed in this run** (the figures above lack what broke):"]
-        lines += [f"- {f.splitlines()[0]}" for f in failures]
-    return "\n".join(lines) + "\n"
+
+
+def _md_startup(starts: list[dict[str, Any]]) -> list[str]:
+    return _md_table(
+        ["backend", "side", "start-up to first result (s)", "shutdown (s)"],
+        [
+            [
+                s["backend"],
+                s["side"],
+                _f(s.get("startup_s"), ".2f"),
+                _f(s.get("shutdown_s"), ".2f"),
+            ]
+            for s in sorted(starts, key=lambda s: (order_key(s["backend"]), s["side"]))
+        ],
+    )
+
+
+def _md_targets(goals: list[dict[str, Any]]) -> list[str]:
+    """A missed target in bold, so a reader skimming the table sees it."""
+    return _md_table(
+        ["backend", "target (issue 7)", "goal", "measured", "met"],
+        [
+            [
+                g["backend"],
+                g["target"],
+                g["goal"],
+                _f(g["value"], ".2f"),
+                {True: "yes", False: "**no**", None: "-"}[g["met"]],
+            ]
+            for g in goals
+        ],
+    )
 
 
 def write_files(
