@@ -169,55 +169,77 @@ class TraceRecorder:
             start = rec.running or rec.submitted or rec.created
             end = rec.end or start
             pid = pids.setdefault(rec.backend, pid_base + len(pids) + 1)
-            busy = lanes.setdefault(rec.backend, [])
-            lane = next((i for i, free in enumerate(busy) if free <= start), None)
-            if lane is None:
-                lane = len(busy)
-                busy.append(end)
-            else:
-                busy[lane] = end
-            events.append(
-                {
-                    "name": rec.name,
-                    "cat": rec.state,
-                    "ph": "X",
-                    "pid": pid,
-                    "tid": lane + 1,
-                    "ts": (start - base) * 1e6,
-                    "dur": max(0.0, end - start) * 1e6,
-                    "args": {
-                        "uid": rec.uid,
-                        "state": rec.state,
-                        "attempts": rec.attempts,
-                        "queued_us": ((start - rec.created) * 1e6),
-                    },
-                }
-            )
-        for backend, pid in pids.items():
-            events.append(
-                {
-                    "name": "process_name",
-                    "ph": "M",
-                    "pid": pid,
-                    "args": {"name": f"backend {backend}"},
-                }
-            )
-            for lane in range(len(lanes[backend])):
-                events.append(
-                    {
-                        "name": "thread_name",
-                        "ph": "M",
-                        "pid": pid,
-                        "tid": lane + 1,
-                        "args": {"name": f"slot {lane + 1}"},
-                    }
-                )
+            lane = _free_lane(lanes.setdefault(rec.backend, []), start, end)
+            events.append(_complete_event(rec, pid, lane, (start, end), base))
+        events += _track_names(pids, lanes)
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def export(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text(json.dumps(self.chrome_trace()))
         return path
+
+
+def _free_lane(busy: list[float], start: float, end: float) -> int:
+    """The first lane free by ``start``, or a new one, marked busy until ``end``
+    (``busy`` holds the time each lane frees up)."""
+    lane = next((i for i, free in enumerate(busy) if free <= start), None)
+    if lane is None:
+        busy.append(end)
+        return len(busy) - 1
+    busy[lane] = end
+    return lane
+
+
+def _complete_event(
+    rec: _Record, pid: int, lane: int, span: tuple[float, float], base: float
+) -> dict[str, Any]:
+    """One task's bar; ``queued_us`` keeps the wait between creation and start,
+    which the bar itself does not show."""
+    start, end = span
+    return {
+        "name": rec.name,
+        "cat": rec.state,
+        "ph": "X",
+        "pid": pid,
+        "tid": lane + 1,
+        "ts": (start - base) * 1e6,
+        "dur": max(0.0, end - start) * 1e6,
+        "args": {
+            "uid": rec.uid,
+            "state": rec.state,
+            "attempts": rec.attempts,
+            "queued_us": ((start - rec.created) * 1e6),
+        },
+    }
+
+
+def _track_names(
+    pids: dict[str, int], lanes: dict[str, list[float]]
+) -> list[dict[str, Any]]:
+    """Metadata events naming each process after its backend and each thread
+    after its slot, so the viewer shows names rather than numbers."""
+    events: list[dict[str, Any]] = []
+    for backend, pid in pids.items():
+        events.append(
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": pid,
+                "args": {"name": f"backend {backend}"},
+            }
+        )
+        for lane in range(len(lanes[backend])):
+            events.append(
+                {
+                    "name": "thread_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": lane + 1,
+                    "args": {"name": f"slot {lane + 1}"},
+                }
+            )
+    return events
 
 
 def merge_traces(recorders: list[TraceRecorder]) -> dict[str, Any]:
