@@ -21,102 +21,140 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, ScalarFormatter
-
-    def plain(ax: Any) -> None:
-        """Log axis, but 0.6 and 2 rather than 6x10^-1 and 2x10^0."""
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter(useOffset=False))
-        ax.yaxis.get_minor_formatter().set_scientific(False)
-
-    paths: list[Path] = []
-    backends = sorted({r["backend"] for r in rows}, key=order_key)
-
-    def largest(backend: str, workload: str) -> dict[str, Any] | None:
-        rs = [r for r in rows if r["backend"] == backend and r["workload"] == workload]
-        return max(rs, key=lambda r: r["tasks"]) if rs else None
-
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=DPI)
-        plt.close(fig)
-        paths.append(out / name)
-
-    def bars(name: str, title: str, ylabel: str, workload: str, key: str) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        xs = range(len(backends))
-        shown: list[float] = []
-        for dx, side in ((-0.2, "asyncflow"), (0.2, "raw")):
-            vals = [(largest(b, workload) or {}).get(f"{side}_{key}") for b in backends]
-            label = "asyncflow" if side == "asyncflow" else "raw runtime API"
-            ax.bar([x + dx for x in xs], [v or 0 for v in vals], 0.4, label=label)
-            shown += [v for v in vals if v]
-        ax.set_xticks(list(xs), backends)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        if shown:  # log axes need a positive value
-            ax.set_yscale("log")
-        ax.legend()
-        save(fig, name)
-
-    bars(
+    figures = _Figures(out, rows)
+    figures.bars(
         "throughput.png",
         "no-op fan-out throughput (largest size run)",
         "tasks/s",
         "fanout",
         "tasks_per_s",
     )
-    bars(
+    figures.bars(
         "latency.png",
         "dependent chain: latency per hop",
         "ms per hop",
         "chain",
         "ms_per_hop",
     )
+    figures.scaling()
+    figures.overhead()
+    return figures.paths
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, workload in zip(axes, ("fanout", "chain"), strict=True):
-        for i, b in enumerate(backends):
-            rs = sorted(
-                (r for r in rows if r["backend"] == b and r["workload"] == workload),
-                key=lambda r: r["tasks"],
-            )
-            if not rs:
-                continue
-            color = f"C{i}"
-            xs = [r["tasks"] for r in rs]
-            ax.plot(xs, [r["asyncflow_s"] for r in rs], "o-", color=color, label=b)
-            raw = [(r["tasks"], r["raw_s"]) for r in rs if r["raw_s"]]
-            if raw:
-                ax.plot(*zip(*raw, strict=True), "x--", color=color, alpha=0.6)
-        if ax.lines:
-            ax.set_xscale("log")
+
+def _plain_log(ax: Any) -> None:
+    """Log axis, but 0.6 and 2 rather than 6x10^-1 and 2x10^0."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter(useOffset=False))
+    ax.yaxis.get_minor_formatter().set_scientific(False)
+
+
+class _Figures:
+    """One run's figures: each method draws one and saves it under ``out``.
+
+    pyplot is imported on first use rather than with this module: :func:`plot`
+    selects the Agg backend before pyplot loads, so that no display is needed."""
+
+    def __init__(self, out: Path, rows: list[dict[str, Any]]) -> None:
+        import matplotlib.pyplot as plt
+
+        self.plt = plt
+        self.out = out
+        self.rows = rows
+        self.backends = sorted({r["backend"] for r in rows}, key=order_key)
+        self.paths: list[Path] = []
+
+    def largest(self, backend: str, workload: str) -> dict[str, Any] | None:
+        rs = [
+            r
+            for r in self.rows
+            if r["backend"] == backend and r["workload"] == workload
+        ]
+        return max(rs, key=lambda r: r["tasks"]) if rs else None
+
+    def save(self, fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(self.out / name, dpi=DPI)
+        self.plt.close(fig)
+        self.paths.append(self.out / name)
+
+    def bars(self, name: str, title: str, ylabel: str, workload: str, key: str) -> None:
+        """asyncflow next to the raw API, per backend, at the largest size."""
+        fig, ax = self.plt.subplots(figsize=(7, 4))
+        xs = range(len(self.backends))
+        shown: list[float] = []
+        for dx, side in ((-0.2, "asyncflow"), (0.2, "raw")):
+            vals = [
+                (self.largest(b, workload) or {}).get(f"{side}_{key}")
+                for b in self.backends
+            ]
+            label = "asyncflow" if side == "asyncflow" else "raw runtime API"
+            ax.bar([x + dx for x in xs], [v or 0 for v in vals], 0.4, label=label)
+            shown += [v for v in vals if v]
+        ax.set_xticks(list(xs), self.backends)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        if shown:  # log axes need a positive value
             ax.set_yscale("log")
-        ax.set_xlabel("tasks")
-        ax.set_title(f"{workload}: makespan against size")
-    axes[0].set_ylabel("seconds (solid: asyncflow, dashed: raw)")
-    if axes[0].lines:
-        axes[0].legend(fontsize=8)
-    save(fig, "scaling.png")
+        ax.legend()
+        self.save(fig, name)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    workloads = sorted({r["workload"] for r in rows})
-    width = 0.8 / max(1, len(workloads))
-    ratios: list[float] = []
-    for i, w in enumerate(workloads):
-        vals = [(largest(b, w) or {}).get("throughput_ratio") or 0 for b in backends]
-        ratios += [v for v in vals if v]
-        ax.bar([x + i * width for x in range(len(backends))], vals, width, label=w)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(backends))], backends)
-    ax.set_ylabel("raw time / asyncflow time")
-    if ratios:
-        plain(ax)
-    ax.set_title("asyncflow against each runtime's own API (1 = no overhead)")
-    ax.legend(fontsize=7, ncol=3)
-    save(fig, "overhead.png")
-    return paths
+    def scaling(self) -> None:
+        """Makespan against size, log-log, one colour per backend."""
+        fig, axes = self.plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, workload in zip(axes, ("fanout", "chain"), strict=True):
+            for i, b in enumerate(self.backends):
+                self._scaling_lines(ax, workload, b, f"C{i}")
+            if ax.lines:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            ax.set_xlabel("tasks")
+            ax.set_title(f"{workload}: makespan against size")
+        axes[0].set_ylabel("seconds (solid: asyncflow, dashed: raw)")
+        if axes[0].lines:
+            axes[0].legend(fontsize=8)
+        self.save(fig, "scaling.png")
+
+    def _scaling_lines(self, ax: Any, workload: str, backend: str, color: str) -> None:
+        rs = sorted(
+            (
+                r
+                for r in self.rows
+                if r["backend"] == backend and r["workload"] == workload
+            ),
+            key=lambda r: r["tasks"],
+        )
+        if not rs:
+            return
+        xs = [r["tasks"] for r in rs]
+        ax.plot(xs, [r["asyncflow_s"] for r in rs], "o-", color=color, label=backend)
+        raw = [(r["tasks"], r["raw_s"]) for r in rs if r["raw_s"]]
+        if raw:
+            ax.plot(*zip(*raw, strict=True), "x--", color=color, alpha=0.6)
+
+    def overhead(self) -> None:
+        """Throughput ratio per backend and workload, with the issue's 0.9 line."""
+        fig, ax = self.plt.subplots(figsize=(8, 4))
+        backends = self.backends
+        workloads = sorted({r["workload"] for r in self.rows})
+        width = 0.8 / max(1, len(workloads))
+        ratios: list[float] = []
+        for i, w in enumerate(workloads):
+            vals = [
+                (self.largest(b, w) or {}).get("throughput_ratio") or 0
+                for b in backends
+            ]
+            ratios += [v for v in vals if v]
+            ax.bar([x + i * width for x in range(len(backends))], vals, width, label=w)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(backends))], backends)
+        ax.set_ylabel("raw time / asyncflow time")
+        if ratios:
+            _plain_log(ax)
+        ax.set_title("asyncflow against each runtime's own API (1 = no overhead)")
+        ax.legend(fontsize=7, ncol=3)
+        self.save(fig, "overhead.png")
