@@ -17,9 +17,13 @@ import os
 import runpy
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import WorkflowEngine
+    from .progress import ProgressDisplay
 
 __all__ = ["main"]
 
@@ -53,18 +57,9 @@ def _configure_logging(level: str | None) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from . import _signals
-    from .engine import WorkflowEngine, creation_hooks
+    from .engine import creation_hooks
 
-    if ns.backend:
-        os.environ["ASYNCFLOW_BACKEND"] = ns.backend
-    if ns.hpc:
-        text = ns.hpc if ns.hpc.lstrip().startswith("{") else Path(ns.hpc).read_text()
-        os.environ["ASYNCFLOW_HPC"] = text
-    if ns.backend_option:
-        options = json.loads(os.environ.get("ASYNCFLOW_BACKEND_OPTIONS") or "{}")
-        options.update(dict(ns.backend_option))
-        os.environ["ASYNCFLOW_BACKEND_OPTIONS"] = json.dumps(options)
+    _export_backend_choice(ns)
     engines: list[WorkflowEngine] = []
     progress = None
     if ns.progress and sys.stdout.isatty():
@@ -80,6 +75,38 @@ def cmd_run(ns: argparse.Namespace) -> int:
             engine.subscribe(progress)
 
     creation_hooks.append(attach)
+    previous = signal.signal(signal.SIGTERM, _sigterm_handler(engines))
+    sys.argv = [ns.script, *ns.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
+    try:
+        return _run_script(ns.script, progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        creation_hooks.remove(attach)
+        if progress is not None:
+            progress.stop()
+        if ns.trace:
+            _write_trace(engines, ns.trace)
+
+
+def _export_backend_choice(ns: argparse.Namespace) -> None:
+    """The command line's choice, in the environment every engine the script
+    creates reads; options add to those the environment already held."""
+    if ns.backend:
+        os.environ["ASYNCFLOW_BACKEND"] = ns.backend
+    if ns.hpc:
+        text = ns.hpc if ns.hpc.lstrip().startswith("{") else Path(ns.hpc).read_text()
+        os.environ["ASYNCFLOW_HPC"] = text
+    if ns.backend_option:
+        options = json.loads(os.environ.get("ASYNCFLOW_BACKEND_OPTIONS") or "{}")
+        options.update(dict(ns.backend_option))
+        os.environ["ASYNCFLOW_BACKEND_OPTIONS"] = json.dumps(options)
+
+
+def _sigterm_handler(engines: Sequence[WorkflowEngine]) -> Callable[[int, Any], None]:
+    """SIGTERM between engines; marked so that an engine's loop takes the signal
+    over while it runs (see :mod:`asyncflow._signals`)."""
+    from . import _signals
 
     def on_sigterm(signum: int, frame: object) -> None:
         # While an engine's loop runs, the loop handles SIGTERM itself (see
@@ -94,30 +121,26 @@ def cmd_run(ns: argparse.Namespace) -> int:
         raise Terminated()
 
     on_sigterm._asyncflow_sigterm = True  # type: ignore[attr-defined]
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    sys.argv = [ns.script, *ns.args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
-    code: int = 0
+    return on_sigterm
+
+
+def _run_script(path: str, progress: ProgressDisplay | None) -> int:
+    """The script's exit status, as the shell reports it for a Python script run
+    directly: 130 after Ctrl-C, 143 after SIGTERM, a non-integer exit message
+    printed and status 1."""
     try:
         if progress is not None:
             progress.start()
-        runpy.run_path(ns.script, run_name="__main__")
+        runpy.run_path(path, run_name="__main__")
     except KeyboardInterrupt:
-        code = 130
+        return 130
     except Terminated:
-        code = 143
+        return 143
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if not isinstance(exc.code, int | None):
             print(exc.code, file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        creation_hooks.remove(attach)
-        if progress is not None:
-            progress.stop()
-        if ns.trace:
-            _write_trace(engines, ns.trace)
-    return code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 def _write_trace(engines: Sequence[Any], path: str) -> None:
