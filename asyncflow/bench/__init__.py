@@ -16,18 +16,14 @@ import json
 import os
 import platform
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..registry import BATCH, available_backends, batch_names
+from ..registry import BATCH, BackendStatus, available_backends, batch_names
 from .report import (
     COLUMNS,
     ORDER,
@@ -40,6 +36,7 @@ from .report import (
     targets,
     write_files,
 )
+from .runner import run_backends
 from .workloads import WORKLOADS
 
 __all__ = ["main"]
@@ -146,63 +143,6 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-#: benchmark children still running (``--quick`` runs several at once)
-_LIVE: set[subprocess.Popen[str]] = set()
-
-
-def _run_child(
-    spec: dict[str, Any], timeout: float, on_record: Any
-) -> tuple[int, bool]:
-    """Run one backend's child process; (exit code, whether it timed out).
-
-    The child gets its own session, so that on a timeout or Ctrl-C its whole
-    process group (runtime workers included) can be stopped: SIGTERM first,
-    which the child turns into an orderly shutdown, SIGKILL 60 s later."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asyncflow.bench.child", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    _LIVE.add(proc)
-    expired = threading.Event()
-
-    def stop() -> None:
-        expired.set()
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-
-    timer = threading.Timer(timeout, stop)
-    timer.daemon = True
-    timer.start()
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a runtime printing to stdout
-            if isinstance(rec, dict) and "kind" in rec:
-                on_record(rec)
-        return proc.wait(), expired.is_set()
-    except BaseException:
-        stop()
-        raise
-    finally:
-        timer.cancel()
-        _LIVE.discard(proc)
-
-
-def _signal_group(proc: subprocess.Popen[str], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the child's own session: only what it started
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _allocation(text: str) -> dict[str, Any]:
     raw = text if text.lstrip().startswith("{") else Path(text).read_text()
     value = json.loads(raw)
@@ -217,11 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.quick:
         ns.sizes, ns.repeat = QUICK_SIZES, 1
     status = {s.name: s for s in available_backends()}
-    wanted = (
-        [n for n in ORDER if n in status] + sorted(n for n in status if n not in ORDER)
-        if ns.backends == "all"
-        else [b.strip() for b in ns.backends.split(",") if b.strip()]
-    )
     workloads = [w.strip() for w in ns.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -232,15 +167,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sizes = [int(s) for s in ns.sizes.split(",")]
     hpc = _allocation(ns.hpc) if ns.hpc else None
-    if hpc is not None and ns.backends == "all":
-        wanted = [n for n in wanted if n in BATCH]
     from rich.console import Console
-    from rich.progress import Progress
 
     console = Console(stderr=True)
     if ns.render:
         return _render(Path(ns.out), console)
     notes: list[str] = []
+    backends = _installed(_wanted(ns.backends, status, hpc), status, notes, console)
+    total = _count_runs(backends, workloads, sizes, ns, notes, console)
+    meta = _machine(argv)
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
+    spec = {
+        "workloads": workloads,
+        "sizes": sizes,
+        "repeat": ns.repeat,
+        "quick": ns.quick,
+        "profile": str(Path(ns.out).resolve()) if ns.profile else None,
+        "hpc": hpc,
+    }
+    records, failures = run_backends(backends, spec, ns.timeout, total, notes, console)
+    loads = [r["load"] for r in records if r["kind"] == "run" and "load" in r]
+    meta["load_after"] = os.getloadavg()
+    meta["load_max"] = max(loads) if loads else None
+    meta["notes"] = notes
+    meta["failures"] = failures
+    return _finish(Path(ns.out), meta, records, notes, failures, console)
+
+
+def _wanted(
+    choice: str, status: dict[str, BackendStatus], hpc: dict[str, Any] | None
+) -> list[str]:
+    """``--backends all`` is every backend known, the in-tree ones first in the
+    table's order; with an allocation, only those that take one."""
+    if choice != "all":
+        return [b.strip() for b in choice.split(",") if b.strip()]
+    wanted = [n for n in ORDER if n in status] + sorted(
+        n for n in status if n not in ORDER
+    )
+    return wanted if hpc is None else [n for n in wanted if n in BATCH]
+
+
+def _installed(
+    wanted: list[str], status: dict[str, BackendStatus], notes: list[str], console: Any
+) -> list[str]:
+    """The wanted backends that can run here; the rest go into the notes, so
+    that a table missing a backend says why."""
     backends = []
     for name in wanted:
         s = status.get(name)
@@ -250,82 +221,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"[yellow]skipping {name}: not installed ({hint})")
         else:
             backends.append(name)
-    runs: dict[str, int] = {}
+    return backends
+
+
+def _count_runs(
+    backends: list[str],
+    workloads: list[str],
+    sizes: list[int],
+    ns: argparse.Namespace,
+    notes: list[str],
+    console: Any,
+) -> int:
+    """How many timed runs the progress bar counts; a size a backend cannot
+    take is capped, and noted with the reason."""
+    total = 0
     for name in backends:
-        runs[name] = 0
         capped: dict[str, list[str]] = {}
         for w in workloads:
             these, why = WORKLOADS[w].sizes_for(name, sizes, ns.quick)
-            runs[name] += 2 * len(these) * ns.repeat
+            total += 2 * len(these) * ns.repeat
             if why:
                 capped.setdefault(why, []).append(f"{w} at {max(these)}")
         for why, which in capped.items():
             notes.append(f"{name}: sizes capped ({', '.join(which)}): {why}")
             console.print(f"[yellow]{notes[-1]}")
-    meta = _machine(argv)
-    Path(ns.out).mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    failures: list[str] = []
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("benchmarking", total=sum(runs.values()))
-
-        def run_one(name: str) -> None:
-            progress.update(bar, description=f"benchmarking {name}")
-
-            def on_record(rec: dict[str, Any]) -> None:
-                rec["backend"] = name
-                records.append(rec)
-                if rec["kind"] == "run":
-                    progress.advance(bar)
-                elif rec["kind"] == "error":
-                    failures.append(f"{name} {rec['side']}: {rec['text']}")
-                    console.print(f"[red]{name} {rec['side']}: {rec['text']}")
-                elif rec["kind"] in ("skip", "note"):
-                    text = (
-                        f"{name} {rec['side']}: {rec.get('workload', '')} {rec['text']}"
-                    )
-                    notes.append(" ".join(text.split()))
-                    console.print(f"[yellow]{notes[-1]}")
-
-            spec = {
-                "backend": name,
-                "workloads": workloads,
-                "sizes": sizes,
-                "repeat": ns.repeat,
-                "quick": ns.quick,
-                "profile": str(Path(ns.out).resolve()) if ns.profile else None,
-                "hpc": hpc,
-            }
-            code, expired = _run_child(spec, ns.timeout, on_record)
-            problem = None
-            if expired:
-                problem = f"{name}: stopped after --timeout {ns.timeout:.0f} s"
-            elif code != 0:
-                problem = f"{name}: benchmark process exited {code}"
-            if problem:
-                failures.append(problem)
-                console.print(f"[red]{problem}")
-
-        if ns.quick:
-            # A smoke test, whose figures are not for comparing: the backends run
-            # side by side, so the slowest start-up (radical.pilot's pilots) sets
-            # the wall time instead of the sum of them all.
-            with ThreadPoolExecutor(max(1, len(backends))) as pool:
-                try:
-                    list(pool.map(run_one, backends))
-                except BaseException:  # Ctrl-C: the children have sessions of their own
-                    for proc in list(_LIVE):
-                        _signal_group(proc, signal.SIGTERM)
-                    raise
-        else:
-            for name in backends:
-                run_one(name)
-    loads = [r["load"] for r in records if r["kind"] == "run" and "load" in r]
-    meta["load_after"] = os.getloadavg()
-    meta["load_max"] = max(loads) if loads else None
-    meta["notes"] = notes
-    meta["failures"] = failures
-    return _finish(Path(ns.out), meta, records, notes, failures, console)
+    return total
 
 
 def _render(out: Path, console: Any) -> int:
