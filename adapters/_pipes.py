@@ -8,9 +8,10 @@ finishes the last upstream gets it back, values swapped in, to run next.  That
 thread is a worker or the pool's own thread: a chain never crosses to the event
 loop between hops, which is most of what a hop costs there.
 
-An upstream that already finished when its dependent arrives is answered with
-:class:`~asyncflow.errors.UpstreamGone` (the engine resubmits with the value); a
-failed upstream releases nothing (the engine fails and cancels its dependents).
+A dependent whose upstream already finished when it arrives is refused (the
+adapter's ``submit`` returns its uid, and the engine resubmits it with the
+value); a failed upstream releases nothing (the engine fails and cancels its
+dependents).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import UpstreamGone
 from ..protocol import CompletionSink, UpstreamRef
 from ..spec import TaskSpec
 from ..walk import find, replace
@@ -54,8 +54,9 @@ class Pipes:
         self._waiters: dict[str, list[_Waiting]] = {}  # by upstream uid
         self.lock = threading.Lock()
 
-    def park(self, spec: TaskSpec) -> None:
-        """Hold a spec that has UpstreamRefs until its upstreams finish."""
+    def park(self, spec: TaskSpec) -> bool:
+        """Hold a spec that has UpstreamRefs until its upstreams finish; False
+        when one of them already finished here (refuse the spec)."""
         upstreams: set[str] = set()
         collect(spec.args, upstreams)
         collect(spec.kwargs, upstreams)
@@ -67,9 +68,8 @@ class Pipes:
                 self.live.add(spec.uid)
                 for uid in upstreams:
                     self._waiters.setdefault(uid, []).append(waiting)
-                return
-        # Finished meanwhile: the engine resubmits it with the value.
-        self._sink.set_exception(spec.uid, UpstreamGone(next(iter(gone))))
+                return True
+        return False
 
     def drop(self, uid: str) -> bool:
         """Forget a parked spec (cancelled); whether it was parked here."""

@@ -102,13 +102,16 @@ class ProcessQueue:
         self._closed = False
 
     # -- the loop's side -----------------------------------------------------------
-    def put(self, specs: Sequence[TaskSpec]) -> None:
+    def put(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Take ``specs``; the uids of piped ones whose upstream is gone."""
+        refused = []
         for spec in specs:
-            if spec.has_remote_args:
-                self._pipes.park(spec)
-            else:
+            if not spec.has_remote_args:
                 self._enqueue(spec, last=True)
+            elif not self._pipes.park(spec):
+                refused.append(spec.uid)
         self._pump()
+        return refused
 
     def cancel(self, uid: str) -> Future[Any] | None:
         """Drop a task that is not in the pool yet.  For one that is, return its

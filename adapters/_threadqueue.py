@@ -45,11 +45,14 @@ class ThreadQueue:
         self._lock = threading.Lock()
 
     # -- the loop's side -----------------------------------------------------------
-    def put(self, specs: Sequence[TaskSpec]) -> None:
+    def put(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Take ``specs``; the uids of piped ones whose upstream is gone."""
         queued = False
+        refused = []
         for spec in specs:
             if spec.has_remote_args:
-                self._pipes.park(spec)
+                if not self._pipes.park(spec):
+                    refused.append(spec.uid)
                 continue
             self._live.add(spec.uid)
             self._queued.add(spec.uid)
@@ -57,6 +60,7 @@ class ThreadQueue:
             queued = True
         if queued:
             self._start_runners()
+        return refused
 
     def cancel(self, uid: str) -> bool:
         """Drop a task that has not started; whether it was here to drop."""

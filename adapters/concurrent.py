@@ -162,7 +162,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
                 self._replace_broken_pool,
             )
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
         sink = self._sink
         assert sink is not None
         futures = self._futures
@@ -204,7 +204,8 @@ class ConcurrentExecutionBackend(AwaitableBackend):
             futures[spec.uid] = f
         if queued:
             assert pool is not None
-            pool.put(queued)
+            return pool.put(queued)
+        return []
 
     def _run_here(self, spec: TaskSpec) -> None:
         """Worker-thread entry: run and report straight to the sink.

@@ -212,13 +212,15 @@ class Dispatch:
             if not batch:
                 continue
             try:
-                backend.submit(batch)
+                refused = backend.submit(batch)
             except Exception as exc:
                 log.exception("backend %s failed to accept a batch", backend.info.name)
                 self.fail_queued(batch, exc)
-            else:
-                if services.live:
-                    services.accepted(backend, batch)
+                continue
+            if refused:
+                self._scheduler.refused(refused)
+            if services.live:
+                services.accepted(backend, batch)
 
     def fail_queued(self, specs: list[TaskSpec], exc: BaseException) -> None:
         """Fail the tasks behind ``specs``, which their backend never took."""

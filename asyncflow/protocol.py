@@ -22,7 +22,11 @@ ended.  The contract, in full:
     must later be reported to the sink exactly once, as a result or an exception,
     unless it was cancelled first.  A spec the runtime can never run (resources
     it cannot meet, a function it cannot serialise) is reported at once as an
-    exception naming the task.
+    exception naming the task.  The only exception to "every spec is reported"
+    is a piped spec (see ``Capability.PIPELINE``) whose upstream the adapter no
+    longer knows: ``submit`` returns its uid, unreported, among the uids it
+    refuses, and the engine submits the task again with the upstreams' values.
+    An adapter that never pipes returns ``None``.
 
 ``cancel(uids)``
     Stop these tasks if possible: drop them if pending, stop or kill them if
@@ -87,7 +91,7 @@ someone awaits the value.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -138,9 +142,9 @@ class Capability(enum.Enum):
     ObjectRef), so the runtime starts the task when they finish, with no round
     trip through the driver.  The adapter's report for such a task is held back
     until the upstreams' reports are in, so ordering and failure propagation do
-    not change.  An upstream the adapter no longer knows is answered with
-    :class:`~asyncflow.errors.UpstreamGone`, and the engine resubmits the task
-    with the upstreams' values."""
+    not change.  A task whose upstream the adapter no longer knows (it finished
+    before the task arrived) is refused: ``submit`` returns its uid, and the
+    engine submits it again with the upstreams' values."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ class ExecutionBackend(Protocol):
 
     async def start(self, sink: CompletionSink) -> None: ...
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None: ...
+    def submit(self, specs: Sequence[TaskSpec]) -> Collection[str] | None: ...
 
     def cancel(self, uids: Sequence[str]) -> None: ...
 

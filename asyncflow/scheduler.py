@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -141,6 +141,14 @@ class Scheduler:
             self.ready(fut)
 
     # -- ready ------------------------------------------------------------------
+    def refused(self, uids: Collection[str]) -> None:
+        """The backend no longer knows an upstream of these piped specs: each
+        goes again with its upstreams' values, once their reports are in."""
+        for uid in uids:
+            fut = self._inflight.pop(uid, None)
+            if fut is not None:
+                self.finish_error(fut, UpstreamGone(uid))
+
     def _unpipe(self, fut: TaskFuture) -> None:
         """The adapter could not find a running upstream (it finished before the
         spec arrived): submit again, with the upstreams' values."""
