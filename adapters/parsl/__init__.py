@@ -31,49 +31,41 @@ Why the adapter looks the way it does:
   refuses an impossible request at once, and the job watched, reported and
   cancelled through :class:`asyncflow.slurm.BatchJobs`.
 
-The adapter is split by job:
+The adapter is a few collaborators sharing one explicit state object:
 
 ``backend``
-    :class:`ParslExecutionBackend`: construction, what the executors can do,
-    start, the interchange watch, cancel and shutdown;
+    :class:`ParslExecutionBackend`, the protocol class: construction, start and
+    shutdown, and delegation to the parts below;
+``state``
+    the bookkeeping they share (sink, DFK, tasks in flight, cancelled tasks);
 ``runtime``
-    one DataFlowKernel shared by the backends built on it: loading it, waiting
-    for workers, cleaning it up and reaping its worker blocks;
+    one DataFlowKernel shared by the backends built on it: choosing and loading
+    it, waiting for workers, cleaning it up and reaping its worker blocks;
 ``config``
     ``local_htex_config``, ``QuietFileLogging`` and the PATH HTEX needs;
 ``slurm``
     the page's HPC dict translated into a Slurm configuration, and the Slurm
     side of such a backend (preflight, interchange address, its jobs);
 ``executors``
-    what asyncflow knows about each Parsl executor and the resources it offers;
+    what asyncflow knows about each Parsl executor, the resources it offers
+    and the capabilities that follow;
 ``submit``
     specs turned into ``dfk.submit`` calls, with packed arguments and resource
     specifications;
 ``results``
     the ``AppFuture`` done callback and Parsl's failures translated into
-    asyncflow's errors;
+    asyncflow's errors; executors that can run no more tasks (a dead
+    interchange, an ended Slurm job) failing their tasks at once;
 ``worker``
     what runs in Parsl workers, imported there by this path;
 ``cancel``
     both ends of the same-host cancel channel: marker files, the driver's
-    control thread and each worker process's listener;
-``base``
-    the state the parts above share.
+    control thread and each worker process's listener.
 """
 
 from __future__ import annotations
 
-from .backend import _WATCH_PERIOD as _WATCH_PERIOD
-from .backend import DEFAULT_CAPABILITIES as DEFAULT_CAPABILITIES
 from .backend import ParslExecutionBackend
 from .config import QuietFileLogging, local_htex_config
-
-# The old single module's names stay importable from here.  Each is defined once,
-# in the module named; patch it there, not here.
-from .config import _fix_path as _fix_path
-from .runtime import _BROKEN_CLEANUP as _BROKEN_CLEANUP
-from .worker import _run_command as _run_command
-from .worker import _run_inproc as _run_inproc
-from .worker import _run_packed as _run_packed
 
 __all__ = ["ParslExecutionBackend", "QuietFileLogging", "local_htex_config"]

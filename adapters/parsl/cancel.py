@@ -1,14 +1,15 @@
 """Cancelling on this host, both ends: ``AppFuture.cancel`` raises
 ``NotImplementedError`` upstream, so the adapter arranges it itself.
 
-The driver's :class:`_Control` writes a marker file per cancelled task (checked
+The driver's :class:`Control` writes a marker file per cancelled task (checked
 by the worker before it starts anything) and sends a datagram to every worker
 process of this DFK.  In each worker process a listener thread, started by the
 first task it runs (see ``worker``), calls :func:`asyncflow.worker.kill_command`
 for a running executable or kills its own process for a running function (HTEX
 restarts lost workers).  Workers on other hosts are out of reach, and the
 capabilities say so.  Executors in the driver process (Parsl's
-ThreadPoolExecutor) use an in-process set of markers instead.
+ThreadPoolExecutor) use an in-process set of markers instead.  A backend's
+:class:`Canceller` decides, per task, which of the two ways applies.
 
 The worker end keeps its per-process state (the function running now, the
 commands starting, the directories listened for) at module level; workers
@@ -28,10 +29,15 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ...worker import kill_command
-from .base import log
+
+if TYPE_CHECKING:
+    from .state import State
+
+log = logging.getLogger("asyncflow.parsl")
 
 # -- worker end ---------------------------------------------------------------
 
@@ -40,7 +46,43 @@ _W_STARTING: set[str] = set()  # executables past their marker check, not yet do
 _W_FUNCTION: list[str | None] = [None]  # the function this process runs right now
 _W_LISTENING: set[str] = set()  # control dirs this process listens for
 _INPROC_CANCELLED: set[str] = set()  # markers for executors in the driver process
-_INPROC = ""  # control "dir" meaning: the task runs in the driver process
+INPROC = ""  # control "dir" meaning: the task runs in the driver process
+
+
+class Cancelled(Exception):
+    """A cancelled task reached a worker; it never reaches the user."""
+
+
+@contextlib.contextmanager
+def command_slot(ctl: str | None, key: str) -> Iterator[None]:
+    """Run an executable's task unless it was cancelled; while it starts and
+    runs, a cancellation kills its command."""
+    listen(ctl)
+    with _W_LOCK:
+        _W_STARTING.add(key)
+    try:
+        if is_cancelled(ctl, key):
+            raise Cancelled(key)
+        yield
+    finally:
+        with _W_LOCK:
+            _W_STARTING.discard(key)
+
+
+@contextlib.contextmanager
+def function_slot(ctl: str | None, key: str) -> Iterator[None]:
+    """Run a function task unless it was cancelled; while it runs, a
+    cancellation kills this worker process."""
+    listen(ctl)
+    with _W_LOCK:
+        if is_cancelled(ctl, key):
+            raise Cancelled(key)
+        _W_FUNCTION[0] = key
+    try:
+        yield
+    finally:
+        with _W_LOCK:
+            _W_FUNCTION[0] = None
 
 
 def _marker(ctl: str, key: str) -> str:
@@ -52,15 +94,15 @@ def _address(ctl: str, pid: int) -> bytes:
     return f"\0asyncflow-parsl-{digest}-{pid}".encode()
 
 
-def _is_cancelled(ctl: str | None, key: str) -> bool:
+def is_cancelled(ctl: str | None, key: str) -> bool:
     if ctl is None:
         return False
-    if ctl == _INPROC:
+    if ctl == INPROC:
         return key in _INPROC_CANCELLED
     return os.path.exists(_marker(ctl, key))
 
 
-def _listen(ctl: str | None) -> None:
+def listen(ctl: str | None) -> None:
     """Start this worker process's cancel listener for ``ctl`` (once)."""
     if not ctl or ctl in _W_LISTENING:
         return
@@ -76,9 +118,7 @@ def _listen(ctl: str | None) -> None:
             with open(os.path.join(ctl, "workers", str(os.getpid())), "w"):
                 pass
         except OSError:
-            logging.getLogger("asyncflow.parsl").warning(
-                "cannot listen for cancellations in %s", ctl, exc_info=True
-            )
+            log.warning("cannot listen for cancellations in %s", ctl, exc_info=True)
             return
         threading.Thread(
             target=_serve, args=(sock,), daemon=True, name="asyncflow-parsl-cancel"
@@ -171,7 +211,7 @@ def _feeders_idle() -> bool:
 # -- driver end ---------------------------------------------------------------
 
 
-class _Control:
+class Control:
     """Delivers cancellations to worker processes on this host.
 
     Marker files tell a task that has not started to skip itself; a datagram to
@@ -269,3 +309,52 @@ class _Control:
         if thread is not None:
             self._queue.put(None)
             thread.join()
+
+
+class Canceller:
+    """A backend's cancellations, routed by where each task runs: an in-process
+    marker for the driver's threads, the :class:`Control` channel for worker
+    processes on this host; tasks elsewhere are only forgotten."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: State):
+        self._state = state
+
+    def cancel(self, uids: Sequence[str]) -> None:
+        state = self._state
+        tasks = state.tasks
+        mark: list[str] = []
+        kill: list[str] = []
+        inproc: list[str] = []
+        for uid in uids:
+            task = tasks.pop(uid, None)
+            if task is None:
+                continue
+            state.cancelled[uid] = task
+            profile = state.profiles[task.label]
+            if profile.in_process:
+                inproc.append(task.key)
+            elif profile.local:
+                mark.append(task.key)
+                if task.command or state.kill_functions:
+                    kill.append(task.key)
+        if inproc:
+            _INPROC_CANCELLED.update(inproc)
+            _kill_here(inproc, functions=False)  # threads cannot be killed
+        control = state.runtime.control
+        if mark and control is not None:
+            control.cancel(mark, kill)
+
+    def forget(self, uid: str) -> None:
+        """A cancelled task finally ended in Parsl: drop its marker."""
+        state = self._state
+        task = state.cancelled.pop(uid, None)
+        if task is None:
+            return
+        if state.profiles[task.label].in_process:
+            _INPROC_CANCELLED.discard(task.key)
+        else:
+            control = state.runtime.control
+            if control is not None:
+                control.forget([task.key])

@@ -5,7 +5,7 @@ directory lives in a temp dir that shutdown removes, with Parsl logging at
 WARNING: Parsl's defaults (DEBUG, ``./runinfo``) write 100+ MB per benchmark.
 HTEX finds ``process_worker_pool.py`` and ``interchange.py`` on PATH, which a
 venv used without activation lacks: the default configuration sets PATH in
-``worker_init``, and ``_fix_path`` puts this interpreter's ``bin/`` on PATH
+``worker_init``, and ``fix_path`` puts this interpreter's ``bin/`` on PATH
 before any other configuration is loaded.
 """
 
@@ -141,7 +141,7 @@ def one_block_config(
     )
 
 
-def _fix_path(executors: Iterable[ParslExecutor]) -> None:
+def fix_path(executors: Iterable[ParslExecutor]) -> None:
     """HTEX finds its programs on PATH; a venv used without activation lacks them."""
     if not any(isinstance(e, HighThroughputExecutor) for e in executors):
         return

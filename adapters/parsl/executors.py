@@ -1,12 +1,12 @@
 """What asyncflow knows about each Parsl executor, and the resources it offers.
 
-A :class:`_Profile` records where an executor runs its tasks (in the driver
+A :class:`Profile` records where an executor runs its tasks (in the driver
 process, in worker processes on this host, or elsewhere), how many task slots it
-has and what one slot offers.  The backend's capabilities and its way of
-cancelling follow from it.  A task's ``resources`` are checked against one
-worker slot (HTEX, thread pool), so that a request that does not fit fails at
-once with ResourceUnavailableError naming the task, or translated into a
-``parsl_resource_specification`` (WorkQueue, TaskVine, MPI).
+has and what one slot offers.  The backend's capabilities (:func:`describe`)
+and its way of cancelling follow from it.  A task's ``resources`` are checked
+against one worker slot (HTEX, thread pool), so that a request that does not
+fit fails at once with ResourceUnavailableError naming the task, or translated
+into a ``parsl_resource_specification`` (WorkQueue, TaskVine, MPI).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import parsl
 from parsl.executors import HighThroughputExecutor
 from parsl.executors import ThreadPoolExecutor as ParslThreadPoolExecutor
 from parsl.executors.base import ParslExecutor
@@ -23,10 +25,29 @@ from parsl.launchers import SimpleLauncher, SingleNodeLauncher
 from parsl.providers import LocalProvider
 
 from ...errors import ResourceUnavailableError
+from ...protocol import BackendInfo, Capabilities, Capability
 from ...spec import Resources
 
+C = Capability
+NO_GPUS = "no accelerators configured (available_accelerators)"
 
-class _Profile:
+#: What ``ParslExecutionBackend()`` (the local HTEX) declares; other configs vary.
+DEFAULT_CAPABILITIES = Capabilities.of(
+    C.CANCEL_QUEUED,
+    C.CANCEL_RUNNING,
+    C.EXECUTABLES,
+    C.FUNCTIONS,
+    C.KILL_EXECUTABLES,
+    C.LARGE_PAYLOADS,
+    C.PARALLEL,
+    C.RESOURCES,
+    C.SERIALIZES,
+    gpus=NO_GPUS,
+    reports_running="Parsl tells the driver only how a task ended",
+)
+
+
+class Profile:
     """What asyncflow knows about one Parsl executor."""
 
     __slots__ = (
@@ -145,3 +166,72 @@ def _physical_memory_mb() -> float | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def describe(
+    profiles: dict[str, Profile], label: str, routable: bool, kill_functions: bool
+) -> BackendInfo:
+    """What a backend sending tasks to ``label`` (or, ``routable``, to any of
+    ``profiles``) can promise: only what every executor in reach can do."""
+    scope = list(profiles.values()) if routable else [profiles[label]]
+    caps = {C.FUNCTIONS, C.EXECUTABLES, C.LARGE_PAYLOADS}
+    absent: dict[str, str] = {
+        "reports_running": "Parsl tells the driver only how a task ended"
+    }
+    if sum(p.slots for p in scope) >= 2:
+        caps.add(C.PARALLEL)
+    else:
+        absent["parallel"] = "the executor has a single worker slot"
+    if all(p.in_process for p in scope):
+        absent["serializes"] = "Parsl's ThreadPoolExecutor runs tasks in the driver"
+    elif not any(p.in_process for p in scope):
+        caps.add(C.SERIALIZES)
+    else:
+        absent["serializes"] = "some executors run tasks in the driver process"
+    _cancelling(scope, kill_functions, caps, absent)
+    if all(p.checks() for p in scope):
+        caps.add(C.RESOURCES)
+    else:
+        absent["resources"] = "an executor takes no resource specification"
+    if all(p.gpus != 0 for p in scope):
+        caps.add(C.GPUS)
+    else:
+        absent["gpus"] = NO_GPUS
+    return BackendInfo(
+        name=f"parsl-{label}",
+        runtime=f"parsl {profiles[label].kind}",
+        runtime_version=parsl.__version__,
+        capabilities=Capabilities.of(*sorted(caps, key=lambda c: c.value), **absent),
+    )
+
+
+def _cancelling(
+    scope: Sequence[Profile],
+    kill_functions: bool,
+    caps: set[Capability],
+    absent: dict[str, str],
+) -> None:
+    """Cancelling reaches only worker processes on this host (see ``cancel``)."""
+    if all(p.local for p in scope):
+        caps.update((C.KILL_EXECUTABLES, C.CANCEL_QUEUED))
+    else:
+        absent["cancel_queued"] = (
+            "Parsl cannot take back a task its interchange holds, and the "
+            "cancel marks of workers on other hosts are out of the driver's reach"
+        )
+        absent["kill_executables"] = (
+            "AppFuture.cancel is not implemented in Parsl and workers on other "
+            "hosts are out of the driver's reach; the engine abandons the task"
+        )
+    if all(p.local and not p.in_process for p in scope) and kill_functions:
+        caps.add(C.CANCEL_RUNNING)
+    elif any(p.in_process for p in scope):
+        absent["cancel_running"] = (
+            "a running Parsl ThreadPoolExecutor thread "
+            "cannot be interrupted; its result is dropped"
+        )
+    else:
+        absent["cancel_running"] = (
+            "AppFuture.cancel is not implemented in Parsl; the worker cannot be "
+            "reached (remote) or killing it was disabled"
+        )

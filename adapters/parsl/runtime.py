@@ -1,6 +1,6 @@
 """One DataFlowKernel's life: loading it, sharing it and cleaning up after it.
 
-The backends built on one DFK (``per_executor``) share a :class:`_Runtime`,
+The backends built on one DFK (``per_executor``) share a :class:`Runtime`,
 which loads the DFK on first use and, if it was loaded here, cleans it up when
 the last of them shuts down; a DFK the caller passed in stays up.  The DFK is
 built directly (not with ``parsl.load``), so a user's global DFK stays
@@ -9,19 +9,19 @@ blocks' process groups are reaped, and a DFK whose HTEX interchange died gets a
 time limit, because Parsl's own cleanup then blocks forever.  A runtime built
 from the page's HPC dict also owns its Slurm side (``slurm.SlurmBlocks``):
 started before the DFK loads, closed after Parsl's cleanup, so that no job is
-left in the queue even if Parsl's own ``scancel`` failed.
+left in the queue even if Parsl's own ``scancel`` failed.  :func:`runtime_for`
+picks the runtime a ``ParslExecutionBackend(config)`` runs on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import parsl
 from parsl.config import Config
@@ -30,15 +30,15 @@ from parsl.executors import HighThroughputExecutor
 from parsl.executors.base import ParslExecutor
 from parsl.providers import LocalProvider
 
-from ...errors import BackendStartError, EngineClosedError
-from ...worker import kill_listed, pid_dir_under
-from .base import log
-from .cancel import _Control
-from .config import _fix_path
-from .executors import _Profile
-
-if TYPE_CHECKING:
-    from .slurm import SlurmBlocks
+from ...errors import BackendStartError, EngineClosedError, TaskDefinitionError
+from ...hpc import is_allocation
+from ...worker import COMMAND_PIDS_ENV
+from ..toolkit import Scratch
+from .cancel import Control
+from .config import fix_path, local_htex_config
+from .executors import Profile
+from .slurm import SlurmBlocks
+from .state import log
 
 _INTERNAL = "_parsl_internal"
 #: How long cleaning up may wait for a DFK whose interchange died (Parsl's own
@@ -46,7 +46,7 @@ _INTERNAL = "_parsl_internal"
 _BROKEN_CLEANUP = 5.0
 
 
-class _Runtime:
+class Runtime:
     """One DataFlowKernel, shared by the backends built on it.
 
     ``owned``: the DFK was loaded here and is cleaned up when the last backend
@@ -57,20 +57,20 @@ class _Runtime:
         self,
         config: Config | None,
         dfk: DataFlowKernel | None,
-        tmpdir: str | None,
+        scratch: Scratch | None,
         wait_for_workers: float | None,
         batch: SlurmBlocks | None = None,
     ):
-        self.fix_path = tmpdir is None  # the default config brings its own PATH
+        self.fix_path = scratch is None  # the default config brings its own PATH
         self.config = config
         self.dfk = dfk
         self.owned = dfk is None
-        self.tmpdir = tmpdir
+        self.scratch = scratch  # the default config's run dir and command list
         self.wait_for_workers = wait_for_workers
         self.users = 0
         self.closed = False
         self._lock = threading.Lock()
-        self.control: _Control | None = None
+        self.control: Control | None = None
         self.batch = batch
 
     @property
@@ -92,19 +92,19 @@ class _Runtime:
                 except BaseException:
                     self.users -= 1
                     self.closed = True  # a Config cannot be loaded twice
-                    self._discard()
+                    self.discard()
                     raise
             assert self.dfk is not None
-            profiles = [_Profile(e) for e in self.executors]
+            profiles = [Profile(e) for e in self.executors]
             if self.control is None and any(
                 p.local and not p.in_process for p in profiles
             ):
-                self.control = _Control(os.path.join(self.dfk.run_dir, "asyncflow-ctl"))
+                self.control = Control(os.path.join(self.dfk.run_dir, "asyncflow-ctl"))
 
     def _load(self) -> None:
         assert self.config is not None
         if self.fix_path:
-            _fix_path(self.config.executors)
+            fix_path(self.config.executors)
         if self.batch is not None:
             self.batch.start()  # raises with Slurm's reason for an impossible job
         try:
@@ -162,7 +162,7 @@ class _Runtime:
     def _cleanup(self) -> None:
         dfk = self.dfk
         if dfk is None:
-            self._discard()
+            self.discard()
             return
         groups = _local_block_groups(dfk)
         broken = False
@@ -175,25 +175,70 @@ class _Runtime:
             # Without an interchange the blocks' managers would wait out their
             # heartbeat threshold: stop them now.
             _reap(groups, grace=0.0 if broken else 5.0)
-            self._discard()
+            self.discard()
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
         """Release what this runtime owns besides the DFK: its Slurm jobs
-        (after Parsl's cleanup, which cancels them first), then its temp dir."""
+        (after Parsl's cleanup, which cancels them first), then its temp dir,
+        killing the commands still listed there: the blocks are gone, so such
+        a command lost its worker."""
         try:
             if self.batch is not None:
                 self.batch.close()
         finally:
-            self._remove_tmpdir()
-
-    def _remove_tmpdir(self) -> None:
-        if self.tmpdir is not None:
-            # The blocks are gone: a command still listed lost its worker.
-            kill_listed(pid_dir_under(self.tmpdir))
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            if self.scratch is not None:
+                self.scratch.close()
 
 
-def _dead_interchanges(
+def runtime_for(
+    config: Config | DataFlowKernel | Mapping[str, Any] | None,
+    max_workers: int,
+    wait_for_workers: float | None,
+) -> Runtime:
+    """The runtime a ``ParslExecutionBackend(config)`` runs on: the default local
+    HTEX, a loaded DFK, a Config, or the page's HPC dict translated by ``slurm``."""
+    if config is None:
+        return _default_runtime(max_workers, wait_for_workers)
+    if isinstance(config, DataFlowKernel):
+        if config.cleanup_called:
+            raise TaskDefinitionError("this Parsl DataFlowKernel was cleaned up")
+        return Runtime(None, config, None, None)
+    if isinstance(config, Config):
+        return Runtime(config, None, None, wait_for_workers)
+    if is_allocation(config):
+        assert isinstance(config, Mapping)
+        batch = SlurmBlocks(config)
+        return Runtime(batch.config, None, None, wait_for_workers, batch=batch)
+    raise TaskDefinitionError(
+        "ParslExecutionBackend takes the page's HPC dict ({'resource': "
+        "'slurm', ...}), a parsl.config.Config, a loaded DataFlowKernel or "
+        f"nothing, got {type(config).__name__}"
+    )
+
+
+def _default_runtime(max_workers: int, wait_for_workers: float | None) -> Runtime:
+    """A local HTEX whose run dir, worker temp dir and command list live in one
+    scratch dir that the runtime removes."""
+    scratch = Scratch()
+    tmpdir = scratch.make("asyncflow-parsl-")
+    worker_tmp = os.path.join(tmpdir, "tmp")
+    try:
+        cfg = local_htex_config(
+            os.path.join(tmpdir, "runinfo"),
+            max_workers=max_workers,
+            # unix socket paths below it must stay under 108 bytes
+            worker_tmpdir=worker_tmp if len(worker_tmp) <= 60 else None,
+            command_pids=scratch.command_env()[COMMAND_PIDS_ENV],
+        )
+    except BaseException:
+        scratch.close()
+        raise
+    return Runtime(
+        cfg, None, scratch, 60.0 if wait_for_workers is None else wait_for_workers
+    )
+
+
+def dead_interchanges(
     dfk: DataFlowKernel,
 ) -> list[tuple[HighThroughputExecutor, int]]:
     """The HTEX executors of ``dfk`` whose interchange process has exited, with
@@ -229,7 +274,7 @@ def _bounded_cleanup(dfk: DataFlowKernel) -> bool:
         target=dfk.cleanup, name="asyncflow-parsl-cleanup", daemon=True
     )
     thread.start()
-    while thread.is_alive() and not _dead_interchanges(dfk):
+    while thread.is_alive() and not dead_interchanges(dfk):
         thread.join(0.1)
     if not thread.is_alive():
         return False

@@ -62,8 +62,8 @@ from parsl.providers import SlurmProvider
 from ...errors import TaskDefinitionError
 from ...hpc import SLURM, Allocation
 from ...slurm import BatchJobs, driver_address, preflight
-from .base import log
 from .config import driver_python_lines, interchange_command, one_block_config
+from .state import log
 
 WHO = "ParslExecutionBackend"
 #: keys Parsl takes besides the page's

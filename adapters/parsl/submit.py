@@ -15,11 +15,9 @@ specification (see ``executors``).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
-
-import cloudpickle
 
 from ...errors import (
     BackendError,
@@ -29,23 +27,31 @@ from ...errors import (
     TaskDefinitionError,
 )
 from ...spec import DEFAULT_RESOURCES, TaskSpec
-from ...worker import dumps_function
-from .base import _Task
-from .cancel import _INPROC
-from .executors import _Profile
-from .results import _ResultsMixin
-from .worker import _run_command, _run_inproc, _run_packed
+from ..toolkit import FunctionCache, pack
+from .cancel import INPROC
+from .executors import Profile
+from .state import State, Task
+from .worker import command_task, inproc_task, packed_task
+
+#: who the serialisation errors say could not be reached
+_RUNTIME = "Parsl workers"
 
 
-class _SubmitMixin(_ResultsMixin):
-    """``submit`` and everything between a spec and its ``dfk.submit`` call."""
+class Submitter:
+    """Everything between a spec and its ``dfk.submit`` call."""
 
-    # -- submission --------------------------------------------------------------
+    __slots__ = ("_done", "_state", "functions")
+
+    def __init__(self, state: State, done: Callable[[Future[Any]], None]):
+        self._state = state
+        self._done = done  # every AppFuture's done callback
+        self.functions = FunctionCache(_RUNTIME)
+
     def submit(self, specs: Sequence[TaskSpec]) -> None:
-        sink = self._sink
-        dfk = self._dfk
+        state = self._state
+        sink, dfk = state.sink, state.dfk
         assert sink is not None and dfk is not None
-        if self._closed or dfk.cleanup_called:
+        if state.life.closed or dfk.cleanup_called:
             for spec in specs:
                 sink.set_exception(
                     spec.uid,
@@ -54,95 +60,83 @@ class _SubmitMixin(_ResultsMixin):
                     ),
                 )
             return
-        control = self._runtime.control
-        ctl = control.ctl if control is not None else None
-        tasks = self._tasks
-        token = self._token
-        counter = self._counter
-        dsubmit = dfk.submit
-        done = self._done
-        default = self._label
-        profiles = self._profiles
         for spec in specs:
-            uid = spec.uid
-            options = spec.options
-            label = default
-            if options and self._routable and "executor" in options:
-                label = options["executor"]
             try:
-                profile = profiles[label]
-            except (KeyError, TypeError):
-                sink.set_exception(
-                    uid,
-                    TaskDefinitionError(
-                        f"task {spec.name!r}: options['executor']={label!r} is not "
-                        "an executor of this Parsl configuration; it has "
-                        f"{sorted(profiles)}"
-                    ),
-                )
+                label, profile = self._route(spec)
+                app_kwargs = self._app_kwargs(spec, profile)
+            except (ResourceUnavailableError, TaskDefinitionError) as exc:
+                sink.set_exception(spec.uid, exc)
                 continue
-            if (
-                spec.resources is DEFAULT_RESOURCES
-                and not profile.mpi
-                and not (options and "parsl_resource_specification" in options)
-            ):
-                app_kwargs: dict[str, Any] = {}
-            else:
-                try:
-                    app_kwargs = self._app_kwargs(spec, profile)
-                except (ResourceUnavailableError, TaskDefinitionError) as exc:
-                    sink.set_exception(uid, exc)
-                    continue
-            key = f"{token}.{next(counter)}"
-            try:
-                packed = False
-                if spec.command is not None:
-                    fn: Callable[..., Any] = _run_command
-                    args: tuple[Any, ...] = (
-                        spec.command,
-                        key,
-                        spec.name,
-                        _INPROC
-                        if profile.in_process
-                        else ctl
-                        if profile.local
-                        else None,
-                    )
-                elif profile.in_process:
-                    fn = _run_inproc
-                    args = (
-                        spec.function,
-                        spec.args,
-                        spec.kwargs,
-                        spec.is_async,
-                        spec.name,
-                        key,
-                    )
-                else:
-                    fn = _run_packed
-                    args = (self._pack(spec, key, ctl if profile.local else None),)
-                    packed = True
-                fut = dsubmit(fn, args, [label], False, None, app_kwargs)
-            except SerializationError as exc:
-                sink.set_exception(uid, exc)
-                continue
-            except Exception as exc:
-                sink.set_exception(
-                    uid,
-                    BackendError(
-                        f"task {spec.name!r}: Parsl refused it ({type(exc).__name__}: "
-                        f"{exc})"
-                    ),
-                )
-                continue
-            fut._asyncflow_uid = uid  # type: ignore[attr-defined]
-            tasks[uid] = _Task(spec.name, key, spec.command is not None, label, packed)
-            fut.add_done_callback(done)
+            self._send(spec, label, profile, app_kwargs)
 
-    def _app_kwargs(self, spec: TaskSpec, profile: _Profile) -> dict[str, Any]:
-        res = spec.resources
+    def _route(self, spec: TaskSpec) -> tuple[str, Profile]:
+        """The executor ``spec`` goes to: the backend's, or the one its options
+        name (unless the backend is bound to one executor)."""
+        state = self._state
+        options = spec.options
+        label = state.label
+        if options and state.routable and "executor" in options:
+            label = options["executor"]
+        try:
+            return label, state.profiles[label]
+        except (KeyError, TypeError):
+            raise TaskDefinitionError(
+                f"task {spec.name!r}: options['executor']={label!r} is not "
+                "an executor of this Parsl configuration; it has "
+                f"{sorted(state.profiles)}"
+            ) from None
+
+    def _send(
+        self, spec: TaskSpec, label: str, profile: Profile, app_kwargs: dict[str, Any]
+    ) -> None:
+        """One ``dfk.submit``; a refusal fails the task, not the batch."""
+        state = self._state
+        assert state.sink is not None and state.dfk is not None
+        key = f"{state.token}.{next(state.counter)}"
+        try:
+            fn, args, packed = self._call(spec, profile, key)
+            fut = state.dfk.submit(fn, args, [label], False, None, app_kwargs)
+        except SerializationError as exc:
+            state.sink.set_exception(spec.uid, exc)
+            return
+        except Exception as exc:
+            state.sink.set_exception(
+                spec.uid,
+                BackendError(
+                    f"task {spec.name!r}: Parsl refused it ({type(exc).__name__}: "
+                    f"{exc})"
+                ),
+            )
+            return
+        fut._asyncflow_uid = spec.uid  # type: ignore[attr-defined]
+        command = spec.command is not None
+        state.tasks[spec.uid] = Task(spec.name, key, command, label, packed)
+        fut.add_done_callback(self._done)
+
+    def _call(
+        self, spec: TaskSpec, profile: Profile, key: str
+    ) -> tuple[Callable[..., Any], tuple[Any, ...], bool]:
+        """The worker function, its arguments, and whether its result comes
+        back pickled; the cancel channel follows where the executor runs."""
+        control = self._state.runtime.control
+        ctl = control.ctl if control is not None and profile.local else None
+        if spec.command is not None:
+            where = INPROC if profile.in_process else ctl
+            return command_task, (spec.command, key, spec.name, where), False
+        if profile.in_process:
+            args = (spec.function, spec.args, spec.kwargs, spec.is_async, spec.name)
+            return inproc_task, (*args, key), False
+        blob = self.functions.blob(spec)
+        item = (blob, spec.args, spec.kwargs, spec.is_async, spec.name, key, ctl)
+        return packed_task, (pack(item, spec, _RUNTIME, blob),), True
+
+    def _app_kwargs(self, spec: TaskSpec, profile: Profile) -> dict[str, Any]:
+        """Parsl's ``parsl_resource_specification`` for ``spec``, if any."""
         opts = spec.options
         extra = opts.get("parsl_resource_specification") if opts else None
+        res = spec.resources
+        if res is DEFAULT_RESOURCES and not profile.mpi and extra is None:
+            return {}  # the common case, decided without a call
         if res.is_default and not extra and not profile.mpi:
             return {}
         rspec = profile.resource_spec(res, spec.name)
@@ -160,48 +154,3 @@ class _SubmitMixin(_ResultsMixin):
                 f"({sorted(rspec)})"
             )
         return {"parsl_resource_specification": rspec} if rspec else {}
-
-    def _pickle(self, spec: TaskSpec) -> bytes:
-        fn = spec.function
-        try:
-            return self._pickled[fn]
-        except KeyError:
-            pass
-        except TypeError:  # unhashable callable
-            return self._dumps(spec)
-        blob = self._pickled[fn] = self._dumps(spec)
-        return blob
-
-    @staticmethod
-    def _dumps(spec: TaskSpec) -> bytes:
-        try:
-            assert spec.function is not None
-            return dumps_function(spec.function)
-        except Exception as exc:
-            raise SerializationError(
-                f"task {spec.name!r}: its function cannot be serialised for Parsl "
-                f"workers ({type(exc).__name__}: {exc}); define it at module level "
-                "and do not capture locks, sockets or open files"
-            ) from exc
-
-    def _pack(self, spec: TaskSpec, key: str, ctl: str | None) -> bytes:
-        blob = self._pickle(spec)
-        item = (blob, spec.args, spec.kwargs, spec.is_async, spec.name, key, ctl)
-        try:
-            # The C pickler first: cloudpickle costs more per call than a no-op
-            # task's whole payload.  Anything it would pin to the driver's
-            # __main__ by name goes through cloudpickle, which ships it by value.
-            data = pickle.dumps(item, protocol=5)
-            if b"__main__" not in data or (
-                data.count(b"__main__") == blob.count(b"__main__")
-            ):
-                return data
-        except Exception:
-            pass
-        try:
-            return cloudpickle.dumps(item, protocol=5)
-        except Exception as exc:
-            raise SerializationError(
-                f"task {spec.name!r}: an argument cannot be serialised for Parsl "
-                f"workers ({type(exc).__name__}: {exc}); pass plain data"
-            ) from exc

@@ -31,9 +31,9 @@ from asyncflow import (
 from asyncflow.adapters.parsl import (
     ParslExecutionBackend,
     QuietFileLogging,
-    _fix_path,
     local_htex_config,
 )
+from asyncflow.adapters.parsl.config import fix_path
 from asyncflow.conformance import BackendFixtures, ConformanceSuite, Gate
 from asyncflow.conformance import tasks as t
 
@@ -308,5 +308,5 @@ def test_path_gets_the_interpreters_bin(monkeypatch: pytest.MonkeyPatch) -> None
         p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != bindir
     )
     monkeypatch.setenv("PATH", path or "/usr/bin")
-    _fix_path([HighThroughputExecutor(label="x", address="127.0.0.1")])
+    fix_path([HighThroughputExecutor(label="x", address="127.0.0.1")])
     assert os.environ["PATH"].split(os.pathsep)[0] == bindir
