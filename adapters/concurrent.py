@@ -36,14 +36,14 @@ from .._util import run_in_thread
 from ..errors import (
     EngineClosedError,
     ResourceUnavailableError,
-    SerializationError,
 )
 from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ..spec import TaskSpec
-from ..worker import dumps_function, kill_command, run_spec
+from ..worker import kill_command, run_spec
 from ._awaitable import AwaitableBackend
 from ._processqueue import ProcessQueue, cancel_future
 from ._threadqueue import ThreadQueue
+from .toolkit import FunctionCache
 
 __all__ = ["ConcurrentExecutionBackend", "LocalExecutionBackend", "process_backend"]
 
@@ -115,7 +115,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         # Running pool work the engine cancelled: the pool still runs it, and
         # shutdown must stop it instead of waiting for it.
         self._abandoned: set[Future[Any]] = set()
-        self._pickled: dict[Any, bytes] = {}
+        self._functions = FunctionCache("a process pool")
         self._drain = not self._processes and isinstance(
             self._executor, ThreadPoolExecutor
         )
@@ -158,7 +158,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
                 lambda: self._executor,
                 self._workers,
                 sink,
-                self._pickle,
+                self._functions.blob,
                 self._replace_broken_pool,
             )
 
@@ -226,28 +226,6 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         self._futures.pop(uid, None)
         sink.set_result(uid, value)
 
-    def _pickle(self, spec: TaskSpec) -> bytes:
-        fn = spec.function
-        try:
-            return self._pickled[fn]
-        except KeyError:
-            pass
-        except TypeError:  # unhashable callable object
-            return self._dumps(spec)
-        blob = self._pickled[fn] = self._dumps(spec)
-        return blob
-
-    @staticmethod
-    def _dumps(spec: TaskSpec) -> bytes:
-        try:
-            return dumps_function(spec.function)  # type: ignore[arg-type]
-        except Exception as exc:
-            raise SerializationError(
-                f"task {spec.name!r}: its function cannot be serialised for a "
-                f"process pool ({type(exc).__name__}: {exc}); define it at module "
-                "level and do not capture locks, sockets or open files"
-            ) from exc
-
     def _replace_broken_pool(self) -> None:
         """A dead worker breaks a ProcessPoolExecutor for good; the rest of the
         workflow needs a fresh one."""
@@ -302,7 +280,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
                 for proc in list((getattr(ex, "_processes", None) or {}).values()):
                     proc.kill()
             await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
-        self._pickled.clear()
+        self._functions.clear()
 
 
 def _like(old: Executor, workers: int) -> ProcessPoolExecutor:
