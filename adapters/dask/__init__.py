@@ -33,11 +33,16 @@ advertised, else onto the worker's memory limit.  A request that no connected
 worker could ever meet fails at once with ResourceUnavailableError instead of
 waiting in the scheduler forever.
 
-The adapter is split by job:
+The adapter is a few collaborators sharing one state object, by job:
 
 ``backend``
-    :class:`DaskExecutionBackend`: construction, start (own a LocalCluster or
-    attach to a scheduler), cancel and shutdown;
+    :class:`DaskExecutionBackend`, the protocol: it owns the state and the
+    parts below, and decides the order in which they start and stop;
+``config`` and ``state``
+    what the constructor decided (own a cluster or attach, and the ``info`` to
+    report), and the bookkeeping every part shares;
+``runtime``
+    owning a LocalCluster or attaching a client of our own, and closing them;
 ``slurm`` and ``allocation``
     the page's HPC dict translated into SLURMCluster arguments, and owning that
     cluster: Slurm asked first, its jobs watched, a job that ends failing the
@@ -45,42 +50,21 @@ The adapter is split by job:
 ``submit`` and ``resources``
     batching ready tasks into ``client.map`` calls, piped and scattered
     arguments, and mapping ``Resources`` onto Dask worker resources;
-``results``
-    watching completions, pushed small results, and batched fetches of the
-    values left on the cluster;
+``results`` and ``cancel``
+    watching completions, pushed small results, batched fetches of the values
+    left on the cluster; cancelling in Dask and killing running commands;
 ``values``
     :class:`DaskRemoteValue` and the walks over task arguments (swapping in
     Dask futures, sizing payloads);
 ``worker``
     the functions Dask runs on its workers, imported there by this path;
 ``errors``
-    Dask's failures translated into asyncflow's errors;
-``base``
-    the state the parts above share.
+    Dask's failures translated into asyncflow's errors.
 """
 
 from __future__ import annotations
 
-from .backend import CLOSE_TIMEOUT as CLOSE_TIMEOUT
-from .backend import CONNECT_TIMEOUT as CONNECT_TIMEOUT
-from .backend import DEFAULT_CAPABILITIES as DEFAULT_CAPABILITIES
-from .backend import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from .backend import DaskExecutionBackend
-
-# The old single module's names stay importable from here.  Each is defined once,
-# in the module named; patch it there, not here.
-from .results import MAX_GATHERS as MAX_GATHERS
-from .submit import BATCH_BYTES as BATCH_BYTES
-from .submit import SCATTER_BYTES as SCATTER_BYTES
-from .submit import SCATTER_EACH as SCATTER_EACH
-from .submit import SUBMIT_OPTIONS as SUBMIT_OPTIONS
-from .values import MB as MB
 from .values import DaskRemoteValue
-from .worker import KILL_WATCH as KILL_WATCH
-from .worker import PUSH_BYTES as PUSH_BYTES
-from .worker import _kill_on_worker as _kill_on_worker
-from .worker import _push as _push
-from .worker import _run_command as _run_command
-from .worker import _run_function as _run_function
 
 __all__ = ["DaskExecutionBackend", "DaskRemoteValue"]

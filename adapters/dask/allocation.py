@@ -16,16 +16,16 @@ import contextlib
 import os
 import re
 import subprocess
-import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
 
 from ...errors import BackendStartError, TaskDefinitionError
 from ...slurm import BatchJobs, driver_address, preflight
-from .base import _DaskBase, log
-from .errors import _lost_error
+from ..toolkit import lost_error
 from .slurm import WHO, Shape, SlurmPlan, cluster_options, merge, node_shape
+from .state import DaskState, log
 from .worker import CommandReaper
 
 #: seconds a task whose worker died waits for Slurm to say why (BatchJobs polls
@@ -34,14 +34,14 @@ LOST_GRACE = 20.0
 _JOB_ID = re.compile(r"Slurm job (\S+)")
 
 
-def _log_dir() -> str:
+def _log_dir(state: DaskState) -> str:
     """A temp dir for the job logs under the current directory, which the nodes
     share with the login node on a cluster (``/tmp`` is not), as ``sbatch``'s own
     ``slurm-<id>.out`` is; ``/tmp`` if the current directory is read-only."""
     try:
-        return tempfile.mkdtemp(prefix=".asyncflow-dask-", dir=os.getcwd())
+        return state.scratch.make(".asyncflow-dask-", os.getcwd())
     except OSError:
-        return tempfile.mkdtemp(prefix="asyncflow-dask-")
+        return state.scratch.make("asyncflow-dask-")
 
 
 def _submit_error(exc: Exception, shape: Shape, plan: SlurmPlan) -> BackendStartError:
@@ -68,27 +68,39 @@ def _submit_error(exc: Exception, shape: Shape, plan: SlurmPlan) -> BackendStart
     )
 
 
-class _AllocationMixin(_DaskBase):
-    """Owning a SLURMCluster: start it, watch its jobs, fail tasks they take away."""
+class SlurmAllocation:
+    """Owning a SLURMCluster: start it, watch its jobs, fail tasks they take away.
 
-    async def _start_allocation(self) -> None:
-        plan = self._plan
-        assert plan is not None
+    ``cancel`` is the backend's own: a job that ends under it cancels the tasks
+    it takes away as the engine would."""
+
+    def __init__(
+        self, state: DaskState, plan: SlurmPlan, cancel: Callable[[Sequence[str]], None]
+    ):
+        self._state = state
+        self._plan = plan
+        self._cancel = cancel
+        self._jobs: BatchJobs | None = None
+        self._job_ended: asyncio.Event | None = None
+        self._jobs_gone: set[str] = set()
+
+    async def start(self) -> None:
+        plan, state = self._plan, self._state
         self._job_ended = asyncio.Event()
         try:
-            shape, host = await asyncio.to_thread(self._prepare_allocation, plan)
+            shape, host = await asyncio.to_thread(self._prepare, plan)
         except (BackendStartError, TaskDefinitionError):
             raise
         except (OSError, subprocess.SubprocessError) as exc:
             raise BackendStartError(f"{WHO}: cannot ask Slurm: {exc}") from exc
-        self._planned = shape.workers(plan.alloc.nodes)
-        self._info = self._make_info()
+        state.planned = shape.workers(plan.alloc.nodes)
+        state.refresh_info()
         jobs = self._jobs
         assert jobs is not None
-        self._scratch = _log_dir()
+        logs = _log_dir(state)
         opts = merge(
-            cluster_options(plan, shape, host, f"{jobs.prefix}-dask", self._scratch),
-            self._cluster_options,
+            cluster_options(plan, shape, host, f"{jobs.prefix}-dask", logs),
+            state.settings.cluster_options,
         )
         try:
             await self._submit_jobs(opts, plan.alloc.nodes)
@@ -97,16 +109,17 @@ class _AllocationMixin(_DaskBase):
         except Exception as exc:
             raise _submit_error(exc, shape, plan) from exc
 
-    def _prepare_allocation(self, plan: SlurmPlan) -> tuple[Shape, str]:
+    def _prepare(self, plan: SlurmPlan) -> tuple[Shape, str]:
         """Blocking (run in a thread): ask Slurm before anything is queued, then
         start watching the jobs under a name prefix of our own."""
         preflight(plan.alloc, WHO)
         shape = node_shape(plan)
         host = driver_address()
-        report = getattr(self._sink, "set_backend_state", None)
+        report = getattr(self._state.sink, "set_backend_state", None)
+        owner = self._state.owner
         self._jobs = BatchJobs(
             WHO,
-            report=None if report is None else lambda s, d: report(self, s, d),
+            report=None if report is None else lambda s, d: report(owner, s, d),
             lost=self._lost_in_thread,
         )
         self._jobs.start()
@@ -116,25 +129,25 @@ class _AllocationMixin(_DaskBase):
         from dask_jobqueue import SLURMCluster
         from distributed import Client
 
+        state = self._state
         # The engine owns retries: a task whose worker dies fails at once with
         # WorkerLostError instead of being re-run (the scheduler reads its config
         # when it starts, in the first await).
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-            self._cluster = SLURMCluster(asynchronous=True, **opts)
-            await self._cluster
-        log.debug("dask: job script\n%s", self._cluster.job_script())
-        self._cluster.scale(jobs=nodes)
-        await self._cluster  # runs sbatch: its errors surface here
-        self._client = await Client(
-            self._cluster, asynchronous=True, set_as_default=False
-        )
-        await self._client.register_plugin(CommandReaper())
+            cluster = state.cluster = SLURMCluster(asynchronous=True, **opts)
+            await cluster
+        log.debug("dask: job script\n%s", cluster.job_script())
+        cluster.scale(jobs=nodes)
+        await cluster  # runs sbatch: its errors surface here
+        state.client = await Client(cluster, asynchronous=True, set_as_default=False)
+        await state.client.register_plugin(CommandReaper())
 
     # -- jobs that end under the backend -------------------------------------------
     def _lost_in_thread(self, message: str) -> None:
         """BatchJobs' watch thread: hand the news to the loop."""
-        loop = self._loop
-        if loop is None or self._closed:
+        life = self._state.life
+        loop = life.loop
+        if loop is None or life.closed:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             loop.call_soon_threadsafe(self._jobs_lost, message)
@@ -142,25 +155,26 @@ class _AllocationMixin(_DaskBase):
     def _jobs_lost(self, message: str) -> None:
         """A job ended under us: fail every unfinished task, and, once no job is
         left, every task submitted later (Dask would queue them forever)."""
-        if self._closed or self._plan is None:
+        state = self._state
+        if state.life.closed:
             return
         match = _JOB_ID.search(message)
         self._jobs_gone.add(match.group(1) if match else message)
         if len(self._jobs_gone) >= self._plan.alloc.nodes:
-            self._dead = message
+            state.dead = message
         if self._job_ended is not None:
             self._job_ended.set()
-        tasks = list(self._tasks.items())
+        tasks = list(state.tasks.items())
         if not tasks:
             return
         log.warning("dask: %s; failing %d unfinished task(s)", message, len(tasks))
-        self.cancel([uid for uid, _ in tasks])
-        sink = self._sink
+        self._cancel([uid for uid, _ in tasks])
+        sink = state.sink
         assert sink is not None
         for uid, tracked in tasks:
-            sink.set_exception(uid, _lost_error(tracked.name, message))
+            sink.set_exception(uid, lost_error(tracked.name, message))
 
-    async def _why_lost(self) -> None:
+    async def why_lost(self) -> None:
         """A worker died under a task: give Slurm's reason (walltime, node
         failure) a moment to arrive, so that the task fails naming it; a job
         that ended fails the task from ``_jobs_lost`` and cancels this wait."""
@@ -169,7 +183,7 @@ class _AllocationMixin(_DaskBase):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ended.wait(), LOST_GRACE)
 
-    async def _close_jobs(self) -> None:
+    async def close(self) -> None:
         """After the cluster closed: cancel whatever is left of our jobs and wait
         until Slurm lists none, so that shutdown leaves an empty queue."""
         jobs, self._jobs = self._jobs, None

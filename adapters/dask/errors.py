@@ -9,7 +9,6 @@ fix.  Kept in one place so that submission, completions and fetches agree.
 from __future__ import annotations
 
 import asyncio
-import pickle
 from typing import Any
 
 from distributed import Future
@@ -21,9 +20,11 @@ from ...errors import (
     SerializationError,
     WorkerLostError,
 )
+from ..toolkit import is_pickling_error
 
 
-def _translate(exc: BaseException | None, name: str, fut: Future) -> BaseException:
+def task_error(exc: BaseException | None, name: str, fut: Future) -> BaseException:
+    """What a task whose Dask future did not finish fails with."""
     if isinstance(exc, KilledWorker):
         return WorkerLostError(
             f"task {name!r}: the Dask worker running it died ({exc})"
@@ -39,12 +40,13 @@ def _translate(exc: BaseException | None, name: str, fut: Future) -> BaseExcepti
     return exc
 
 
-def _fetch_error(exc: BaseException, fut: Future) -> BaseException:
+def fetch_error(exc: BaseException, fut: Future) -> BaseException:
+    """What awaiting a value left on the cluster fails with."""
     if isinstance(exc, KilledWorker | asyncio.CancelledError):
         return WorkerLostError(
             f"the value of Dask task {fut.key!r} was lost with its worker ({exc})"
         )
-    if _is_pickling_error(exc):
+    if is_pickling_error(exc):
         err = SerializationError(
             f"the result of Dask task {fut.key!r} cannot be serialised "
             f"({type(exc).__name__}: {exc}); return plain data"
@@ -54,26 +56,8 @@ def _fetch_error(exc: BaseException, fut: Future) -> BaseException:
     return exc
 
 
-def _is_pickling_error(exc: BaseException) -> bool:
-    if isinstance(exc, pickle.PicklingError):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return isinstance(exc, TypeError | AttributeError | ValueError) and (
-        "pickle" in text or "serializ" in text
-    )
-
-
-def _lost_error(name: str, message: str) -> WorkerLostError:
-    """A task whose Slurm job ended under it (``message`` says how)."""
-    hint = (
-        "ask for a longer 'walltime' in the dict, or split the work"
-        if "walltime" in message
-        else "retry it (retries=...) or look at the job's log"
-    )
-    return WorkerLostError(f"task {name!r}: {message}; {hint}")
-
-
-def _start_error(exc: Exception, target: Any, owned: bool) -> Exception:
+def start_error(exc: Exception, target: Any, owned: bool) -> Exception:
+    """A failed start, saying which runtime would not come up and why."""
     if isinstance(exc, BackendStartError | EngineClosedError):
         return exc
     if owned:
@@ -91,3 +75,17 @@ def _start_error(exc: Exception, target: Any, owned: bool) -> Exception:
         f"could not connect to the Dask scheduler at {where}: "
         f"{type(exc).__name__}: {exc}; is `dask scheduler` running there?"
     )
+
+
+def submit_error(name: str, exc: Exception) -> BaseException:
+    """``client.map`` refused a task: Dask's pickling failures, made to say
+    what to change."""
+    if not is_pickling_error(exc):
+        return exc
+    err = SerializationError(
+        f"task {name!r}: an argument cannot be serialised for Dask "
+        f"({type(exc).__name__}: {exc}); pass plain data, or define its "
+        "types at module level"
+    )
+    err.__cause__ = exc
+    return err

@@ -9,13 +9,16 @@ and one the cache cannot meet is checked again against a fresh list first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from ...errors import ResourceUnavailableError
 from ...spec import Resources, TaskSpec
-from .base import _DaskBase, _Worker
+from .state import DaskState, WorkerCapacity
 from .values import MB
 
 
-class _Unknown(Exception):
+class StaleWorkers(Exception):
     """The cached worker list cannot meet a request; refresh and ask again."""
 
 
@@ -28,24 +31,50 @@ def _describe(res: Resources) -> str:
     return ", ".join(parts)
 
 
-class _ResourcesMixin(_DaskBase):
+def _fits(w: WorkerCapacity, want: dict[str, float], res: Resources) -> bool:
+    return (
+        all(w.resources.get(k, 0) >= v for k, v in want.items())
+        and ("CPU" in want or w.nthreads >= res.cores)
+        and (
+            "MEMORY" in want
+            or not res.memory
+            or not w.memory_limit
+            or w.memory_limit >= res.memory * MB
+        )
+    )
+
+
+class ResourceChecker:
     """The worker list, and matching requests against it."""
 
-    async def _refresh_workers(self) -> None:
-        client = self._client
+    def __init__(self, state: DaskState):
+        self._state = state
+        self._refreshing: asyncio.Future[None] | None = None
+
+    async def refresh(self) -> None:
+        """Ask the scheduler for its workers now."""
+        state = self._state
+        client = state.client
         assert client is not None
         ident = await client.scheduler.identity(n_workers=-1)
-        self._workers = [_Worker(w) for w in ident.get("workers", {}).values()]
-        self._info = self._make_info()
+        state.workers = [WorkerCapacity(w) for w in ident.get("workers", {}).values()]
+        state.refresh_info()
 
-    # -- resources -----------------------------------------------------------------
-    def _dask_resources(
+    async def refresh_shared(self) -> None:
+        """One refresh for every caller waiting on one; its failure is theirs
+        to ignore (the cached list stands)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self.refresh())
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._refreshing)
+
+    def dask_resources(
         self, spec: TaskSpec, final: bool = False
     ) -> dict[str, float] | None:
         """Dask resources for ``spec``; raises if no worker could ever run it.
 
-        Raises ``_Unknown`` when the cached worker list says no but a fresh one
-        might say yes (``final`` is False), so the caller refreshes first.
+        Raises ``StaleWorkers`` when the cached worker list says no but a fresh
+        one might say yes (``final`` is False), so the caller refreshes first.
         """
         res = spec.resources
         if res.ranks > 1:
@@ -54,7 +83,7 @@ class _ResourcesMixin(_DaskBase):
                 "backend has no MPI launcher; use a backend with MPI support"
             )
         # Before an allocation's workers connect, check against those it brings.
-        workers = self._workers or self._planned
+        workers = self._state.workers or self._state.planned
         want: dict[str, float] = {}
         if any("CPU" in w.resources for w in workers):
             want["CPU"] = res.cores
@@ -64,27 +93,23 @@ class _ResourcesMixin(_DaskBase):
             want["MEMORY"] = res.memory * MB
         if not workers:
             return want or None  # nobody to ask yet (an adaptive cluster scaling up)
-        for w in workers:
-            if (
-                all(w.resources.get(k, 0) >= v for k, v in want.items())
-                and ("CPU" in want or w.nthreads >= res.cores)
-                and (
-                    "MEMORY" in want
-                    or not res.memory
-                    or not w.memory_limit
-                    or w.memory_limit >= res.memory * MB
-                )
-            ):
-                return want or None
+        if any(_fits(w, want, res) for w in workers):
+            return want or None
         if not final:
-            raise _Unknown
+            raise StaleWorkers
+        raise self._unavailable(spec, workers)
+
+    def _unavailable(
+        self, spec: TaskSpec, workers: list[WorkerCapacity]
+    ) -> ResourceUnavailableError:
+        res = spec.resources
         best = max(workers, key=lambda w: (w.nthreads, w.memory_limit))
         limit = (
             f"{best.memory_limit // MB} MB memory limit"
             if best.memory_limit
             else "no memory limit"
         )
-        raise ResourceUnavailableError(
+        return ResourceUnavailableError(
             f"task {spec.name!r} asks for {_describe(res)}, but no Dask worker can "
             f"ever provide it ({len(workers)} worker(s); the largest has "
             f"{best.nthreads} thread(s), {limit}, resources "
@@ -92,12 +117,13 @@ class _ResourcesMixin(_DaskBase):
         )
 
     def _fit_hint(self, res: Resources) -> str:
-        if self._plan is None:
+        plan = self._state.settings.plan
+        if plan is None:
             return (
                 "lower the request, or start workers with more --nthreads / "
                 '--resources (e.g. "CPU=4 GPU=1")'
             )
-        if res.gpus and not self._plan.alloc.gpus_per_node:
+        if res.gpus and not plan.alloc.gpus_per_node:
             return "the allocation has no GPUs: add 'gpus_per_node' to the dict"
         return (
             "lower the request, or ask the dict for bigger workers: "

@@ -1,7 +1,7 @@
 """Completions and fetches: how results come back from the cluster.
 
 Every submitted future has a watcher waking on the future's own event.  A small
-result was pushed by the worker just before (see ``worker._push``) and is
+result was pushed by the worker just before (see ``worker.push``) and is
 reported as a plain value; a bigger one is reported as a DaskRemoteValue and
 fetched only when awaited, the fetches of one loop turn sharing one
 ``client.gather`` (at most ``MAX_GATHERS`` in flight).
@@ -11,58 +11,67 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from distributed import Future
 from distributed.scheduler import KilledWorker
 
 from ...errors import EngineClosedError
-from .base import _DaskBase
-from .errors import _fetch_error, _translate
+from ..toolkit import BatchedFetch, Failed
+from .errors import fetch_error, task_error
+from .state import DaskState, log
 from .values import DaskRemoteValue
-from .worker import _EVENT
+from .worker import EVENT
 
 # Fetches in flight at once; requests arriving meanwhile form the next batch.
 MAX_GATHERS = 2
 
 
-class _Failure:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-async def _capture(aw: Any) -> Any:
+async def _capture(aw: Awaitable[Any]) -> Any:
     try:
         return await aw
     except Exception as exc:
-        return _Failure(exc)
+        return Failed(exc)
 
 
-class _ResultsMixin(_DaskBase):
-    """Watching submitted futures, and fetching values left on the workers."""
+class Completions:
+    """Watching submitted futures, and fetching values left on the workers.
+
+    ``why_lost`` is awaited before reporting a task whose worker died: an
+    allocation's jobs may be ending, and the task should fail naming why."""
+
+    def __init__(
+        self,
+        state: DaskState,
+        why_lost: Callable[[], Awaitable[None]] | None = None,
+    ):
+        self._state = state
+        self._why_lost = why_lost
+        self._fetches: BatchedFetch[Future] = BatchedFetch(
+            self._gather, fetch_error, log, limit=MAX_GATHERS
+        )
 
     # -- completions ---------------------------------------------------------------
-    def _on_event(self, event: tuple[float, Any]) -> None:
-        """A small result published by a worker (see ``_push``); it arrives just
+    def on_event(self, event: tuple[float, Any]) -> None:
+        """A small result published by a worker (see ``push``); it arrives just
         before the task's completion, on the same stream."""
         msg = event[1]
-        if type(msg) in (list, tuple) and len(msg) == 3 and msg[0] == _EVENT:
+        if type(msg) in (list, tuple) and len(msg) == 3 and msg[0] == EVENT:
             key, blob = msg[1], msg[2]
-            if isinstance(blob, bytes) and key in self._keys:
-                self._pushed[key] = blob
+            if isinstance(blob, bytes) and key in self._state.keys:
+                self._state.pushed[key] = blob
 
-    async def _watch(self, uid: str, name: str, fut: Future) -> None:
+    async def watch(self, uid: str, name: str, fut: Future) -> None:
         exc = await fut.exception()
-        if self._plan is not None and isinstance(exc, KilledWorker):
+        if self._why_lost is not None and isinstance(exc, KilledWorker):
             await self._why_lost()  # a job ending names its reason, cancelling this
-        tracked = self._tasks.pop(uid, None)
+        state = self._state
+        tracked = state.forget(uid)
         if tracked is None:
             return  # cancelled meanwhile
-        self._keys.discard(tracked.key)
-        blob = self._pushed.pop(tracked.key, None)
-        sink = self._sink
+        blob = state.pushed.pop(tracked.key, None)
+        sink = state.sink
         assert sink is not None
         if exc is None and fut.status == "finished":
             if blob is not None:
@@ -73,70 +82,40 @@ class _ResultsMixin(_DaskBase):
                 else:
                     sink.set_result(uid, value)
                     return
-            sink.set_result(uid, DaskRemoteValue(self, fut))
+            sink.set_result(uid, self.remote(fut))
             return
-        sink.set_exception(uid, _translate(exc, name, fut))
+        sink.set_exception(uid, task_error(exc, name, fut))
 
     # -- remote values -------------------------------------------------------------
-    def _fetch(self, fut: Future) -> asyncio.Future[Any]:
-        if self._closed or self._loop is None:
+    def remote(self, fut: Future) -> DaskRemoteValue:
+        """``fut``'s value, left on the cluster until someone awaits it."""
+        return DaskRemoteValue(self._state.owner, fut, self.fetch)
+
+    def fetch(self, fut: Future) -> asyncio.Future[Any]:
+        life = self._state.life
+        if life.closed or life.loop is None:
             raise EngineClosedError(
                 f"the value of Dask task {fut.key!r} stayed on the cluster, and the "
                 "backend was shut down before anyone awaited it; await results "
                 "before the engine shuts down"
             )
-        waiter = self._loop.create_future()
-        self._fetch_queue.append((fut, waiter))
-        if not self._fetch_scheduled and self._gathering < MAX_GATHERS:
-            self._fetch_scheduled = True
-            self._loop.call_soon(self._flush_fetches)
-        return waiter
+        return self._fetches.fetch(fut)
 
-    def _flush_fetches(self) -> None:
-        self._fetch_scheduled = False
-        if not self._fetch_queue or self._closed or self._gathering >= MAX_GATHERS:
-            return
-        batch, self._fetch_queue = self._fetch_queue, []
-        self._gathering += 1
-        self._spawn(self._gather(batch))
-
-    async def _gather(self, batch: list[tuple[Future, asyncio.Future[Any]]]) -> None:
-        """One ``client.gather`` for everything asked for in one loop turn (or
-        while the previous gathers ran)."""
-        try:
-            values = await self._gather_values([f for f, _ in batch])
-        except BaseException as exc:  # cancelled at shutdown
-            for _, waiter in batch:
-                if not waiter.done():
-                    waiter.set_exception(
-                        EngineClosedError(
-                            f"the Dask backend shut down while fetching ({exc!r})"
-                        )
-                    )
-            raise
-        finally:
-            self._gathering -= 1
-            if self._fetch_queue and not self._fetch_scheduled and not self._closed:
-                self._fetch_scheduled = True
-                assert self._loop is not None
-                self._loop.call_soon(self._flush_fetches)
-        for (fut, waiter), value in zip(batch, values, strict=True):
-            if waiter.done():
-                continue
-            if isinstance(value, _Failure):
-                waiter.set_exception(_fetch_error(value.exc, fut))
-            else:
-                waiter.set_result(value)
-
-    async def _gather_values(self, futures: list[Future]) -> list[Any]:
-        client = self._client
+    async def _gather(self, futures: list[Future]) -> list[Any]:
+        """One ``client.gather`` for a batch; if it fails, one per future, to
+        tell which failed (the others are in memory)."""
+        client = self._state.client
         assert client is not None
         try:
             return list(await client.gather(futures))
         except Exception as exc:
             if len(futures) == 1:
-                return [_Failure(exc)]
-            # Which one failed?  Ask each; the others are in memory.
+                return [Failed(exc)]
             return list(
                 await asyncio.gather(*(_capture(client.gather(f)) for f in futures))
             )
+
+    async def close(self) -> None:
+        """Fail the fetches still waiting, and drop what workers pushed."""
+        await self._fetches.close(EngineClosedError("the Dask backend shut down"))
+        self._state.pushed.clear()

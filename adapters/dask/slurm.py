@@ -67,7 +67,7 @@ from typing import Any
 
 from ...errors import BackendStartError, TaskDefinitionError
 from ...hpc import SLURM, Allocation
-from .base import _Worker
+from .state import WorkerCapacity
 from .values import MB
 
 WHO = "DaskExecutionBackend"
@@ -140,7 +140,7 @@ class Shape:
     threads: int
     gpus: int
 
-    def workers(self, nodes: int) -> list[_Worker]:
+    def workers(self, nodes: int) -> list[WorkerCapacity]:
         """The workers to expect, for resource checks before any has connected."""
         resources = {"CPU": float(self.threads)}
         if self.gpus:
@@ -150,7 +150,7 @@ class Shape:
             "memory_limit": self.memory * MB // self.processes,
             "resources": resources,
         }
-        return [_Worker(info) for _ in range(nodes * self.processes)]
+        return [WorkerCapacity(info) for _ in range(nodes * self.processes)]
 
 
 def node_shape(plan: SlurmPlan) -> Shape:

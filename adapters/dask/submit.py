@@ -10,8 +10,6 @@ a watcher (see ``results``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -26,13 +24,21 @@ from ...errors import (
     UpstreamGone,
 )
 from ...spec import TaskSpec
-from ...worker import dumps_function
-from .base import _Tracked
-from .errors import _is_pickling_error, _lost_error
-from .resources import _ResourcesMixin, _Unknown
-from .results import _ResultsMixin
-from .values import MB, DaskRemoteValue, _has_remote, _payload, _refs, _size, _swap
-from .worker import _run_command, _run_function
+from ..toolkit import FunctionCache, lost_error
+from .errors import submit_error
+from .resources import ResourceChecker, StaleWorkers
+from .results import Completions
+from .state import DaskState, Tracked
+from .values import (
+    MB,
+    DaskRemoteValue,
+    dask_args,
+    has_remote,
+    payload,
+    size_of,
+    upstream_uids,
+)
+from .worker import run_command_task, run_function
 
 # A task whose arguments add up to more than SCATTER_BYTES has each argument over
 # SCATTER_EACH scattered to a worker first, instead of riding in the task graph
@@ -45,16 +51,29 @@ BATCH_BYTES = 4 * MB
 SUBMIT_OPTIONS = ("workers", "allow_other_workers", "priority")
 
 _Item = tuple[TaskSpec, tuple[Any, ...]]  # a spec and its worker-call arguments
+#: specs that can share one ``client.map``, by (function, resources, options)
+_Groups = dict[tuple[Any, ...], tuple[Any, list[_Item]]]
+#: a spec's arguments with Dask futures in, and whether the worker must thaw them
+_Native = tuple[tuple[Any, ...], dict[str, Any], bool]
 
 
-class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
-    """``submit`` and everything between a spec and a watched Dask future."""
+class Submitter:
+    """Everything between a spec and a watched Dask future."""
 
-    # -- protocol: submit ----------------------------------------------------------
+    def __init__(
+        self, state: DaskState, resources: ResourceChecker, completions: Completions
+    ):
+        self._state = state
+        self._resources = resources
+        self._completions = completions
+        self.functions = FunctionCache("Dask")
+        self._consumed: set[str] = set()  # uids a spec of this batch takes in
+
     def submit(self, specs: Sequence[TaskSpec]) -> None:
-        sink = self._sink
+        state = self._state
+        sink = state.sink
         assert sink is not None
-        if self._closed or self._client is None:
+        if state.life.closed or state.client is None:
             for spec in specs:
                 sink.set_exception(
                     spec.uid,
@@ -63,46 +82,53 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
                     ),
                 )
             return
-        groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
+        groups: _Groups = {}
         recheck: list[TaskSpec] = []
         scatter: list[TaskSpec] = []
         piped: list[tuple[TaskSpec, dict[str, float] | None]] = []
         for spec in specs:
             if spec.has_remote_args:
-                _refs(spec.args, self._consumed)
-                _refs(spec.kwargs, self._consumed)
+                upstream_uids(spec.args, self._consumed)
+                upstream_uids(spec.kwargs, self._consumed)
         for spec in specs:
-            resources = None
-            if not spec.resources.is_default:
-                try:
-                    resources = self._dask_resources(spec)
-                except _Unknown:
-                    recheck.append(spec)
-                    continue
-                except ResourceUnavailableError as exc:
-                    sink.set_exception(spec.uid, exc)
-                    continue
-            if (
-                spec.command is None
-                and (spec.args or spec.kwargs)
-                and _payload(spec.args, spec.kwargs) > SCATTER_BYTES
-            ):
+            try:
+                resources = self._check(spec)
+            except StaleWorkers:
+                recheck.append(spec)
+                continue
+            except ResourceUnavailableError as exc:
+                sink.set_exception(spec.uid, exc)
+                continue
+            if _too_big(spec):
                 scatter.append(spec)
-                continue
-            if spec.has_remote_args:
+            elif spec.has_remote_args:
                 piped.append((spec, resources))
-                continue
-            self._add(groups, spec, resources)
+            else:
+                self._add(groups, spec, resources)
         self._map_groups(groups)
         if piped:
             self._submit_piped(piped)
         self._consumed.clear()
         if recheck:
-            self._deferred.update(spec.uid for spec in recheck)
-            self._spawn(self._recheck(recheck))
+            state.deferred.update(spec.uid for spec in recheck)
+            state.life.spawn(self._recheck(recheck))
         if scatter:
-            self._deferred.update(spec.uid for spec in scatter)
-            self._spawn(self._submit_scattered(scatter))
+            state.deferred.update(spec.uid for spec in scatter)
+            state.life.spawn(self._submit_scattered(scatter))
+
+    def _check(self, spec: TaskSpec, final: bool = False) -> dict[str, float] | None:
+        if spec.resources.is_default:
+            return None
+        return self._resources.dask_resources(spec, final)
+
+    def _native(self, marker: Any) -> Any:
+        """The Dask counterpart of a remote value or a running upstream."""
+        if type(marker) is DaskRemoteValue:
+            return marker.handle if marker.owner is self._state.owner else marker
+        tracked = self._state.tasks.get(marker.uid)
+        if tracked is None:
+            raise UpstreamGone(marker.uid)
+        return tracked.future
 
     def _submit_piped(
         self, items: list[tuple[TaskSpec, dict[str, float] | None]]
@@ -111,26 +137,27 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
         order.  Independent ones still share a ``client.map``; one naming a
         task of the group being built flushes that group first, so the Dask
         future it needs exists."""
-        groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
+        sink = self._state.sink
+        assert sink is not None
+        groups: _Groups = {}
         queued: set[str] = set()
         for spec, resources in items:
             try:
-                native = (_swap(spec.args, self), _swap(spec.kwargs, self))
+                native = dask_args(spec, self._native)
             except TaskDefinitionError as exc:
-                bad = TaskDefinitionError(f"task {spec.name!r}: {exc}")
-                self._sink.set_exception(spec.uid, bad)  # type: ignore[union-attr]
+                sink.set_exception(spec.uid, exc)
                 continue
             except UpstreamGone as exc:
                 if exc.uid not in queued:
-                    self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
+                    sink.set_exception(spec.uid, exc)
                     continue
                 self._map_groups(groups)
                 groups = {}
                 queued.clear()
                 try:
-                    native = (_swap(spec.args, self), _swap(spec.kwargs, self))
+                    native = dask_args(spec, self._native)
                 except UpstreamGone as exc:  # the upstream was rejected
-                    self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
+                    sink.set_exception(spec.uid, exc)
                     continue
             self._add(groups, spec, resources, native)
             queued.add(spec.uid)
@@ -138,33 +165,24 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
 
     def _add(
         self,
-        groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]],
+        groups: _Groups,
         spec: TaskSpec,
         resources: dict[str, float] | None,
-        native: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        native: _Native | None = None,
     ) -> None:
         """File ``spec`` with the others that can share one ``client.map``."""
-        key = f"{spec.name}-{self._token}-{spec.uid}"
+        key = f"{spec.name}-{self._state.token}-{spec.uid}"
         # A result consumed by a task in the same batch stays on the workers:
         # pushing it to the driver too costs a scheduler message per hop.
-        topic = None if spec.uid in self._consumed else self._topic
+        topic = None if spec.uid in self._consumed else self._state.topic
         if spec.command is not None:
-            fn: Callable[..., Any] = _run_command
+            fn: Callable[..., Any] = run_command_task
             args: tuple[Any, ...] = (topic, key, spec.command, spec.uid, spec.name)
         else:
-            try:
-                blob = self._pickle(spec)
-            except SerializationError as exc:
-                self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
+            call = self._function_call(spec, native)
+            if call is None:
                 return
-            a, kw = native or (spec.args, spec.kwargs)
-            if spec.has_remote_args and native is None:
-                try:
-                    a, kw = _swap(a, self), _swap(kw, self)
-                except (UpstreamGone, TaskDefinitionError) as exc:
-                    self._sink.set_exception(spec.uid, exc)  # type: ignore[union-attr]
-                    return
-            fn = _run_function
+            fn, (blob, a, kw) = call
             args = (topic, key, blob, a, kw, spec.is_async, spec.name)
         options = spec.options
         opts = (
@@ -179,9 +197,28 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
         else:
             group[1].append((spec, args))
 
-    def _map_groups(
-        self, groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]]
-    ) -> None:
+    def _function_call(
+        self, spec: TaskSpec, native: _Native | None
+    ) -> tuple[Callable[..., Any], tuple[bytes, Any, Any]] | None:
+        """The worker function and (blob, args, kwargs) for a function task;
+        None once ``spec`` has failed."""
+        sink = self._state.sink
+        assert sink is not None
+        try:
+            blob = self.functions.blob(spec)
+        except SerializationError as exc:
+            sink.set_exception(spec.uid, exc)
+            return None
+        if native is None and spec.has_remote_args:
+            try:
+                native = dask_args(spec, self._native)
+            except (UpstreamGone, TaskDefinitionError) as exc:
+                sink.set_exception(spec.uid, exc)
+                return None
+        a, kw, _ = native or (spec.args, spec.kwargs, False)
+        return run_function, (blob, a, kw)
+
+    def _map_groups(self, groups: _Groups) -> None:
         for (fn, _, _), (resources, items) in groups.items():
             options = {
                 k: v for k, v in items[0][0].options.items() if k in SUBMIT_OPTIONS
@@ -191,7 +228,7 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
             size = 0
             for item in items:
                 spec = item[0]
-                n = 0 if spec.command is not None else _payload(spec.args, spec.kwargs)
+                n = 0 if spec.command is not None else payload(spec.args, spec.kwargs)
                 if chunk and size + n > BATCH_BYTES:
                     self._map(fn, resources, options, chunk)
                     chunk, size = [], 0
@@ -207,87 +244,54 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
         options: dict[str, Any],
         chunk: list[_Item],
     ) -> None:
-        client = self._client
-        assert client is not None and self._loop is not None
-        if self._dead is not None:  # no worker will ever come: say why now
+        state = self._state
+        client, sink, loop = state.client, state.sink, state.life.loop
+        assert client is not None and sink is not None and loop is not None
+        if state.dead is not None:  # no worker will ever come: say why now
             for spec, _ in chunk:
-                err = _lost_error(spec.name, self._dead)
-                self._sink.set_exception(spec.uid, err)  # type: ignore[union-attr]
+                sink.set_exception(spec.uid, lost_error(spec.name, state.dead))
             return
         keys = [args[1] for _, args in chunk]
         columns = list(zip(*(args for _, args in chunk), strict=True))
         try:
             futures = client.map(
-                fn,
-                *columns,
-                key=keys,
-                pure=False,
-                resources=resources,
-                **options,
+                fn, *columns, key=keys, pure=False, resources=resources, **options
             )
         except Exception as exc:
             if len(chunk) > 1:  # find the culprit: one at a time
                 for item in chunk:
                     self._map(fn, resources, options, [item])
             else:
-                self._reject(chunk[0][0], exc)
+                spec = chunk[0][0]
+                sink.set_exception(spec.uid, submit_error(spec.name, exc))
             return
-        create_task = self._loop.create_task
+        watch = self._completions.watch
         for (spec, _), fut, key in zip(chunk, futures, keys, strict=True):
-            watcher = create_task(self._watch(spec.uid, spec.name, fut))
-            self._tasks[spec.uid] = _Tracked(
+            watcher = loop.create_task(watch(spec.uid, spec.name, fut))
+            state.tasks[spec.uid] = Tracked(
                 fut, key, spec.command is not None, watcher, spec.name
             )
-            self._keys.add(key)
-
-    def _reject(self, spec: TaskSpec, exc: Exception) -> None:
-        sink = self._sink
-        assert sink is not None
-        err: BaseException = exc
-        if _is_pickling_error(exc):
-            err = SerializationError(
-                f"task {spec.name!r}: an argument cannot be serialised for Dask "
-                f"({type(exc).__name__}: {exc}); pass plain data, or define its "
-                "types at module level"
-            )
-            err.__cause__ = exc
-        sink.set_exception(spec.uid, err)
-
-    def _pickle(self, spec: TaskSpec) -> bytes:
-        fn = spec.function
-        try:
-            return self._pickled[fn]
-        except KeyError:
-            pass
-        except TypeError:  # unhashable callable object
-            return _dumps(spec)
-        blob = self._pickled[fn] = _dumps(spec)
-        return blob
+            state.keys.add(key)
 
     async def _recheck(self, specs: list[TaskSpec]) -> None:
         """Refresh the worker list once, then submit or reject ``specs``."""
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._refresh_workers())
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._refreshing)
-        sink = self._sink
+        await self._resources.refresh_shared()
+        state = self._state
+        sink = state.sink
         assert sink is not None
-        groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
+        groups: _Groups = {}
         for spec in specs:
-            if spec.uid not in self._deferred or self._closed:
+            if spec.uid not in state.deferred or state.life.closed:
                 continue  # cancelled meanwhile
-            self._deferred.discard(spec.uid)
+            state.deferred.discard(spec.uid)
             try:
-                resources = self._dask_resources(spec, final=True)
+                resources = self._check(spec, final=True)
             except ResourceUnavailableError as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
-            if (
-                spec.command is None
-                and _payload(spec.args, spec.kwargs) > SCATTER_BYTES
-            ):
-                self._deferred.add(spec.uid)
-                self._spawn(self._submit_scattered([spec]))
+            if _too_big(spec):
+                state.deferred.add(spec.uid)
+                state.life.spawn(self._submit_scattered([spec]))
                 continue
             self._add(groups, spec, resources)
         self._map_groups(groups)
@@ -295,59 +299,53 @@ class _SubmitMixin(_ResourcesMixin, _ResultsMixin):
     # -- large arguments -----------------------------------------------------------
     async def _submit_scattered(self, specs: list[TaskSpec]) -> None:
         """Send big arguments straight to the workers, then submit the tasks."""
-        client = self._client
-        assert client is not None
+        state = self._state
+        client, sink = state.client, state.sink
+        assert client is not None and sink is not None
         for spec in specs:
-            if spec.uid not in self._deferred:
+            if spec.uid not in state.deferred:
                 continue
             try:
                 moved = await self._scatter_args(client, spec)
             except Exception as exc:
-                if spec.uid in self._deferred:
-                    self._deferred.discard(spec.uid)
-                    self._reject(spec, exc)
+                if spec.uid in state.deferred:
+                    state.deferred.discard(spec.uid)
+                    sink.set_exception(spec.uid, submit_error(spec.name, exc))
                 continue
-            if spec.uid not in self._deferred or self._closed:
+            if spec.uid not in state.deferred or state.life.closed:
                 continue  # cancelled meanwhile
-            self._deferred.discard(spec.uid)
-            resources = (
-                None
-                if spec.resources.is_default
-                else self._dask_resources(spec, final=True)
-            )
-            groups: dict[tuple[Any, ...], tuple[Any, list[_Item]]] = {}
-            self._add(groups, moved, resources)
+            state.deferred.discard(spec.uid)
+            groups: _Groups = {}
+            self._add(groups, moved, self._check(spec, final=True))
             self._map_groups(groups)
 
     async def _scatter_args(self, client: Client, spec: TaskSpec) -> TaskSpec:
         big: list[Any] = []
         slots: list[tuple[bool, Any]] = []
         for i, a in enumerate(spec.args):
-            if not _has_remote(a) and _size(a) > SCATTER_EACH:
+            if not has_remote(a) and size_of(a) > SCATTER_EACH:
                 slots.append((True, i))
                 big.append(a)
         for k, v in spec.kwargs.items():
-            if not _has_remote(v) and _size(v) > SCATTER_EACH:
+            if not has_remote(v) and size_of(v) > SCATTER_EACH:
                 slots.append((False, k))
                 big.append(v)
         futures = await client.scatter(big, hash=False) if big else []
         args = list(spec.args)
         kwargs = dict(spec.kwargs)
+        remote = self._completions.remote
         for (positional, at), fut in zip(slots, futures, strict=True):
             if positional:
-                args[at] = DaskRemoteValue(self, fut)
+                args[at] = remote(fut)
             else:
-                kwargs[at] = DaskRemoteValue(self, fut)
+                kwargs[at] = remote(fut)
         return replace(spec, args=tuple(args), kwargs=kwargs, has_remote_args=True)
 
 
-def _dumps(spec: TaskSpec) -> bytes:
-    try:
-        assert spec.function is not None
-        return dumps_function(spec.function)
-    except Exception as exc:
-        raise SerializationError(
-            f"task {spec.name!r}: its function cannot be serialised for Dask "
-            f"({type(exc).__name__}: {exc}); define it at module level and do not "
-            "capture locks, sockets or open files"
-        ) from exc
+def _too_big(spec: TaskSpec) -> bool:
+    """Whether ``spec``'s arguments should be scattered rather than sent."""
+    return (
+        spec.command is None
+        and bool(spec.args or spec.kwargs)
+        and payload(spec.args, spec.kwargs) > SCATTER_BYTES
+    )

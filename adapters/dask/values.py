@@ -10,17 +10,15 @@ push, so they live apart from both.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from dask.sizeof import sizeof
 
-from ...errors import TaskDefinitionError, UpstreamGone
-from ...protocol import RemoteValue, UpstreamRef
+from ...errors import TaskDefinitionError
+from ...protocol import ExecutionBackend, RemoteValue, UpstreamRef
+from ...spec import TaskSpec
 from ...walk import contains, find, replace
-
-if TYPE_CHECKING:
-    from .backend import DaskExecutionBackend
-    from .base import _DaskBase
 
 MB = 2**20
 
@@ -28,59 +26,67 @@ MB = 2**20
 class DaskRemoteValue(RemoteValue):
     """A task result kept on the Dask workers; ``handle`` is the Dask future."""
 
-    __slots__ = ()
+    __slots__ = ("_fetch",)
+
+    def __init__(
+        self,
+        owner: ExecutionBackend,
+        handle: Any,
+        fetch: Callable[[Any], Awaitable[Any]],
+    ):
+        super().__init__(owner, handle)
+        self._fetch = fetch  # the owner's batched fetch
 
     async def fetch(self) -> Any:
-        owner = cast("DaskExecutionBackend", self.owner)
-        return await owner._fetch(self.handle)
+        return await self._fetch(self.handle)
 
 
-_SMALL = (int, float, bool, type(None), complex)
-_MARKERS = frozenset({DaskRemoteValue, UpstreamRef})
+#: types whose size is not worth asking ``sizeof`` about
+SMALL = (int, float, bool, type(None), complex)
+MARKERS = frozenset({DaskRemoteValue, UpstreamRef})
 
 
-def _swap(obj: Any, owner: _DaskBase) -> Any:
-    """``obj`` with this backend's remote values replaced by their Dask futures
-    (Dask finds futures nested in lists, tuples, sets and dicts)."""
+def dask_args(
+    spec: TaskSpec, native: Callable[[Any], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
+    """``spec``'s arguments with each marker replaced by ``native(marker)``, and
+    whether the worker must rebuild frozensets in them (never, yet).
 
-    def native(marker: Any) -> Any:
-        if type(marker) is DaskRemoteValue:
-            return marker.handle if marker.owner is owner else marker
-        tracked = owner._tasks.get(marker.uid)
-        if tracked is None:
-            raise UpstreamGone(marker.uid)
-        return tracked.future
-
-    for inner in find(obj, frozenset):
-        if contains(tuple(inner), _MARKERS):
-            raise TaskDefinitionError(
-                "Dask does not look inside a frozenset for the results it must "
-                "pass; put them in a tuple, list or set instead"
-            )
-    return replace(obj, _MARKERS, native)
+    Dask does not look inside a frozenset, so a result there is refused."""
+    args, kwargs = spec.args, spec.kwargs
+    if any(
+        contains(tuple(inner), MARKERS) for inner in find((args, kwargs), frozenset)
+    ):
+        raise TaskDefinitionError(
+            f"task {spec.name!r}: Dask does not look inside a frozenset for the "
+            "results it must pass; put them in a tuple, list or set instead"
+        )
+    return replace(args, MARKERS, native), replace(kwargs, MARKERS, native), False
 
 
-def _refs(obj: Any, out: set[str]) -> None:
+def upstream_uids(obj: Any, out: set[str]) -> None:
+    """Add the uids of the running upstreams ``obj`` refers to to ``out``."""
     out.update(ref.uid for ref in find(obj, UpstreamRef))
 
 
-def _has_remote(obj: Any) -> bool:
-    return contains(obj, _MARKERS)
+def has_remote(obj: Any) -> bool:
+    return contains(obj, MARKERS)
 
 
-def _payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Roughly how many bytes the arguments take in a task graph."""
     n = 0
     for a in args:
-        n += _size(a)
+        n += size_of(a)
     if kwargs:
         for v in kwargs.values():
-            n += _size(v)
+            n += size_of(v)
     return n
 
 
-def _size(obj: Any) -> int:
+def size_of(obj: Any) -> int:
     t = type(obj)
-    if t in _SMALL:
+    if t in SMALL:
         return 32
     if t is str or t is bytes:
         return len(obj)

@@ -2,8 +2,8 @@
 
 Dask pickles them by reference, so a worker imports this module by its path,
 ``asyncflow.adapters.dask.worker``: keep them here, at module level.  They run
-the task, and publish a small result to the client's topic (``_push``) so that
-the driver need not fetch it; ``_kill_on_worker`` stops cancelled commands.
+the task, and publish a small result to the client's topic (``push``) so that
+the driver need not fetch it; ``kill_on_worker`` stops cancelled commands.
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from distributed import WorkerPlugin, get_worker
 
 from ...spec import Command
 from ...worker import call_pickled, kill_command, run_command
-from .values import _SMALL, _size
+from .values import SMALL, size_of
 
 # Results up to this size (pickled) come back with the completion.
 PUSH_BYTES = 4096
 # How long a worker keeps looking for a cancelled command that has not started.
 KILL_WATCH = 5.0
-_EVENT = "asyncflow-result"
+#: the tag of a pushed result, so the client can tell it from other events
+EVENT = "asyncflow-result"
 
 
-def _run_function(
+def run_function(
     topic: str | None,
     key: str,
     blob: bytes,
@@ -42,7 +43,7 @@ def _run_function(
             # would never be reported); the formatted one is in the notes anyway.
             raise exc.with_traceback(None) from exc.__cause__
         raise
-    _push(topic, key, value)
+    push(topic, key, value)
     return value
 
 
@@ -52,7 +53,7 @@ def _deep(tb: Any, limit: int = 200) -> bool:
     return tb is not None
 
 
-def _run_command(
+def run_command_task(
     topic: str | None, key: str, command: Command, uid: str, name: str
 ) -> str:
     started = _COMMANDS.setdefault(get_worker().id, set())
@@ -61,7 +62,7 @@ def _run_command(
         value = run_command(command, uid, name)
     finally:
         started.discard(uid)
-    _push(topic, key, value)
+    push(topic, key, value)
     return value
 
 
@@ -87,21 +88,21 @@ class CommandReaper(WorkerPlugin):
             kill_command(uid)
 
 
-def _push(topic: str | None, key: str, value: Any) -> None:
+def push(topic: str | None, key: str, value: Any) -> None:
     """Publish a small result to the client; it stays on the worker as well."""
     if topic is None:
         return
     try:
-        if type(value) not in _SMALL and _size(value) > PUSH_BYTES:
+        if type(value) not in SMALL and size_of(value) > PUSH_BYTES:
             return
         blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         if len(blob) <= PUSH_BYTES:
-            get_worker().log_event(topic, [_EVENT, key, blob])
+            get_worker().log_event(topic, [EVENT, key, blob])
     except Exception:  # unpicklable here: the client fetches it the usual way
         pass
 
 
-async def _kill_on_worker(tasks: list[tuple[str, str]], dask_worker: Any = None) -> int:
+async def kill_on_worker(tasks: list[tuple[str, str]], dask_worker: Any = None) -> int:
     """Runs in every worker (``client.run``): kill the commands running here.
 
     A command this worker still holds (its thread may be about to start it) is
