@@ -37,8 +37,8 @@ WATCH_PERIOD = 0.5
 class Completions:
     """The ``AppFuture`` done callback and the errors it reports.
 
-    ``forget`` is told about a task that ended after it was cancelled, whose
-    outcome the engine no longer wants but whose cancel marker must go."""
+    ``forget`` is told about a task that ended after it was cancelled: the
+    engine has resolved it already, but its cancel marker must go."""
 
     __slots__ = ("_forget", "_state")
 

@@ -73,8 +73,3 @@ class State:
     cancelled: dict[str, Task] = field(default_factory=dict)  # until Parsl ends them
     sink: CompletionSink | None = None
     dfk: DataFlowKernel | None = None
-
-    @property
-    def profile(self) -> Profile:
-        """The profile of the backend's own executor."""
-        return self.profiles[self.label]

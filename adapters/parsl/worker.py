@@ -19,7 +19,7 @@ import cloudpickle
 
 from ...errors import SerializationError
 from ...worker import call_function, call_pickled, run_command
-from ..toolkit.envelopes import portable
+from ..toolkit import portable
 from .cancel import INPROC, Cancelled, command_slot, function_slot, is_cancelled
 
 
