@@ -136,6 +136,8 @@ class DependencyTests:
         out = await pack(a, [b, (a, {"k": b})], {a, 5}, key={"x": [b]})
         assert out == ((1, [2, (1, {"k": 2})], {1, 5}), {"key": {"x": [2]}})
         assert await add(a, a) == 2
+        # every builtin container, frozenset too, on a result kept remote
+        assert await pack(frozenset([inc(1), 7])) == ((frozenset({2, 7}),), {})
 
     @scenario(C.FUNCTIONS)
     async def test_fan_out_fan_in_1000(self, flow: WorkflowEngine) -> None:

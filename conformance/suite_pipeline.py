@@ -62,6 +62,8 @@ class PipelineTests:
         assert await total(*parts) == sum(range(1, 21))
         a = inc(1)
         assert await pack([a, {"k": (a,)}]) == (([2, {"k": (2,)}],), {})
+        b = inc(2)  # a running upstream inside a frozenset, and a set
+        assert await pack(frozenset([b]), {b}) == ((frozenset({3}), {3}), {})
 
     @scenario(C.FUNCTIONS, C.PIPELINE)
     async def test_piped_failure_propagates(self, flow: WorkflowEngine) -> None:

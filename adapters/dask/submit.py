@@ -20,7 +20,6 @@ from ...errors import (
     EngineClosedError,
     ResourceUnavailableError,
     SerializationError,
-    TaskDefinitionError,
     UpstreamGone,
 )
 from ...spec import TaskSpec
@@ -38,7 +37,7 @@ from .values import (
     size_of,
     upstream_uids,
 )
-from .worker import run_command_task, run_function
+from .worker import run_command_task, run_function, run_thawed_function
 
 # A task whose arguments add up to more than SCATTER_BYTES has each argument over
 # SCATTER_EACH scattered to a worker first, instead of riding in the task graph
@@ -144,9 +143,6 @@ class Submitter:
         for spec, resources in items:
             try:
                 native = dask_args(spec, self._native)
-            except TaskDefinitionError as exc:
-                sink.set_exception(spec.uid, exc)
-                continue
             except UpstreamGone as exc:
                 if exc.uid not in queued:
                     sink.set_exception(spec.uid, exc)
@@ -212,11 +208,11 @@ class Submitter:
         if native is None and spec.has_remote_args:
             try:
                 native = dask_args(spec, self._native)
-            except (UpstreamGone, TaskDefinitionError) as exc:
+            except UpstreamGone as exc:
                 sink.set_exception(spec.uid, exc)
                 return None
-        a, kw, _ = native or (spec.args, spec.kwargs, False)
-        return run_function, (blob, a, kw)
+        a, kw, thawed = native or (spec.args, spec.kwargs, False)
+        return (run_thawed_function if thawed else run_function), (blob, a, kw)
 
     def _map_groups(self, groups: _Groups) -> None:
         for (fn, _, _), (resources, items) in groups.items():

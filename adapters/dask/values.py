@@ -6,16 +6,21 @@ upstream tasks are swapped for the Dask futures Dask resolves on the worker.
 Payload sizes decide what is scattered, how graphs are chunked and which
 results are pushed.  These walks are shared by submission and by the worker-side
 push, so they live apart from both.
+
+Dask resolves futures inside lists, tuples, sets, dicts and named tuples, but
+passes a frozenset through untouched, so a future there would reach the task
+as a Future instead of its value.  A frozenset holding one travels as a
+:class:`FrozenItems` (a named tuple, which Dask does look inside) and is
+rebuilt by :func:`thaw` on the worker.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from dask.sizeof import sizeof
 
-from ...errors import TaskDefinitionError
 from ...protocol import ExecutionBackend, RemoteValue, UpstreamRef
 from ...spec import TaskSpec
 from ...walk import contains, find, replace
@@ -41,6 +46,12 @@ class DaskRemoteValue(RemoteValue):
         return await self._fetch(self.handle)
 
 
+class FrozenItems(NamedTuple):
+    """A frozenset's items on their way to a worker (see the module's doc)."""
+
+    items: tuple[Any, ...]
+
+
 #: types whose size is not worth asking ``sizeof`` about
 SMALL = (int, float, bool, type(None), complex)
 MARKERS = frozenset({DaskRemoteValue, UpstreamRef})
@@ -50,18 +61,37 @@ def dask_args(
     spec: TaskSpec, native: Callable[[Any], Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
     """``spec``'s arguments with each marker replaced by ``native(marker)``, and
-    whether the worker must rebuild frozensets in them (never, yet).
-
-    Dask does not look inside a frozenset, so a result there is refused."""
+    whether the worker must :func:`thaw` them (see the module's doc)."""
     args, kwargs = spec.args, spec.kwargs
-    if any(
+    if not any(
         contains(tuple(inner), MARKERS) for inner in find((args, kwargs), frozenset)
     ):
-        raise TaskDefinitionError(
-            f"task {spec.name!r}: Dask does not look inside a frozenset for the "
-            "results it must pass; put them in a tuple, list or set instead"
-        )
-    return replace(args, MARKERS, native), replace(kwargs, MARKERS, native), False
+        return replace(args, MARKERS, native), replace(kwargs, MARKERS, native), False
+    return _tagged(args, native), _tagged(kwargs, native), True
+
+
+def _tagged(obj: Any, native: Callable[[Any], Any]) -> Any:
+    t = type(obj)
+    if t in MARKERS:
+        return native(obj)
+    if t is frozenset:
+        if not contains(tuple(obj), MARKERS):
+            return obj
+        return FrozenItems(tuple(_tagged(v, native) for v in obj))
+    if t is tuple or t is list or t is set:
+        return t(_tagged(v, native) for v in obj)
+    if t is dict:
+        return {k: _tagged(v, native) for k, v in obj.items()}
+    return obj
+
+
+def thaw(obj: Any) -> Any:
+    """``obj`` with every :class:`FrozenItems` turned back into its frozenset."""
+    return replace(obj, FrozenItems, _melt)
+
+
+def _melt(frozen: FrozenItems) -> frozenset[Any]:
+    return frozenset(replace(frozen.items, FrozenItems, _melt))
 
 
 def upstream_uids(obj: Any, out: set[str]) -> None:

@@ -16,7 +16,7 @@ from distributed import WorkerPlugin, get_worker
 
 from ...spec import Command
 from ...worker import call_pickled, kill_command, run_command
-from .values import SMALL, size_of
+from .values import SMALL, size_of, thaw
 
 # Results up to this size (pickled) come back with the completion.
 PUSH_BYTES = 4096
@@ -45,6 +45,20 @@ def run_function(
         raise
     push(topic, key, value)
     return value
+
+
+def run_thawed_function(
+    topic: str | None,
+    key: str,
+    blob: bytes,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    is_async: bool,
+    name: str,
+) -> Any:
+    """:func:`run_function` for arguments holding frozensets that travelled as
+    :class:`~.values.FrozenItems`, so that Dask resolved the futures in them."""
+    return run_function(topic, key, blob, thaw(args), thaw(kwargs), is_async, name)
 
 
 def _deep(tb: Any, limit: int = 200) -> bool:
