@@ -39,6 +39,7 @@ from ..worker import (
     Call,
     ChunkRef,
     Outcome,
+    Span,
     dumps_function,
     guard_forks,
     raise_error,
@@ -89,6 +90,8 @@ class ProcessQueue:
         self._limit = 2 * workers
         self._workers = workers
         self._sink = sink
+        #: the sink's optional report of when and where each task ran
+        self._ran = getattr(sink, "set_ran", None)
         self._pickle_function = pickle_function
         self._broken = broken
         self._queue: deque[tuple[str, Call]] = deque()
@@ -269,20 +272,26 @@ class ProcessQueue:
             else:  # pragma: no cover - run_chunk returns every task's outcome
                 self._fail(chunk, WorkerLostError, f"its chunk failed ({exc!r})")
         else:
-            outcomes, seconds = f.result()
-            self._learn(chunk, seconds)
-            self._report(chunk, outcomes)
+            outcomes, spans, pid = f.result()
+            self._learn(chunk, spans)
+            self._report(chunk, outcomes, spans, pid)
         self._pump()
 
-    def _report(self, chunk: _Chunk, outcomes: list[Outcome]) -> None:
+    def _report(
+        self, chunk: _Chunk, outcomes: list[Outcome], spans: list[Span], pid: int
+    ) -> None:
         sink = self._sink
-        for uid, call, (ok, data, pickled) in zip(
-            chunk.uids, chunk.calls, outcomes, strict=True
+        ran = self._ran
+        worker = f"pid {pid}"
+        for uid, call, (ok, data, pickled), (began, took) in zip(
+            chunk.uids, chunk.calls, outcomes, spans, strict=True
         ):
             name = call[3]
             if ok is None:  # skipped: its upstream failed, and the engine fails it
                 self._pipes.finished(uid, False, None)
                 continue
+            if ran is not None:
+                ran(uid, began, began + took, worker)
             try:
                 value = pickle.loads(data) if pickled else data
             except Exception as exc:
@@ -307,9 +316,9 @@ class ProcessQueue:
             self._pipes.finished(uid, False, None)
             self._sink.set_exception(uid, kind(f"task {name!r}: {why}"))
 
-    def _learn(self, chunk: _Chunk, seconds: list[float]) -> None:
+    def _learn(self, chunk: _Chunk, spans: list[Span]) -> None:
         times = self._times
-        for call, took in zip(chunk.calls, seconds, strict=True):
+        for call, (_, took) in zip(chunk.calls, spans, strict=True):
             if took < 0:
                 continue  # skipped
             blob = call[0]

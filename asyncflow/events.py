@@ -45,6 +45,9 @@ class TaskEvent:
     attempt: int
     deps: tuple[str, ...] = ()
     detail: str = ""
+    #: RUNNING measured where the task ran: when it ended there, and the worker
+    until: float | None = None
+    worker: str = ""
 
 
 Subscriber = Callable[[TaskEvent], None]
@@ -83,6 +86,8 @@ class _Record:
     end: float | None = None
     state: str = "created"
     attempts: int = 1
+    ran_until: float | None = None  # the end of its run, measured where it ran
+    worker: str = ""
 
 
 @dataclass
@@ -108,9 +113,11 @@ class TraceRecorder:
             rec.backend = ev.backend
         elif kind is EventKind.RUNNING:
             rec.running = ev.time
+            rec.ran_until = ev.until
+            rec.worker = ev.worker
         elif kind is EventKind.RETRIED:
             rec.attempts = ev.attempt + 1
-            rec.running = None
+            rec.running = rec.ran_until = None
         elif kind in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED):
             rec.end = ev.time
 
@@ -138,7 +145,8 @@ class TraceRecorder:
         for uid in sorted(self.records, key=lambda u: self.records[u].created):
             rec = self.records[uid]
             start = rec.running or rec.submitted
-            own = (rec.end - start) if (rec.end is not None and start) else 0.0
+            end = rec.ran_until or rec.end
+            own = (end - start) if (end is not None and start) else 0.0
             prev = max(
                 (best[d] for d in rec.deps if d in best),
                 key=lambda x: x[0],
@@ -153,31 +161,59 @@ class TraceRecorder:
     ) -> dict[str, Any]:
         """Complete ("X") events, one track per backend slot.
 
-        Runtimes do not say which worker ran a task, so tasks are packed into the
-        fewest lanes that never overlap: each lane is a slot that was busy.
+        A task whose adapter said which worker ran it, and when (measured
+        there), is drawn on that worker's track over its own run.  Runtimes that
+        do not say are packed into the fewest lanes that never overlap: each
+        lane is a slot that was busy.
         """
         base = self.started if zero is None else zero
+        done = sorted(
+            (
+                r
+                for r in self.records.values()
+                if r.end is not None and (r.running or r.submitted)
+            ),
+            key=lambda r: r.running or r.submitted or 0.0,
+        )
+        tracks: dict[str, _Tracks] = {}
+        for rec in done:
+            tracks.setdefault(rec.backend, _Tracks()).workers.setdefault(rec.worker, 0)
         events: list[dict[str, Any]] = []
-        lanes: dict[str, list[float]] = {}
-        pids: dict[str, int] = {}
-        done = [
-            r
-            for r in self.records.values()
-            if r.end is not None and (r.running or r.submitted)
-        ]
-        for rec in sorted(done, key=lambda r: r.running or r.submitted or 0.0):
+        for rec in done:
             start = rec.running or rec.submitted or rec.created
-            end = rec.end or start
-            pid = pids.setdefault(rec.backend, pid_base + len(pids) + 1)
-            lane = _free_lane(lanes.setdefault(rec.backend, []), start, end)
-            events.append(_complete_event(rec, pid, lane, (start, end), base))
-        events += _track_names(pids, lanes)
+            end = rec.ran_until or rec.end or start
+            backend = tracks[rec.backend]
+            if not backend.pid:
+                backend.pid = pid_base + len([t for t in tracks.values() if t.pid]) + 1
+            lane = backend.lane(rec.worker, start, end)
+            events.append(_complete_event(rec, backend.pid, lane, (start, end), base))
+        events += _track_names(tracks)
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def export(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text(json.dumps(self.chrome_trace()))
         return path
+
+
+class _Tracks:
+    """One backend's tracks: a lane per named worker first, then packed lanes
+    for tasks whose worker is not known."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.workers: dict[str, int] = {}  # worker -> lane; "" collected too
+        self.busy: list[float] = []  # packed lanes: when each frees up
+
+    def lane(self, worker: str, start: float, end: float) -> int:
+        named = [w for w in self.workers if w]
+        if worker:
+            return named.index(worker)
+        return len(named) + _free_lane(self.busy, start, end)
+
+    def names(self) -> list[str]:
+        named = [f"worker {w}" for w in self.workers if w]
+        return named + [f"slot {i + 1}" for i in range(len(self.busy))]
 
 
 def _free_lane(busy: list[float], start: float, end: float) -> int:
@@ -214,13 +250,12 @@ def _complete_event(
     }
 
 
-def _track_names(
-    pids: dict[str, int], lanes: dict[str, list[float]]
-) -> list[dict[str, Any]]:
+def _track_names(tracks: dict[str, _Tracks]) -> list[dict[str, Any]]:
     """Metadata events naming each process after its backend and each thread
-    after its slot, so the viewer shows names rather than numbers."""
+    after its worker or slot, so the viewer shows names rather than numbers."""
     events: list[dict[str, Any]] = []
-    for backend, pid in pids.items():
+    for backend, track in tracks.items():
+        pid = track.pid
         events.append(
             {
                 "name": "process_name",
@@ -229,14 +264,14 @@ def _track_names(
                 "args": {"name": f"backend {backend}"},
             }
         )
-        for lane in range(len(lanes[backend])):
+        for lane, name in enumerate(track.names()):
             events.append(
                 {
                     "name": "thread_name",
                     "ph": "M",
                     "pid": pid,
                     "tid": lane + 1,
-                    "args": {"name": f"slot {lane + 1}"},
+                    "args": {"name": name},
                 }
             )
     return events

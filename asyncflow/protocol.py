@@ -185,6 +185,12 @@ class CompletionSink(Protocol):
     def set_running(self, uid: str) -> None:
         """Optional: the task started on a worker (used for events and traces)."""
 
+    def set_ran(self, uid: str, start: float, end: float, worker: str) -> None:
+        """Optional: when the task ran (``time.time()`` seconds, measured where
+        it ran) and on which worker, reported before its outcome.  For adapters
+        that run several tasks per runtime call: without it, a trace can only
+        show the whole call's span for each task in it."""
+
     def set_backend_state(self, backend: object, state: str, detail: str) -> None:
         """Optional: what ``backend``'s runtime is doing, for events and progress:
         ``state`` is ``queued``, ``running`` or ``ended``, ``detail`` a sentence

@@ -51,6 +51,10 @@ class Sink:
         if self._state.hub.subscribers:
             self._push(("", 3, (backend, state, detail)))
 
+    def set_ran(self, uid: str, start: float, end: float, worker: str) -> None:
+        if self._state.hub.subscribers:  # only traces and observers use it
+            self._push((uid, 4, (start, end, worker)))
+
     def _push(self, item: tuple[str, int, Any]) -> None:
         self._queue.append(item)
         if not self._scheduled:
@@ -69,21 +73,12 @@ class Sink:
         self._scheduled = False
         queue = self._queue
         state = self._state
-        inflight, hub, services = state.inflight, state.hub, state.services
+        inflight, services = state.inflight, state.services
         scheduler = self._scheduler
         while queue:
             uid, kind, value = queue.popleft()
             if kind > 1:  # observers only: results and errors pay one test
-                if kind == 3:
-                    hub.backend_state(*value)
-                    continue
-                fut = inflight.get(uid)
-                if fut is not None and fut._tstate is TaskState.SUBMITTED:
-                    fut._tstate = TaskState.RUNNING
-                    if hub.subscribers:
-                        hub.task(EventKind.RUNNING, fut)
-                if services.live:
-                    services.up(uid)
+                self._observe(uid, kind, value)
                 continue
             fut = inflight.pop(uid, None)
             if fut is None:
@@ -94,3 +89,21 @@ class Sink:
                 scheduler.finish_ok(fut, value)
             else:
                 scheduler.finish_error(fut, value)
+
+    def _observe(self, uid: str, kind: int, value: Any) -> None:
+        """A report for observers: a backend's state, or a task's start."""
+        hub = self._state.hub
+        if kind == 3:
+            hub.backend_state(*value)
+            return
+        fut = self._state.inflight.get(uid)
+        if fut is not None and fut._tstate is TaskState.SUBMITTED:
+            fut._tstate = TaskState.RUNNING
+            if hub.subscribers:
+                if kind == 4:
+                    hub.ran(fut, *value)
+                else:
+                    hub.task(EventKind.RUNNING, fut)
+        services = self._state.services
+        if services.live:
+            services.up(uid)

@@ -63,6 +63,22 @@ class EventHub:
             TaskEvent(time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps)
         )
 
+    def ran(self, fut: TaskFuture, start: float, end: float, worker: str) -> None:
+        """The RUNNING event of a task whose run was measured where it ran."""
+        backend = fut._backend
+        self.publish(
+            TaskEvent(
+                start,
+                EventKind.RUNNING,
+                fut.uid,
+                fut.name,
+                self.labels.get(id(backend), "engine"),
+                fut._attempt,
+                until=end,
+                worker=worker,
+            )
+        )
+
     def backend_state(self, backend: object, state: str, detail: str) -> None:
         label = self.labels.get(id(backend), "engine")
         self.publish(

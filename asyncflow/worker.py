@@ -171,21 +171,29 @@ class _Skip(Exception):
 Outcome = tuple[bool | None, Any, bool]
 
 
-def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[float]]:
+#: when a call started (``time.time()``) and how many seconds it took; -1: skipped
+Span = tuple[float, float]
+
+
+def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[Span], int]:
     """Run several calls in one pool process, one after the other.
 
     Each outcome is pickled on its own, so that a result or exception that
     cannot be pickled fails its own task and not the chunk; only values of types
     that always pickle (numbers, strings, bytes, plain numpy arrays) travel as
     they are, so a large array is not copied twice.  A call whose
-    upstream in the chunk failed is skipped (outcome ``None``).  Also returns the
-    seconds each call took, from which the sender sizes later chunks.
+    upstream in the chunk failed is skipped (outcome ``None``).  Also returns
+    when each call started and how long it took, measured here (the sender
+    sizes later chunks from it, and traces show each task's own run rather than
+    its chunk's), and this process's pid, the worker they ran on.
     """
     out: list[Outcome] = []
-    seconds: list[float] = []
+    seconds: list[Span] = []
     values: list[Any] = []
     clock = time.perf_counter
+    wall = time.time
     for blob, payload, is_async, name, linked in calls:
+        began = wall()
         start = clock()
         ok = False
         try:
@@ -197,14 +205,14 @@ def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[float]]:
         except _Skip:
             values.append(_SKIPPED)
             out.append((None, None, False))
-            seconds.append(-1.0)
+            seconds.append((began, -1.0))
             continue
         except BaseException as exc:
             value = exc
         values.append(value if ok else _SKIPPED)
         if ok and _always_pickles(value):
             out.append((True, value, False))
-            seconds.append(clock() - start)
+            seconds.append((began, clock() - start))
             continue
         try:
             out.append((ok, _dumps_outcome(value), True))
@@ -217,8 +225,8 @@ def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[float]]:
                 "types at module level"
             )
             out.append((False, pickle.dumps(error), True))
-        seconds.append(clock() - start)
-    return out, seconds
+        seconds.append((began, clock() - start))
+    return out, seconds, os.getpid()
 
 
 _SKIPPED = object()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from asyncflow import AsyncflowError, ConcurrentExecutionBackend, WorkflowEngine
+from asyncflow.adapters.concurrent import process_backend
 from asyncflow.conformance import tasks as t
 from asyncflow.events import EventKind, TaskEvent
 
@@ -134,3 +136,36 @@ async def test_backend_state_is_an_event_and_shows_in_progress() -> None:
     assert "hpc: Slurm job 7 is waiting (Resources)" in str(
         progress._progress.tasks[0].description
     )
+
+
+def _busy(seconds: float) -> float:
+    """Works (rather than sleeps) so that chunking sees real task durations."""
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+async def test_trace_of_chunked_tasks_shows_each_tasks_own_run() -> None:
+    """A process pool runs short tasks in chunks; the trace still draws each
+    task over its own run, on the worker that ran it, never on more tracks
+    than the pool has workers."""
+    backend = process_backend(2)
+    async with WorkflowEngine(backend=backend) as flow:
+        recorder = flow.record_trace()
+        busy = flow.function_task(_busy)
+        await asyncio.gather(*(busy(0.002) for _ in range(200)))
+    trace = recorder.chrome_trace()["traceEvents"]
+    bars = [e for e in trace if e["ph"] == "X"]
+    lanes = {e["args"]["name"] for e in trace if e.get("name") == "thread_name"}
+    assert len(bars) == 200
+    assert lanes and len(lanes) <= 2 and all(n.startswith("worker pid ") for n in lanes)
+    by_lane: dict[int, list[tuple[float, float]]] = {}
+    for bar in bars:
+        by_lane.setdefault(bar["tid"], []).append((bar["ts"], bar["ts"] + bar["dur"]))
+    for spans in by_lane.values():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start >= end - 1.0, "a worker runs one task at a time (1 us slack)"
