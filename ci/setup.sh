@@ -21,5 +21,11 @@ if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+# tests/test_wheel.py builds the wheel offline (no build isolation), so the build
+# backend that pyproject.toml names must be installed in .venv itself.
+mapfile -t build_requires < <(.venv/bin/python -c 'import tomllib
+toml = tomllib.load(open("pyproject.toml", "rb"))
+print(*toml["build-system"]["requires"], sep="\n")')
+.venv/bin/python -m pip install -q --disable-pip-version-check "${build_requires[@]}"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
     -e '.[all,test]' -e tests/example_adapter
