@@ -115,6 +115,9 @@ class DaskExecutionBackend(AwaitableBackend):
         self._canceller.cancel(uids)
 
     async def shutdown(self) -> None:
+        """Tasks are stopped while the client is still up (their commands must
+        be killed on the workers), fetches failed before the client closes (so
+        that no await hangs on it), the cluster closed last."""
         state = self._state
         if not state.life.begin_shutdown():
             return

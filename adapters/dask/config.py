@@ -72,12 +72,12 @@ class Settings:
     client_options: dict[str, Any]
     #: the caller's own options, to tell theirs from our defaults
     user_options: dict[str, Any]
-    #: whether tasks run in worker processes, as far as can be told now
+    #: whether tasks run in worker processes, as far as the arguments tell
     processes: bool
 
     @classmethod
     def from_args(cls, address: Any, options: dict[str, Any]) -> Settings:
-        # the dict is checked now: a typo fails here, not in a batch job
+        # the dict is checked here: a typo fails in the constructor, not in a job
         plan = (
             SlurmPlan.from_mapping(address)
             if isinstance(address, Mapping) and is_allocation(address)

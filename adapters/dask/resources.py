@@ -52,7 +52,8 @@ class ResourceChecker:
         self._refreshing: asyncio.Future[None] | None = None
 
     async def refresh(self) -> None:
-        """Ask the scheduler for its workers now."""
+        """Replace the cached workers by the scheduler's: the cache is what
+        requests are checked against, and ``info`` counts its threads."""
         state = self._state
         client = state.client
         assert client is not None

@@ -116,6 +116,6 @@ class Completions:
             )
 
     async def close(self) -> None:
-        """Fail the fetches still waiting, and drop what workers pushed."""
+        """Fail the fetches still waiting: the client they wait on is closing."""
         await self._fetches.close(EngineClosedError("the Dask backend shut down"))
         self._state.pushed.clear()
