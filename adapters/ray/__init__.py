@@ -34,38 +34,37 @@ running executable's command lives in a session of its own, so killing the
 worker would orphan it; instead the command carries a marker in its environment
 and the command's process group is killed wherever the marker is found.
 
-The adapter is split by job:
+The adapter is a few collaborators sharing one state object, by job:
 
 ``backend``
-    :class:`RayExecutionBackend`: construction, start, cancel and shutdown;
+    :class:`RayExecutionBackend`: the protocol, handed to the parts below in the
+    order they start and shut down;
+``state``
+    the settings and bookkeeping they share, and what the backend declares;
 ``process``
     the thread that owns ``ray.init`` and ``ray.shutdown``, a local Ray kept on
-    loopback, and finding and killing its processes and cancelled commands;
+    loopback, and finding and killing its processes and marked commands;
+``attach``
+    attaching to a running Ray: probes that fail fast, and hints at the fix;
 ``submit``
     specs turned into ``.remote()`` calls, with resources, options and nested
     refs;
 ``results``
     readiness callbacks batched onto the loop, inline values, and
     :class:`RayValue` fetches;
+``cancel``
+    Ray's cancel for functions, the marker sweep for commands;
+``watch``
+    the head's processes watched, so that its death fails the tasks at once;
 ``worker``
     what runs in Ray workers, imported there by this path;
 ``errors``
-    Ray's failures translated into asyncflow's errors;
-``base``
-    the state the parts above share.
+    Ray's failures translated into asyncflow's errors.
 """
 
 from __future__ import annotations
 
 from .backend import RayExecutionBackend
 from .results import RayValue
-
-# The old single module's names stay importable from here.  Each is defined once,
-# in the module named; patch it there, not here.
-from .worker import _EXEC as _EXEC
-from .worker import MARKER as MARKER
-from .worker import _function_runner as _function_runner
-from .worker import _run_command as _run_command
-from .worker import _sweep as _sweep
 
 __all__ = ["RayExecutionBackend", "RayValue"]

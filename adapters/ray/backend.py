@@ -1,42 +1,37 @@
-"""RayExecutionBackend itself: its construction, start, cancel and shutdown.
+"""RayExecutionBackend itself: the protocol, handed to its collaborators.
 
-The protocol's lifecycle lives here: what the backend declares before and
-after Ray is up, handing ``ray.init`` to the owner thread (``process``),
-cancelling tasks (forcing functions, killing commands' process groups) and
-shutting down.  Submission and results are the mixins it is built from
-(``submit``, ``results``).
+The backend owns one :class:`~.state.RayState` and the parts that share it:
+the process owner (``process``), the submitter (``submit``), the completions
+and fetches (``results``), the canceller (``cancel``) and the head watch
+(``watch``).  What is left here is the order in which they are started and
+shut down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import contextlib
-import secrets
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 
 from ... import _signals
-from ...errors import BackendStartError, EngineClosedError
-from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
+from ...protocol import BackendInfo, CompletionSink
+from ...spec import TaskSpec
 from .._awaitable import AwaitableBackend
-from .base import _Task, log
-from .errors import _attach_hint
-from .process import _auth_mode_is_token, _ProcessMixin, _usable_cpus
-from .results import _BATCH, _ResultsMixin
-from .submit import _SubmitMixin
-from .watch import _WatchMixin
+from ..toolkit import Lifecycle
+from .cancel import Canceller
+from .process import RayProcess, usable_cpus
+from .results import Completions
+from .state import DEFAULT_CAPABILITIES, RayState, describe, log
+from .submit import Submitter
+from .watch import HeadWatch
 
-C = Capability
+__all__ = ["RayExecutionBackend"]
 
 
-class RayExecutionBackend(
-    _SubmitMixin, _ResultsMixin, _ProcessMixin, _WatchMixin, AwaitableBackend
-):
+class RayExecutionBackend(AwaitableBackend):
     """Runs tasks on Ray.
 
     ``RayExecutionBackend()`` starts a local Ray (``num_cpus`` defaults to the
@@ -55,6 +50,8 @@ class RayExecutionBackend(
     ``runtime_env`` or ``scheduling_strategy``.
     """
 
+    CAPABILITIES = DEFAULT_CAPABILITIES
+
     def __init__(
         self,
         address: str | None = None,
@@ -63,90 +60,32 @@ class RayExecutionBackend(
         loopback: bool = True,
         **init_kwargs: Any,
     ):
-        self._address = address
-        self._init_kwargs = dict(init_kwargs)
-        self._fail_infeasible = fail_infeasible
-        self._loopback = loopback and address is None
-        self._token = secrets.token_hex(6)
-        self._sink: CompletionSink | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: dict[str, _Task] = {}
-        self._cancelled: dict[str, ray.ObjectRef] = {}
-        self._ready_uids: collections.deque[str] = collections.deque()
-        self._drain_scheduled = False
-        self._deferred = False
-        self._backlog = _BATCH
-        self._client = False  # attached through Ray Client (ray://)
-        self._runners: dict[Any, Any] = {}
-        self._by_id: dict[int, tuple[Any, Any]] = {}  # unhashable callables
-        self._variants: dict[Any, Any] = {}
-        self._nodes: list[Mapping[str, float]] = []
-        self._fetches: list[tuple[ray.ObjectRef, asyncio.Future[Any]]] = []
-        self._jobs: set[asyncio.Task[Any]] = set()
-        self._up: concurrent.futures.Future[None] | None = None
-        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._owns = False  # we started this Ray and must stop it
-        self._connected = False  # we called ray.init (attach) and must disconnect
-        self._tmpdir: str | None = None
-        self._env_saved: dict[str, str | None] = {}
-        self._closed = False
-        self._pidfds: list[int] = []
-        self._lost: str | None = None  # why Ray is gone (see watch.py)
+        state = self._state = RayState(
+            address=address,
+            init_kwargs=dict(init_kwargs),
+            fail_infeasible=fail_infeasible,
+            loopback=loopback and address is None,
+            life=Lifecycle(type(self).__name__, log),
+            info=describe(address, 2, 0, "not known until attached"),
+        )
         if address is None and not ray.is_initialized():
-            cpus = init_kwargs.get("num_cpus") or _usable_cpus()
-            self._init_kwargs["num_cpus"] = cpus
-            self._info = self._make_info(
-                cpus,
-                init_kwargs.get("num_gpus") or 0,
-                "not known until Ray has started",
+            cpus = init_kwargs.get("num_cpus") or usable_cpus()
+            state.init_kwargs["num_cpus"] = cpus
+            gpus = init_kwargs.get("num_gpus") or 0
+            state.info = describe(
+                address, cpus, gpus, "not known until Ray has started"
             )
         elif ray.is_initialized():
-            self._info = self._info_from_cluster()
-        else:
-            self._info = self._make_info(2, 0, "not known until attached")
+            state.read_cluster()
+        self._process = RayProcess(state)
+        self._completions = Completions(state, self)
+        self._submitter = Submitter(state, self, self._completions)
+        self._canceller = Canceller(state, self._process)
+        self._watch = HeadWatch(state)
 
-    # -- info ---------------------------------------------------------------
     @property
     def info(self) -> BackendInfo:
-        return self._info
-
-    def _make_info(self, cpus: float, gpus: float, unknown: str = "") -> BackendInfo:
-        caps = [
-            C.FUNCTIONS,
-            C.EXECUTABLES,
-            C.CANCEL_QUEUED,
-            C.CANCEL_RUNNING,
-            C.KILL_EXECUTABLES,
-            C.RESOURCES,
-            C.SERIALIZES,
-            C.LARGE_PAYLOADS,
-            C.PIPELINE,
-        ]
-        absent: dict[str, str] = {"reports_running": _NO_RUNNING}
-        if cpus >= 2:
-            caps.append(C.PARALLEL)
-        else:
-            absent["parallel"] = f"the Ray cluster has {cpus:g} CPU(s)"
-        if gpus > 0:
-            caps.append(C.GPUS)
-        else:
-            absent["gpus"] = unknown or "the Ray cluster has no GPUs"
-        return BackendInfo(
-            name="ray" if self._address is None else "ray-attached",
-            runtime="ray",
-            runtime_version=ray.__version__,
-            capabilities=Capabilities.of(*caps, **absent),
-        )
-
-    def _info_from_cluster(self) -> BackendInfo:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        self._nodes = nodes
-        cpus = sum(n.get("CPU", 0) for n in nodes)
-        self._backlog = max(_BATCH, int(2 * cpus))
-        gpus = max((n.get("GPU", 0) for n in nodes), default=0)
-        return self._make_info(cpus, gpus)
+        return self._state.info
 
     @property
     def address(self) -> str | None:
@@ -156,114 +95,43 @@ class RayExecutionBackend(
         try:
             return str(ray.get_runtime_context().gcs_address)
         except Exception:  # Ray Client has no GCS address to give
-            return self._address
+            return self._state.address
 
-    # -- start --------------------------------------------------------------
     async def start(self, sink: CompletionSink) -> None:
-        if self._closed:
-            raise EngineClosedError("this RayExecutionBackend was shut down")
-        self._sink = sink
-        self._loop = asyncio.get_running_loop()
-        if self._up is None:
-            self._up = concurrent.futures.Future()
-            self._thread = threading.Thread(
-                target=self._own, name="asyncflow-ray", daemon=True
-            )
-            self._thread.start()
-        try:
-            # Shielded: an engine giving up on start must not cancel the thread's
-            # future; shutdown() stops whatever the thread brings up.
-            await asyncio.shield(asyncio.wrap_future(self._up))
-        except BackendStartError:
-            raise
-        except Exception as exc:
-            hint = (
-                _attach_hint(self._address, exc, _auth_mode_is_token())
-                if self._address
-                else None
-            )
-            raise BackendStartError(
-                f"Ray could not be {'attached' if self._address else 'started'}: "
-                f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
-            ) from exc
+        life = self._state.life
+        if life.closed or not life.started:
+            life.begin_start()
+        else:
+            # Started again (attached first, then by an engine on its own loop):
+            # Ray's connection is the process's, so the backend moves along.
+            life.loop = asyncio.get_running_loop()
+        self._state.sink = sink
+        await self._process.start()
         # ray.init put its C++ failure-signal handler on SIGTERM, which aborts
         # the driver instead of letting the engine shut down.
         _signals.restore_handlers()
-        self._watch_head()
+        self._watch.watch(owned=self._process.owns)
 
-    # -- cancel -------------------------------------------------------------
+    def submit(self, specs: Sequence[TaskSpec]) -> None:
+        self._submitter.submit(specs)
+
     def cancel(self, uids: Sequence[str]) -> None:
-        commands = []
-        # Ray 2.60 aborts the driver (ReferenceCounter CHECK failure) when a task
-        # still resolving its arguments is cancelled and they resolve later.  A
-        # piped task whose upstreams are in flight is left alone: it fails with
-        # them or runs unseen; its report is dropped like any cancelled one's.
-        tasks = self._tasks
-        resolving = {
-            uid
-            for uid in uids
-            if (task := tasks.get(uid)) is not None
-            and any(u in tasks for u in task.upstreams)
-        }
-        for uid in uids:
-            task = self._tasks.pop(uid, None)
-            if task is None:
-                continue
-            self._cancelled[uid] = task.ref
-            if uid in resolving:
-                continue
-            try:
-                # A command is stopped by killing its process group below; the
-                # worker may live on.  A function can only be stopped with it.
-                ray.cancel(task.ref, force=not task.command, recursive=True)
-            except Exception:  # already finished or Ray is going away
-                log.debug("ray.cancel(%s) failed", uid, exc_info=True)
-            if task.command:
-                commands.append(f"{self._token}/{uid}")
-        if commands and self._loop is not None:
-            self._spawn(self._kill_commands(frozenset(commands)))
+        self._canceller.cancel(uids)
 
-    # -- shutdown -------------------------------------------------------------
     async def shutdown(self) -> None:
-        if self._closed:
+        state = self._state
+        if not state.life.begin_shutdown():
             return
-        self._closed = True
-        self._unwatch_head()
-        leftover = list(self._tasks)
+        self._watch.unwatch()
+        leftover = list(state.tasks)
         if leftover:
             self.cancel(leftover)
-        for job in list(self._jobs):
+        # Awaited, not cancelled: a command kill's second sweep must still run.
+        for job in list(state.life.background):
             with contextlib.suppress(BaseException):
                 await job
-        for _, fut in self._fetches:
-            fut.cancel()
-        self._fetches.clear()
+        await self._completions.close()
         try:
-            if self._up is not None:
-                self._stop.set()
-                await asyncio.shield(asyncio.wrap_future(self._stopped))
-                assert self._thread is not None
-                self._thread.join()
+            await self._process.stop()
         finally:
-            self._runners.clear()
-            self._by_id.clear()
-            self._variants.clear()
-
-
-_NO_RUNNING = "Ray tells the driver only how a task ended"
-
-# What a default local Ray offers, for listings that must not start Ray.
-RayExecutionBackend.CAPABILITIES = Capabilities.of(  # type: ignore[attr-defined]
-    C.FUNCTIONS,
-    C.EXECUTABLES,
-    C.CANCEL_QUEUED,
-    C.CANCEL_RUNNING,
-    C.KILL_EXECUTABLES,
-    C.RESOURCES,
-    C.SERIALIZES,
-    C.LARGE_PAYLOADS,
-    C.PIPELINE,
-    C.PARALLEL,
-    gpus="depends on the cluster: declared when a node reports GPUs",
-    reports_running=_NO_RUNNING,
-)
+            self._submitter.clear()

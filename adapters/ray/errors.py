@@ -21,8 +21,10 @@ from ...errors import (
 )
 from ...spec import TaskSpec
 
+__all__ = ["submit_error", "task_error"]
 
-def _task_error(name: str, err: rex.RayError) -> BaseException:
+
+def task_error(name: str, err: BaseException) -> BaseException:
     """The user's own exception for a task failure; WorkerLostError when Ray
     lost the worker, the node or the object."""
     if isinstance(err, rex.RayTaskError):
@@ -70,7 +72,7 @@ def _task_error(name: str, err: rex.RayError) -> BaseException:
     return err
 
 
-def _submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
+def submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
     text = str(exc)
     first = text.split("\n", 1)[0]
     ray_says = "serializ" in text.lower()
@@ -93,44 +95,3 @@ def _submit_error(spec: TaskSpec, exc: Exception) -> BaseException:
     if isinstance(exc, TypeError):  # the arguments do not fit the signature
         return TaskDefinitionError(f"task {spec.name!r} was called wrongly: {text}")
     return exc
-
-
-# -- attaching ------------------------------------------------------------------------
-_TOKEN_FIX = (
-    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file "
-    "(examples/slurm/ray-cluster.sbatch writes it to $RAY_JOB_DIR/auth_token), or "
-    "put the token itself in RAY_AUTH_TOKEN"
-)
-
-
-def _token_refused(address: str, mode_is_token: bool) -> str:
-    """What to do when the cluster at ``address`` refused this driver's token."""
-    if mode_is_token:
-        why = (
-            "refused this driver's token (from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
-            "or ~/.ray/auth_token, in that order): it is not the cluster's"
-        )
-    else:
-        why = "has token authentication on, and this driver sent no token"
-    return f"the Ray cluster at {address} {why}; {_TOKEN_FIX}"
-
-
-def _attach_hint(address: str, exc: BaseException, mode_is_token: bool) -> str | None:
-    """A sentence saying what to fix when ``ray.init(address=...)`` failed, or None.
-
-    Ray reports a refused token as a bare ``ConnectionError`` after retrying for
-    20 s, with the AuthenticationError only as text inside its cause; through
-    Ray Client it times out after 30 s without naming authentication at all.
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        refused = "InvalidAuthToken" in str(seen)
-        if refused or isinstance(seen, rex.AuthenticationError):
-            return _token_refused(address, mode_is_token)
-        seen = seen.__cause__ or seen.__context__
-    if address.startswith("ray://") and not mode_is_token:
-        return (
-            f"if the Ray cluster at {address} uses token authentication (Ray 2.60 "
-            f"turns it on for every head not on loopback), {_TOKEN_FIX}"
-        )
-    return None

@@ -4,19 +4,19 @@ Ray ties the processes ``ray.init`` starts to the thread that started them, so
 a thread of ours calls ``ray.init`` and, at shutdown, ``ray.shutdown``.  A
 local Ray is kept on loopback, given a private temp dir and auth token, and its
 processes are marked so that every one of them (crashed raylets' orphans
-included) is found and killed at shutdown.  Cancelled executables are killed
-by the marker in their environment, on every node.
+included) is found and killed at shutdown.  Commands are found by the marker
+in their environment (see ``worker``), on every node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import logging
 import os
 import secrets
-import shutil
 import socket
 import tempfile
 import threading
@@ -31,11 +31,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import psutil  # isort: skip  (after ray, which can provide a vendored copy)
 
-from ..._util import run_in_thread
 from ...errors import BackendStartError
-from .base import _RayBase, log
-from .errors import _token_refused
-from .worker import _sweep
+from ..toolkit import Scratch
+from ..toolkit.envelopes import strip_tracebacks
+from .attach import check_attach, start_error
+from .state import RayState, log
+from .worker import sweep
+
+__all__ = ["RayProcess", "sweep_everywhere", "usable_cpus"]
 
 #: Set in the environment of every process of a Ray this adapter starts.
 _NODE_MARKER = "ASYNCFLOW_RAY_NODE"
@@ -43,8 +46,49 @@ _INIT_LOCK = threading.Lock()
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
-class _ProcessMixin(_RayBase):
-    """The owner thread, and the processes of the Ray it brings up."""
+class RayProcess:
+    """The owner thread, and the processes of the Ray it brings up.
+
+    ``owns`` is set while this backend's own local Ray runs (it must stop it);
+    ``scratch`` is that Ray's temp dir, which also identifies its processes.
+    """
+
+    def __init__(self, state: RayState):
+        self._state = state
+        self._up: concurrent.futures.Future[None] | None = None
+        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.owns = False
+        self._connected = False  # we called ray.init (attach) and must disconnect
+        self.scratch = Scratch()
+        self._env_saved: dict[str, str | None] = {}
+
+    async def start(self) -> None:
+        """Bring Ray up (or attach) on the owner thread, started on first call."""
+        if self._up is None:
+            self._up = concurrent.futures.Future()
+            self._thread = threading.Thread(
+                target=self._own, name="asyncflow-ray", daemon=True
+            )
+            self._thread.start()
+        try:
+            # Shielded: an engine giving up on start must not cancel the thread's
+            # future; stop() stops whatever the thread brings up.
+            await asyncio.shield(asyncio.wrap_future(self._up))
+        except BackendStartError:
+            raise
+        except Exception as exc:
+            raise start_error(self._state.address, exc) from exc
+
+    async def stop(self) -> None:
+        """Have the owner thread shut Ray down (or disconnect), and join it."""
+        if self._up is None:
+            return
+        self._stop.set()
+        await asyncio.shield(asyncio.wrap_future(self._stopped))
+        assert self._thread is not None
+        self._thread.join()
 
     def _own(self) -> None:
         """The thread that calls ``ray.init`` and, later, ``ray.shutdown``.
@@ -53,18 +97,19 @@ class _ProcessMixin(_RayBase):
         that started them (PR_SET_PDEATHSIG), so that thread must outlive them.
         """
         assert self._up is not None
+        state = self._state
         try:
             with _INIT_LOCK:
                 if ray.is_initialized():
                     pass  # share this process's connection; never shut it down
-                elif self._address is not None:
-                    _check_attach(self._address)
-                    ray.init(address=self._address, **self._init_kwargs)
+                elif state.address is not None:
+                    check_attach(state.address)
+                    ray.init(address=state.address, **state.init_kwargs)
                     self._connected = True
                 else:
                     self._start_local()
-            self._client = client_ray.is_connected()
-            self._info = self._info_from_cluster()
+            state.client = client_ray.is_connected()
+            state.read_cluster()
         except BaseException as exc:
             with contextlib.suppress(BaseException):
                 self._shutdown_blocking()  # whatever got started before the failure
@@ -84,28 +129,14 @@ class _ProcessMixin(_RayBase):
         base = tempfile.gettempdir()
         if len(base) > 40:  # Ray's unix sockets live below it (107-byte limit)
             base = "/tmp"
-        self._tmpdir = tempfile.mkdtemp(prefix="asyncflow-ray-", dir=base)
-        env = {"RAY_USAGE_STATS_ENABLED": "0"}
-        if not any(
-            k in os.environ
-            for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-        ):
-            # Ray 2.60 turns token auth on (setting RAY_AUTH_MODE itself) and
-            # writes ~/.ray/auth_token; point it at a token in our temp dir.
-            path = os.path.join(self._tmpdir, "auth_token")
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                f.write(secrets.token_hex(32))
-            env["RAY_AUTH_TOKEN_PATH"] = path
-        for key in (*env, "RAY_AUTH_MODE"):  # Ray itself sets RAY_AUTH_MODE
-            self._env_saved.setdefault(key, os.environ.get(key))
-        os.environ.update(env)
-        _forget_cached_token()
+        tmpdir = self.scratch.make("asyncflow-ray-", base)
+        self._set_env(tmpdir)
         kwargs = {
             "include_dashboard": False,
-            "_temp_dir": self._tmpdir,
-            **self._init_kwargs,
+            "_temp_dir": tmpdir,
+            **self._state.init_kwargs,
         }
-        loopback = self._loopback and "_node_ip_address" not in kwargs
+        loopback = self._state.loopback and "_node_ip_address" not in kwargs
         for attempt in (1, 2):
             with _local_only(loopback), _quiet_init(), self._marking_children():
                 try:
@@ -115,7 +146,7 @@ class _ProcessMixin(_RayBase):
                     failure = f"{type(exc).__name__}: {exc}"
                     # Let go of Ray's half-built node (and its Popen objects)
                     # while its warnings are silenced.
-                    exc.__traceback__ = None
+                    strip_tracebacks(exc)
                     del exc
                     self._kill_partial_start()
                     gc.collect()
@@ -125,10 +156,28 @@ class _ProcessMixin(_RayBase):
                 log.warning("Ray did not start within its 30 s; retrying once")
                 continue
             self._restore_env()
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+            self.scratch.close()
             raise BackendStartError(f"Ray could not be started: {failure}")
-        self._owns = True
+        self.owns = True
+
+    def _set_env(self, tmpdir: str) -> None:
+        """Usage stats off, and Ray's auth token in our temp dir; the previous
+        values are restored at shutdown."""
+        env = {"RAY_USAGE_STATS_ENABLED": "0"}
+        if not any(
+            k in os.environ
+            for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+        ):
+            # Ray 2.60 turns token auth on (setting RAY_AUTH_MODE itself) and
+            # writes ~/.ray/auth_token; point it at a token in our temp dir.
+            path = os.path.join(tmpdir, "auth_token")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))
+            env["RAY_AUTH_TOKEN_PATH"] = path
+        for key in (*env, "RAY_AUTH_MODE"):  # Ray itself sets RAY_AUTH_MODE
+            self._env_saved.setdefault(key, os.environ.get(key))
+        os.environ.update(env)
+        _forget_cached_token()
 
     @contextlib.contextmanager
     def _marking_children(self) -> Iterator[None]:
@@ -137,7 +186,7 @@ class _ProcessMixin(_RayBase):
         at shutdown, even ones orphaned by a crash.  Only set while ``ray.init``
         runs, so the application's own subprocesses do not carry it."""
         saved = os.environ.get(_NODE_MARKER)
-        os.environ[_NODE_MARKER] = self._token
+        os.environ[_NODE_MARKER] = self._state.token
         try:
             yield
         finally:
@@ -155,7 +204,7 @@ class _ProcessMixin(_RayBase):
         """Give our Ray's processes ``grace`` seconds to exit, then SIGKILL
         them; twice, in case a dying raylet started one more."""
         for _ in range(2):
-            procs = self._ray_processes()
+            procs = self.ray_processes()
             if not procs:
                 return
             _, alive = psutil.wait_procs(procs, timeout=grace)
@@ -164,40 +213,12 @@ class _ProcessMixin(_RayBase):
                     proc.kill()
             psutil.wait_procs(alive, timeout=5)
 
-    async def _kill_commands(self, targets: frozenset[str] | None) -> None:
-        # Twice: a command may start in the instant between the first sweep and
-        # Ray's cancel reaching its worker.
-        for delay in (0.0, 1.0):
-            await asyncio.sleep(delay)
-            try:
-                await run_in_thread(
-                    self._sweep_everywhere, targets, name="asyncflow-ray-kill"
-                )
-            except Exception:
-                log.warning("could not kill cancelled Ray commands", exc_info=True)
-
-    def _sweep_everywhere(self, targets: frozenset[str] | None) -> None:
-        prefix = f"{self._token}/"
-        _sweep(prefix, targets)  # this host: cheap, and covers a local Ray
-        if self._owns or not ray.is_initialized():
-            return
-        here = _local_addresses()
-        remote_sweep = ray.remote(num_cpus=0, max_retries=0)(_sweep)
-        for node in ray.nodes():
-            if node.get("Alive") and node.get("NodeManagerAddress") not in here:
-                ref = remote_sweep.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        node["NodeID"], soft=False
-                    )
-                ).remote(prefix, targets)
-                ref._on_completed(_ignore)
-
     def _shutdown_blocking(self) -> None:
-        prefix = f"{self._token}/"
-        if not self._owns:
-            if ray.is_initialized() and self._lost is None:  # else it waits on GCS
+        state = self._state
+        if not self.owns:
+            if ray.is_initialized() and state.lost is None:  # else it waits on GCS
                 with contextlib.suppress(Exception):
-                    self._sweep_everywhere(None)
+                    sweep_everywhere(state.token, None, remote=True)
             if self._connected:
                 with _INIT_LOCK:
                     ray.shutdown()
@@ -209,35 +230,35 @@ class _ProcessMixin(_RayBase):
                 # Workers exit once they notice the raylet is gone; give them a
                 # moment, then kill whatever is left (commands included).
                 self._kill_leftovers(grace=5)
-                _sweep(prefix, None)
+                sweep(f"{state.token}/", None)
                 self._restore_env()
                 _forget_cached_token()
-                if self._tmpdir is not None:
-                    shutil.rmtree(self._tmpdir, ignore_errors=True)
-                    self._tmpdir = None
-                self._owns = False
+                self.scratch.close()
+                self.owns = False
 
-    def _ray_processes(self) -> list[psutil.Process]:
+    def ray_processes(self) -> list[psutil.Process]:
         """Every live process of the Ray this backend started: those carrying
         our marker (see ``_marking_children``), their descendants, and any
         ``ray::`` process holding a file in our temp dir.  (Workers and agents
         rename themselves with setproctitle, which can hide their environment;
         an agent orphaned by a crashed raylet is found by its open log file.)"""
-        if self._tmpdir is None:
+        tmpdir = self.scratch.path
+        if tmpdir is None:
             return []
+        token = self._state.token
         found: dict[int, psutil.Process] = {}
         me = os.getpid()
         for proc in psutil.process_iter(["name"]):
             if proc.pid == me:
                 continue
             try:
-                if proc.environ().get(_NODE_MARKER) == self._token:
+                if proc.environ().get(_NODE_MARKER) == token:
                     found[proc.pid] = proc
                     found.update((c.pid, c) for c in proc.children(recursive=True))
                 elif (
                     proc.pid not in found
                     and (proc.info["name"] or "").startswith("ray::")
-                    and any(f.path.startswith(self._tmpdir) for f in proc.open_files())
+                    and any(f.path.startswith(tmpdir) for f in proc.open_files())
                 ):
                     found[proc.pid] = proc
             except (psutil.Error, OSError):
@@ -251,100 +272,6 @@ class _ProcessMixin(_RayBase):
             else:
                 os.environ[key] = value
         self._env_saved.clear()
-
-
-def _ignore(_: Any) -> None:
-    pass
-
-
-def _client_refuses_token(target: str) -> bool:
-    """Whether the Ray Client server at ``target`` refuses this driver's token
-    (or its lack of one): a PING, which Ray's proxy answers itself, through the
-    channel Ray Client would use.  Anything but a refusal is left to Ray."""
-    try:  # Ray's internals: without them, Ray's own wait and words
-        import grpc
-        from ray._private.grpc_utils import init_grpc_channel
-        from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
-    except ImportError:
-        return False
-    ping = ray_client_pb2.ClusterInfoRequest(  # type: ignore[attr-defined]
-        type=ray_client_pb2.ClusterInfoType.PING  # type: ignore[attr-defined]
-    )
-    try:
-        channel = init_grpc_channel(target, asynchronous=False)
-        try:
-            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(ping, timeout=5)
-        finally:
-            channel.close()
-    except grpc.RpcError as exc:
-        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
-    except Exception:
-        log.debug("probing the Ray Client server at %s failed", target, exc_info=True)
-    return False
-
-
-def _auth_mode_is_token() -> bool:
-    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-
-
-def _check_attach(address: str) -> None:
-    """Fail at once, saying what to do, where ``ray.init(address=...)`` would
-    fail only after a long wait with a bare ConnectionError.
-
-    * A cluster with token authentication on (any Ray 2.60 head not on loopback)
-      refuses a driver without its token, or with another: Ray retries for 20 s
-      (``HOST:PORT``) or 30 s (``ray://``, whose timeout never names the token).
-      One request tells, in milliseconds.
-    * ``HOST:PORT`` attaches through a raylet on this host (Ray finds it with
-      ``ps``); on a host where no Ray node runs, such as a Slurm login node, Ray
-      looks for one for 60 s.  Ray Client (``ray://``) needs no local raylet.
-
-    Only when the address answers on TCP: an address nobody listens on is left to
-    ``ray.init`` and its own wait, as before; so is ``auto``.
-    """
-    if address == "auto":
-        return
-    scheme, _, rest = address.rpartition("://")
-    host, sep, port = rest.partition("/")[0].rpartition(":")
-    if not sep:
-        host, port = rest.partition("/")[0], "10001" if scheme == "ray" else ""
-    if not port.isdigit() or scheme not in ("", "ray"):
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
-    except OSError:
-        return
-    if scheme == "ray":
-        if _client_refuses_token(f"{host}:{port}"):
-            raise BackendStartError(
-                f"Ray could not be attached: "
-                f"{_token_refused(address, _auth_mode_is_token())}"
-            )
-        return
-    try:  # Ray's internals: without them, Ray's own wait and words
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]
-        from ray.exceptions import AuthenticationError
-    except ImportError:
-        return
-    try:
-        GcsClient(address=address)
-    except AuthenticationError:
-        raise BackendStartError(
-            f"Ray could not be attached: "
-            f"{_token_refused(address, _auth_mode_is_token())}"
-        ) from None
-    except Exception:  # anything else: ray.init reports it in its own words
-        log.debug("probing the GCS at %s failed", address, exc_info=True)
-        return
-    find_node_ids = getattr(ray._private.services, "find_node_ids", None)
-    if find_node_ids is not None and not find_node_ids():
-        raise BackendStartError(
-            f"Ray could not be attached: address={address!r} attaches through a "
-            "Ray node on this host, and none runs here (a Slurm login node has "
-            "none): run the driver on a node of the Ray cluster (for a cluster in "
-            "a Slurm job: srun --overlap --jobid=JOB -w HEAD_NODE python ...), or "
-            f"attach through Ray Client: address='ray://{host}:10001'"
-        )
 
 
 @contextlib.contextmanager
@@ -398,11 +325,35 @@ def _forget_cached_token() -> None:
         loader.instance().reset_cache()
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on: what a local Ray gets by default."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS, Windows
         return os.cpu_count() or 1
+
+
+def sweep_everywhere(token: str, targets: frozenset[str] | None, remote: bool) -> None:
+    """Kill this backend's marked commands (those in ``targets`` if given) on
+    this host and, if ``remote``, on every other alive node of the cluster."""
+    prefix = f"{token}/"
+    sweep(prefix, targets)  # this host: cheap, and covers a local Ray
+    if not remote or not ray.is_initialized():
+        return
+    here = _local_addresses()
+    remote_sweep = ray.remote(num_cpus=0, max_retries=0)(sweep)
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("NodeManagerAddress") not in here:
+            ref = remote_sweep.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node["NodeID"], soft=False
+                )
+            ).remote(prefix, targets)
+            ref._on_completed(_ignore)
+
+
+def _ignore(_: Any) -> None:
+    pass
 
 
 def _local_addresses() -> set[str]:

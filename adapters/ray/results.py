@@ -10,6 +10,7 @@ only when awaited (the fetches of one loop turn share one ``ray.get``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from typing import Any, cast
 
@@ -18,42 +19,72 @@ import ray.exceptions as rex
 from ray.experimental import get_local_object_locations
 
 from ..._util import run_in_thread
-from ...errors import SerializationError, WorkerLostError
-from ...protocol import RemoteValue
-from .base import _RayBase, _Task
-from .errors import _task_error
+from ...errors import EngineClosedError, SerializationError, WorkerLostError
+from ...protocol import ExecutionBackend, RemoteValue
+from ..toolkit import BatchedFetch, Failed
+from .errors import task_error
+from .state import BATCH, RayState, RayTask, log
+
+__all__ = ["Completions", "RayValue"]
 
 _INLINE_LIMIT = 100 * 1024  # Ray's max_direct_call_object_size
 _PEEK_LIMIT = 1024 * 1024  # results up to this size are read once to spot errors
-_BATCH = 32  # completions worth one ray.get at once
 _BATCH_DELAY = 0.05  # seconds a small batch may wait while every worker has a queue
 
 
 class RayValue(RemoteValue):
     """A task result kept in Ray's object store; ``handle`` is its ObjectRef."""
 
-    __slots__ = ()
+    __slots__ = ("_source",)
+
+    def __init__(
+        self,
+        owner: ExecutionBackend,
+        handle: ray.ObjectRef,
+        source: BatchedFetch[ray.ObjectRef],
+    ):
+        super().__init__(owner, handle)
+        self._source = source  # the owner's fetches, batched per loop turn
 
     async def fetch(self) -> Any:
-        owner = self.owner
-        assert isinstance(owner, _ResultsMixin)
-        return await owner._fetch(self.handle)
+        return await self._source.fetch(self.handle)
 
 
-class _ResultsMixin(_RayBase):
-    """Readiness callbacks, batched reports, and fetches of remote values."""
+class Completions:
+    """Readiness callbacks, batched reports, and fetches of remote values.
 
-    # -- completions ----------------------------------------------------------
-    def _on_ready(self, uid: str, _exc: BaseException | None) -> None:
+    ``owner`` is the backend the RayValues made here belong to.
+    """
+
+    def __init__(self, state: RayState, owner: ExecutionBackend):
+        self._state = state
+        self._owner = owner
+        self._ready: collections.deque[str] = collections.deque()  # Ray's threads
+        self._drain_scheduled = False
+        self._deferred = False
+        self._fetches: BatchedFetch[ray.ObjectRef] = BatchedFetch(
+            _get_many, _fetch_error, log
+        )
+
+    def _value(self, ref: ray.ObjectRef) -> RayValue:
+        return RayValue(self._owner, ref, self._fetches)
+
+    async def close(self) -> None:
+        """Fail the fetches still waiting; those in flight end first."""
+        await self._fetches.close(EngineClosedError("the Ray backend was shut down"))
+
+    # -- on Ray's threads -----------------------------------------------------------
+    def on_ready(self, uid: str, _exc: BaseException | None) -> None:
         """On Ray's thread: the task's return object exists (value or error)."""
-        self._ready_uids.append(uid)
+        self._ready.append(uid)
         if not self._drain_scheduled:
             self._drain_scheduled = True
-            assert self._loop is not None
+            loop = self._state.life.loop
+            assert loop is not None
             with contextlib.suppress(RuntimeError):  # the loop is closed
-                self._loop.call_soon_threadsafe(self._drain)
+                loop.call_soon_threadsafe(self._drain)
 
-    def _on_client_response(self, uid: str, resp: Any) -> None:
+    def on_client_response(self, uid: str, resp: Any) -> None:
         """On Ray Client's data thread (``ray://``): the proxy has no object
         store here, so the value (or the task's error) comes with the completion.
 
@@ -62,22 +93,23 @@ class _ResultsMixin(_RayBase):
         is a ``ConnectionError`` object, indistinguishable from a task that
         returned one.  Reading the raw response here tells them apart.
         """
-        if self._closed:
+        state = self._state
+        if state.life.closed:
             return  # our own disconnect at shutdown fails every pending get
-        task = self._tasks.pop(uid, None)
+        task = state.tasks.pop(uid, None)
         if task is None:
-            self._cancelled.pop(uid, None)
+            state.cancelled.pop(uid, None)
             return
-        sink = self._sink
+        sink = state.sink
         assert sink is not None
         if isinstance(resp, Exception):
-            self._lost = (
-                f"the Ray Client connection to {self._address} dropped ({resp}); "
+            state.lost = (
+                f"the Ray Client connection to {state.address} dropped ({resp}); "
                 "check that the head is up and reachable, then run the workflow "
                 "again"
             )
             sink.set_exception(
-                uid, WorkerLostError(f"task {task.name!r}: {self._lost}")
+                uid, WorkerLostError(f"task {task.name!r}: {state.lost}")
             )
             return
         try:
@@ -93,29 +125,26 @@ class _ResultsMixin(_RayBase):
             )
             return
         if isinstance(value, rex.RayError):
-            sink.set_exception(uid, _task_error(task.name, value))
+            sink.set_exception(uid, task_error(task.name, value))
         else:
             sink.set_result(uid, value)
 
+    # -- on the loop ----------------------------------------------------------------
     def _drain(self) -> None:
-        """On the loop: report every task that became ready since the last turn.
-
-        Small values (and errors) were sent back inline and sit in this
-        process's memory, so one ``ray.get`` for the batch returns at once.  A
-        value Ray placed in its shared-memory store (over 100 KiB) stays there:
-        the engine gets a RayValue for it.
-        """
-        ready = self._ready_uids
-        if self._closed:
+        """Report every task that became ready since the last turn, unless a
+        short wait would batch more of them at nobody's expense."""
+        state = self._state
+        if state.life.closed:
             # After shutdown every call into Ray is off limits: with the owned
             # Ray gone, ray.get() would start a new one.
-            ready.clear()
+            self._ready.clear()
             self._drain_scheduled = self._deferred = False
             return
+        waiting = len(self._ready)
         if (
             not self._deferred
-            and len(ready) < _BATCH
-            and len(self._tasks) - len(ready) >= self._backlog
+            and waiting < BATCH
+            and len(state.tasks) - waiting >= state.backlog
         ):
             # Every worker has queued work behind the running task, so reporting
             # a little later idles nobody, while each wake-up and ray.get here
@@ -123,32 +152,46 @@ class _ResultsMixin(_RayBase):
             # the completions of the next few milliseconds into one batch.  (A
             # chain, or anything with little queued, is never delayed.)
             self._deferred = True
-            assert self._loop is not None
-            self._loop.call_later(_BATCH_DELAY, self._drain)
+            assert state.life.loop is not None
+            state.life.loop.call_later(_BATCH_DELAY, self._drain)
             return
         self._deferred = False
         self._drain_scheduled = False
+        done = self._take()
+        if done:
+            self._report(done)
+
+    def _take(self) -> list[tuple[str, RayTask]]:
+        """The ready tasks still in flight; cancelled ones' errors are read and
+        dropped, so that Ray does not log them."""
+        state = self._state
+        ready = self._ready
         uids = []
         while ready:
             uids.append(ready.popleft())
-        done: list[tuple[str, _Task]] = []
+        done: list[tuple[str, RayTask]] = []
         dropped: list[ray.ObjectRef] = []
         for uid in uids:
-            task = self._tasks.pop(uid, None)
+            task = state.tasks.pop(uid, None)
             if task is not None:
                 done.append((uid, task))
             else:
-                ref = self._cancelled.pop(uid, None)
+                ref = state.cancelled.pop(uid, None)
                 if ref is not None:
                     dropped.append(ref)
         if dropped:
-            _get_now(dropped)  # read the errors so Ray does not log them
-        if not done:
-            return
-        sink = self._sink
+            _get_now(dropped)
+        return done
+
+    def _report(self, done: list[tuple[str, RayTask]]) -> None:
+        """Small values (and errors) were sent back inline and sit in this
+        process's memory, so one ``ray.get`` for the batch returns at once.  A
+        value Ray placed in its shared-memory store (over 100 KiB) stays there:
+        the engine gets a RayValue for it."""
+        sink = self._state.sink
         assert sink is not None
         locations = get_local_object_locations([task.ref for _, task in done])
-        read: list[tuple[str, _Task, bool]] = []
+        read: list[tuple[str, RayTask, bool]] = []
         for uid, task in done:
             where = locations.get(task.ref) or {}
             size = where.get("object_size") or 0
@@ -160,53 +203,18 @@ class _ResultsMixin(_RayBase):
                 # cheap and keeps failures failures; the value stays remote.
                 read.append((uid, task, False))
             else:
-                sink.set_result(uid, RayValue(self, task.ref))
+                sink.set_result(uid, self._value(task.ref))
         if not read:
             return
         outcomes = _get_now([task.ref for _, task, _ in read])
-        for (uid, task, inline), (ok, value) in zip(read, outcomes, strict=True):
-            if ok:
-                sink.set_result(uid, value if inline else RayValue(self, task.ref))
-            elif isinstance(value, rex.GetTimeoutError):  # pragma: no cover
+        for (uid, task, inline), value in zip(read, outcomes, strict=True):
+            if not isinstance(value, Failed):
+                sink.set_result(uid, value if inline else self._value(task.ref))
+            elif isinstance(value.exc, rex.GetTimeoutError):  # pragma: no cover
                 # Not actually local yet: let a fetch wait for it off the loop.
-                sink.set_result(uid, RayValue(self, task.ref))
+                sink.set_result(uid, self._value(task.ref))
             else:
-                sink.set_exception(uid, _task_error(task.name, value))
-
-    # -- fetch ----------------------------------------------------------------
-    async def _fetch(self, ref: ray.ObjectRef) -> Any:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        if not self._fetches:
-            loop.call_soon(self._flush_fetches)
-        self._fetches.append((ref, fut))
-        return await fut
-
-    def _flush_fetches(self) -> None:
-        batch, self._fetches = self._fetches, []
-        if batch:
-            self._spawn(self._fetch_batch(batch))
-
-    async def _fetch_batch(
-        self, batch: list[tuple[ray.ObjectRef, asyncio.Future[Any]]]
-    ) -> None:
-        try:
-            outcomes = await run_in_thread(
-                _get_many, [r for r, _ in batch], name="asyncflow-ray-fetch"
-            )
-        except BaseException as exc:
-            outcomes = [(False, exc)] * len(batch)
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            if fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(
-                    _task_error("(fetch)", value)
-                    if isinstance(value, rex.RayError)
-                    else value
-                )
+                sink.set_exception(uid, task_error(task.name, value.exc))
 
 
 def _client_loads(resp: Any) -> Any:
@@ -219,30 +227,40 @@ def _client_loads(resp: Any) -> Any:
     return loads_from_server(got.data if got.valid else got.error)
 
 
-def _get_now(refs: list[ray.ObjectRef]) -> list[tuple[bool, Any]]:
-    """Values of ready, local objects, without waiting; errors as values."""
+def _get_all(refs: list[ray.ObjectRef], timeout: float | None) -> list[Any]:
+    """Values of ``refs``, each failure as a Failed in its place."""
     try:
-        return [(True, v) for v in ray.get(refs, timeout=0)]
+        return list(ray.get(refs, timeout=timeout))
     except Exception:
         pass
-    out: list[tuple[bool, Any]] = []
+    out: list[Any] = []
     for ref in refs:
         try:
-            out.append((True, ray.get(ref, timeout=0)))
+            out.append(ray.get(ref, timeout=timeout))
         except Exception as exc:
-            out.append((False, exc))
+            out.append(Failed(exc))
     return out
 
 
-def _get_many(refs: list[ray.ObjectRef]) -> list[tuple[bool, Any]]:
+def _get_now(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Values of ready, local objects, without waiting."""
+    return _get_all(refs, 0)
+
+
+async def _get_many(refs: list[ray.ObjectRef]) -> list[Any]:
+    """One batch of fetches, off the loop.  Cancelled (the backend shutting
+    down), it still waits for its thread: Ray must not be shut down under a
+    ``ray.get`` in flight."""
+    thread = asyncio.ensure_future(
+        run_in_thread(_get_all, refs, None, name="asyncflow-ray-fetch")
+    )
     try:
-        return [(True, v) for v in ray.get(refs)]
-    except Exception:
-        pass
-    out: list[tuple[bool, Any]] = []
-    for ref in refs:
-        try:
-            out.append((True, ray.get(ref)))
-        except Exception as exc:
-            out.append((False, exc))
-    return out
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await thread
+        raise
+
+
+def _fetch_error(exc: BaseException, _ref: ray.ObjectRef) -> BaseException:
+    return task_error("(fetch)", exc) if isinstance(exc, rex.RayError) else exc

@@ -23,82 +23,117 @@ from ...errors import (
     UpstreamGone,
     WorkerLostError,
 )
-from ...protocol import UpstreamRef
+from ...protocol import ExecutionBackend, UpstreamRef
 from ...spec import Resources, TaskSpec
 from ...walk import replace
 from .._pipes import collect
-from .base import _Task
-from .errors import _submit_error
-from .results import RayValue, _ResultsMixin
-from .worker import _EXEC, _NESTED, MARKER, _function_runner, _Slot
+from .errors import submit_error
+from .results import Completions, RayValue
+from .state import RayState, RayTask
+from .worker import EXEC, MARKER, NESTED, Slot, function_runner
+
+__all__ = ["Submitter"]
 
 #: what a spec's arguments may hold for this backend to swap
 _MARKERS = frozenset({RayValue, UpstreamRef})
 
 _OWN_OPTIONS = frozenset({"num_returns", "max_retries", "retry_exceptions"})
 
+#: what a failed submission raises that already says what is wrong
+_OURS = (
+    ResourceUnavailableError,
+    TaskDefinitionError,
+    SerializationError,
+    UpstreamGone,
+)
 
-class _SubmitMixin(_ResultsMixin):
-    """``submit`` and everything between a spec and a Ray ObjectRef."""
 
-    # -- submit -------------------------------------------------------------
+class Submitter:
+    """``submit`` and everything between a spec and a Ray ObjectRef.
+
+    The remote wrappers are cached per function (``runners``, or ``by_id`` for
+    an unhashable callable) and per resource request (``variants``) for the
+    backend's lifetime: ``ray.remote`` and ``.options()`` each cost more than a
+    small task's submission.  ``owner`` is the backend whose remote values and
+    running tasks may be passed as arguments.
+    """
+
+    def __init__(
+        self, state: RayState, owner: ExecutionBackend, completions: Completions
+    ):
+        self._state = state
+        self._owner = owner
+        self._completions = completions
+        self.runners: dict[Any, Any] = {}
+        self._by_id: dict[int, tuple[Any, Any]] = {}  # unhashable callables
+        self._variants: dict[Any, Any] = {}
+
+    def clear(self) -> None:
+        self.runners.clear()
+        self._by_id.clear()
+        self._variants.clear()
+
     def submit(self, specs: Sequence[TaskSpec]) -> None:
-        sink = self._sink
+        state = self._state
+        sink = state.sink
         assert sink is not None
-        tasks = self._tasks
         submitted: list[tuple[str, ray.ObjectRef]] = []
         for spec in specs:
-            if self._lost is not None:
+            if state.lost is not None:
                 sink.set_exception(
-                    spec.uid, WorkerLostError(f"task {spec.name!r}: {self._lost}")
+                    spec.uid, WorkerLostError(f"task {spec.name!r}: {state.lost}")
                 )
                 continue
             try:
-                if spec.command is not None:
-                    remote = self._remote_for(spec, False)
-                    cmd = spec.command
-                    argv = cmd.argv if isinstance(cmd.argv, str) else list(cmd.argv)
-                    env = {**(cmd.env or {}), MARKER: f"{self._token}/{spec.uid}"}
-                    ref = remote.remote(argv, env, cmd.cwd, spec.uid, spec.name)
-                elif spec.has_remote_args:
-                    args, kwargs = self._native_args(spec)
-                    remote = self._remote_for(spec, _NESTED in kwargs)
-                    ref = remote.remote(*args, **kwargs)
-                else:
-                    remote = self._remote_for(spec, False)
-                    ref = remote.remote(*spec.args, **spec.kwargs)
-            except (
-                ResourceUnavailableError,
-                TaskDefinitionError,
-                SerializationError,
-                UpstreamGone,
-            ) as exc:
+                ref = self._call(spec)
+            except _OURS as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
             except Exception as exc:
-                if self._client and spec.function is not None:
+                if state.client and spec.function is not None:
                     self._forget_runner(spec.function)
-                sink.set_exception(spec.uid, _submit_error(spec, exc))
+                sink.set_exception(spec.uid, submit_error(spec, exc))
                 continue
             upstreams: set[str] = set()
             if spec.has_remote_args:
                 collect(spec.args, upstreams)
                 collect(spec.kwargs, upstreams)
-            tasks[spec.uid] = _Task(
+            state.tasks[spec.uid] = RayTask(
                 spec.name, ref, spec.command is not None, frozenset(upstreams)
             )
             submitted.append((spec.uid, ref))
         # Callbacks only once the whole batch is in: while this loop holds the
         # GIL, a callback would stall the Ray thread that dispatches the tasks.
-        if self._client:
+        self._on_completion(submitted)
+
+    def _call(self, spec: TaskSpec) -> ray.ObjectRef:
+        """The ``.remote()`` call that runs ``spec``."""
+        if spec.command is not None:
+            remote = self._remote_for(spec, False)
+            cmd = spec.command
+            argv = cmd.argv if isinstance(cmd.argv, str) else list(cmd.argv)
+            env = {**(cmd.env or {}), MARKER: f"{self._state.token}/{spec.uid}"}
+            return remote.remote(argv, env, cmd.cwd, spec.uid, spec.name)
+        if spec.has_remote_args:
+            args, kwargs = self._native_args(spec)
+            remote = self._remote_for(spec, NESTED in kwargs)
+            return remote.remote(*args, **kwargs)
+        remote = self._remote_for(spec, False)
+        return remote.remote(*spec.args, **spec.kwargs)
+
+    def _on_completion(self, submitted: list[tuple[str, ray.ObjectRef]]) -> None:
+        """Have Ray tell the completions when each task is done."""
+        completions = self._completions
+        if self._state.client:
+            on_response = completions.on_client_response
             for uid, ref in submitted:
                 # What _on_completed does, minus its unpickling: see results.
                 client: Any = ref
                 client._worker.register_callback(
-                    ref, functools.partial(self._on_client_response, uid)
+                    ref, functools.partial(on_response, uid)
                 )
         else:
-            on_ready = self._on_ready
+            on_ready = completions.on_ready
             for uid, ref in submitted:
                 ref._on_ready(functools.partial(on_ready, uid))
 
@@ -106,7 +141,7 @@ class _SubmitMixin(_ResultsMixin):
         res = spec.resources
         extra = spec.options.get("ray") if spec.options else None
         if spec.command is not None:
-            base: Any = _EXEC
+            base: Any = EXEC
             key: Any = "exec"
         else:
             base, key = self._runner(spec, nested)
@@ -129,7 +164,7 @@ class _SubmitMixin(_ResultsMixin):
         fn = spec.function
         key: Any = (fn, spec.is_async, spec.name, nested)
         try:
-            remote = self._runners.get(key)
+            remote = self.runners.get(key)
         except TypeError:  # an unhashable callable object
             key = (id(fn), spec.is_async, spec.name, nested)
             entry = self._by_id.get(key)
@@ -137,7 +172,7 @@ class _SubmitMixin(_ResultsMixin):
                 entry = self._by_id[key] = (fn, self._wrap(spec, nested))
             return entry[1], key
         if remote is None:
-            remote = self._runners[key] = self._wrap(spec, nested)
+            remote = self.runners[key] = self._wrap(spec, nested)
         return remote, key
 
     def _forget_runner(self, fn: Any) -> None:
@@ -148,14 +183,14 @@ class _SubmitMixin(_ResultsMixin):
         fails with an unrelated AttributeError.  A fresh wrapper fails the same
         clear way each time instead.
         """
-        for cache in (self._runners, self._by_id, self._variants):
+        for cache in (self.runners, self._by_id, self._variants):
             for key in [k for k in cache if _is_for(k, fn)]:
                 del cache[key]
 
     @staticmethod
     def _wrap(spec: TaskSpec, nested: bool) -> Any:
         assert spec.function is not None
-        runner = _function_runner(spec.function, spec.is_async, spec.name, nested)
+        runner = function_runner(spec.function, spec.is_async, spec.name, nested)
         return ray.remote(max_retries=0)(runner)
 
     def _task_options(
@@ -182,21 +217,21 @@ class _SubmitMixin(_ResultsMixin):
                 f"task {spec.name!r} asks for {res.ranks} MPI ranks; the Ray "
                 "backend launches no MPI jobs: route it to an MPI-capable backend"
             )
-        if not self._fail_infeasible:
+        if not self._state.fail_infeasible:
             return
         need = {
             "CPU": res.cores,
             "GPU": res.gpus,
             "memory": (res.memory or 0) * 1024 * 1024,
         }
-        for node in self._nodes:
+        for node in self._state.nodes:
             if all(node.get(k, 0) >= v for k, v in need.items() if v):
                 return
         have = (
             ", ".join(
                 f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}, "
                 f"memory: {n.get('memory', 0) / 2**20:.0f} MB}}"
-                for n in self._nodes
+                for n in self._state.nodes
             )
             or "no alive node"
         )
@@ -211,20 +246,22 @@ class _SubmitMixin(_ResultsMixin):
         nested: list[ray.ObjectRef] = []
 
         def handle(marker: Any) -> Any:
-            if marker.owner is not self:  # pragma: no cover - engine fetches these
+            if (
+                marker.owner is not self._owner
+            ):  # pragma: no cover - engine fetches these
                 raise TaskDefinitionError(
                     f"task {spec.name!r}: got a value from another backend"
                 )
             if type(marker) is RayValue:
                 return marker.handle
-            running = self._tasks.get(marker.uid)  # still running here (PIPELINE)
+            running = self._state.tasks.get(marker.uid)  # still running here (PIPELINE)
             if running is None:
                 raise UpstreamGone(marker.uid)
             return running.ref
 
-        def slot(marker: Any) -> _Slot:
+        def slot(marker: Any) -> Slot:
             nested.append(handle(marker))
-            return _Slot(len(nested) - 1)
+            return Slot(len(nested) - 1)
 
         def native(obj: Any) -> Any:
             """Top-level refs as themselves (Ray resolves those), nested ones as
@@ -237,7 +274,7 @@ class _SubmitMixin(_ResultsMixin):
         kwargs = {k: native(v) for k, v in spec.kwargs.items()}
         if not nested:  # top-level refs only: Ray resolves them itself
             return args, kwargs
-        kwargs[_NESTED] = len(nested)
+        kwargs[NESTED] = len(nested)
         return args + tuple(nested), kwargs
 
 

@@ -24,21 +24,26 @@ import ray
 import psutil  # isort: skip  (after ray, which can provide a vendored copy)
 
 from ...errors import WorkerLostError
-from .base import _RayBase, log
+from .state import RayState, log
+
+__all__ = ["HeadWatch"]
 
 _HEAD = ("gcs_server", "raylet")
 
 
-class _WatchMixin(_RayBase):
+class HeadWatch:
     """Fails the tasks in flight the moment the Ray head's processes exit."""
 
-    _pidfds: list[int]
+    def __init__(self, state: RayState):
+        self._state = state
+        self._pidfds: list[int] = []
 
-    def _watch_head(self) -> None:
-        loop = self._loop
+    def watch(self, owned: bool) -> None:
+        """Watch the head's processes; ``owned``: a Ray this backend started."""
+        loop = self._state.life.loop
         if loop is None or not hasattr(os, "pidfd_open"):
             return
-        for name, pid in self._head_pids():
+        for name, pid in self._head_pids(owned):
             try:
                 fd = os.pidfd_open(pid)
             except OSError:
@@ -46,18 +51,18 @@ class _WatchMixin(_RayBase):
             self._pidfds.append(fd)
             loop.add_reader(fd, self._head_died, name, pid)
 
-    def _head_pids(self) -> list[tuple[str, int]]:
+    def _head_pids(self, owned: bool) -> list[tuple[str, int]]:
         """The GCS and raylet of a Ray this backend started (its children), or
         the GCS of an attached Ray whose head runs on this machine."""
         found: list[tuple[str, int]] = []
         try:
-            if self._tmpdir is not None:  # a Ray of our own
+            if owned:
                 for proc in psutil.Process().children(recursive=True):
                     with contextlib.suppress(psutil.Error):
                         if proc.name() in _HEAD:
                             found.append((proc.name(), proc.pid))
                 return found
-            if self._client:
+            if self._state.client:
                 return found  # Ray Client: the head is a server somewhere else
             host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
             if not _is_local(host):
@@ -75,26 +80,28 @@ class _WatchMixin(_RayBase):
         return found
 
     def _head_died(self, name: str, pid: int) -> None:
-        self._unwatch_head()
-        if self._closed:
+        self.unwatch()
+        state = self._state
+        if state.life.closed:
             return
-        self._lost = (
+        state.lost = (
             f"the Ray head's {name} (pid {pid}) exited, so Ray can neither run nor "
             "report the task; restart Ray and run the workflow again"
         )
-        log.error("ray: %s", self._lost)
-        sink = self._sink
+        log.error("ray: %s", state.lost)
+        sink = state.sink
         assert sink is not None
-        tasks, self._tasks = self._tasks, {}
+        tasks, state.tasks = state.tasks, {}
         for uid, task in tasks.items():
-            error = WorkerLostError(f"task {task.name!r}: {self._lost}")
+            error = WorkerLostError(f"task {task.name!r}: {state.lost}")
             sink.set_exception(uid, error)
 
-    def _unwatch_head(self) -> None:
+    def unwatch(self) -> None:
         fds, self._pidfds = self._pidfds, []
+        loop = self._state.life.loop
         for fd in fds:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(fd)
+            if loop is not None and not loop.is_closed():
+                loop.remove_reader(fd)
             os.close(fd)
 
 

@@ -3,7 +3,7 @@
 Ray pickles module-level functions by reference, so a worker imports this
 module by its path, ``asyncflow.adapters.ray.worker``: keep them here.  The
 function runner puts nested ObjectRefs back in place (Ray resolves only
-top-level ones), ``_EXEC`` runs executables, and ``_sweep`` kills marked
+top-level ones), ``EXEC`` runs executables, and ``sweep`` kills marked
 commands on whichever host it runs.
 """
 
@@ -24,16 +24,18 @@ from ...spec import Command
 from ...walk import replace
 from ...worker import call_function, run_command
 
+__all__ = ["EXEC", "MARKER", "NESTED", "Slot", "function_runner", "sweep"]
+
 #: Environment variable set on every command this adapter runs: "<token>/<uid>".
 MARKER = "ASYNCFLOW_RAY_TASK"
 
 
 # -- worker side --------------------------------------------------------------
 # Keyword naming how many trailing positional arguments are nested ObjectRefs.
-_NESTED = "_asyncflow_nested_refs_"
+NESTED = "_asyncflow_nested_refs_"
 
 
-class _Slot:
+class Slot:
     """Stands for the n-th extra top-level argument, a nested ObjectRef."""
 
     __slots__ = ("index",)
@@ -41,21 +43,21 @@ class _Slot:
     def __init__(self, index: int):
         self.index = index
 
-    def __reduce__(self) -> tuple[type[_Slot], tuple[int]]:
-        return (_Slot, (self.index,))
+    def __reduce__(self) -> tuple[type[Slot], tuple[int]]:
+        return (Slot, (self.index,))
 
 
 def _fill(obj: Any, values: Sequence[Any]) -> Any:
-    return replace(obj, _Slot, lambda slot: values[slot.index])
+    return replace(obj, Slot, lambda slot: values[slot.index])
 
 
-def _function_runner(
+def function_runner(
     fn: Callable[..., Any], is_async: bool, name: str, nested: bool = False
 ) -> Callable[..., Any]:
     if nested:
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            slots = kwargs.pop(_NESTED)
+            slots = kwargs.pop(NESTED)
             if slots:
                 values = args[-slots:]
                 args = _fill(args[:-slots], values)
@@ -93,10 +95,10 @@ def _run_command(
 
 
 # Shared by every backend; Ray re-exports it to each new cluster or job.
-_EXEC = ray.remote(max_retries=0)(_run_command)
+EXEC = ray.remote(max_retries=0)(_run_command)
 
 
-def _sweep(prefix: str, targets: frozenset[str] | None) -> int:
+def sweep(prefix: str, targets: frozenset[str] | None) -> int:
     """SIGKILL, on this host, every process whose MARKER starts with ``prefix``
     (and is in ``targets`` if given), with the process group of each command."""
     own_group = os.getpgrp()

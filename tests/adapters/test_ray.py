@@ -140,7 +140,8 @@ def test_one_remote_wrapper_per_function(backend: RayExecutionBackend) -> None:
         inc, add = flow.function_task(t.inc), flow.function_task(t.add)
         assert await add(inc(1), inc(2)) == 5
         assert sum(await asyncio.gather(*(inc(i) for i in range(20)))) == 210
-        assert len(backend._runners) == 2, "one ray.remote per function, not per call"
+        runners = backend._submitter.runners
+        assert len(runners) == 2, "one ray.remote per function, not per call"
 
     run(scenario, backend)
 
@@ -294,7 +295,7 @@ def test_attached_backend_leaves_ray_running(owner: RayExecutionBackend) -> None
 
 
 def _ray_processes(owner: RayExecutionBackend) -> list[psutil.Process]:
-    procs = owner._ray_processes()
+    procs = owner._process.ray_processes()
     assert {p.name() for p in procs} >= {"gcs_server", "raylet"}, procs
     return procs
 
@@ -317,7 +318,7 @@ def test_zz_shutdown_leaves_no_ray_process(ray_session: RaySession) -> None:
     """Runs last: stops the session's Ray through the owning backend."""
     owner = ray_session.ensure()
     procs = _ray_processes(owner)
-    tmpdir = owner._tmpdir
+    tmpdir = owner._process.scratch.path
     assert tmpdir is not None and os.path.isdir(tmpdir)
     ray_session.close()
     alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

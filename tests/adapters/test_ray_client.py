@@ -357,7 +357,7 @@ def test_three_task_workflow_leaves_the_head_running(head: RayHead) -> None:
         inc, add = flow.function_task(t.inc), flow.function_task(t.add)
         total = await add(inc(1), inc(2))
         assert ray.util.client.ray.is_connected(), "connected through Ray Client"
-        assert backend._client, "the adapter took its Ray Client path"
+        assert backend._state.client, "the adapter took its Ray Client path"
         return total
 
     assert run(scenario, backend) == 5

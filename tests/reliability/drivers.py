@@ -250,12 +250,12 @@ async def ray_late_completion() -> dict[str, Any]:
         await asyncio.wait_for(flow.start(), 120)
         flow.function_task(t.gate_wait)(gate.address, "held", 120)
         await asyncio.wait_for(gate.arrived("held"), 60)
-        refs = {uid: task.ref for uid, task in backend._tasks.items()}
+        refs = {uid: task.ref for uid, task in backend._state.tasks.items()}
         await flow.shutdown()
         note("shut down; now the late completions")
         for uid, ref in refs.items():
-            backend._cancelled.setdefault(uid, ref)  # not reported yet
-            backend._on_ready(uid, None)
+            backend._state.cancelled.setdefault(uid, ref)  # not reported yet
+            backend._completions.on_ready(uid, None)
         await asyncio.sleep(0.5)
     return {"backend": "ray", "reported": list(refs), "calls_after_shutdown": calls}
 
