@@ -99,10 +99,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         max_workers: int | None = None,
     ):
         self._owns = executor is None or shutdown_executor
-        self._executor: Executor = executor or ThreadPoolExecutor(
-            max_workers=max_workers or min(32, (os.cpu_count() or 1) + 4),
-            thread_name_prefix="asyncflow",
-        )
+        self._executor: Executor = executor or _default_pool(max_workers)
         self._processes = isinstance(self._executor, ProcessPoolExecutor)
         self._workers: int = getattr(self._executor, "_max_workers", 1)
         # Executables run from threads; a thread pool the user gave serves both.
@@ -124,23 +121,12 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         self._sink: CompletionSink | None = None
         self._closed = False
         self._lock = threading.Lock()
-        caps = PROCESS_CAPABILITIES if self._processes else THREAD_CAPABILITIES
-        if not self._processes and not self._drain:
-            caps = Capabilities(
-                caps.supported - {C.PIPELINE},
-                {**caps.reasons, C.PIPELINE: _NO_PIPELINE},
-            )
-        if self._workers < 2:
-            caps = Capabilities(
-                caps.supported - {C.PARALLEL},
-                {**caps.reasons, C.PARALLEL: "the executor has a single worker"},
-            )
         kind = "processes" if self._processes else "threads"
         self._info = BackendInfo(
             name=f"concurrent-{kind}",
             runtime=f"concurrent.futures.{type(self._executor).__name__}",
             runtime_version=sys.version.split()[0],
-            capabilities=caps,
+            capabilities=_capabilities(self._processes, self._drain, self._workers),
         )
 
     @property
@@ -257,6 +243,23 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         if self._closed:
             return
         self._closed = True
+        self._stop_outstanding()
+        abandoned = any(not f.done() for f in list(self._abandoned))
+        # The pool first: a pool worker forked during a command's Popen (by code
+        # we do not guard) holds that command's pipes until the worker exits.
+        executors = [self._executor] if self._owns else []
+        if self._commands is not self._executor:
+            executors.append(self._commands)
+        for ex in executors:
+            if abandoned and isinstance(ex, ProcessPoolExecutor):
+                # Work the engine abandoned would hold shutdown hostage: stop it.
+                _kill_pool_processes(ex)
+            await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
+        self._functions.clear()
+
+    def _stop_outstanding(self) -> None:
+        """Cancel what has not started and kill the commands that have; pool
+        work that neither reaches is abandoned, so shutdown knows to stop it."""
         if self._threads is not None:
             for uid in self._threads.close():
                 kill_command(uid)
@@ -267,20 +270,36 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         for uid, f in list(self._futures.items()):
             if not cancel_future(f) and not kill_command(uid):
                 self._abandon(f)
-        abandoned = any(not f.done() for f in list(self._abandoned))
-        # The pool first: a pool worker forked during a command's Popen (by code
-        # we do not guard) holds that command's pipes until the worker exits.
-        executors = [self._executor] if self._owns else []
-        if self._commands is not self._executor:
-            executors.append(self._commands)
-        for ex in executors:
-            if abandoned and isinstance(ex, ProcessPoolExecutor):
-                # Work the engine abandoned would hold shutdown hostage: stop it.
-                # SIGKILL, as a task may ignore SIGTERM; the whole pool goes.
-                for proc in list((getattr(ex, "_processes", None) or {}).values()):
-                    proc.kill()
-            await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
-        self._functions.clear()
+
+
+def _default_pool(max_workers: int | None) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=max_workers or min(32, (os.cpu_count() or 1) + 4),
+        thread_name_prefix="asyncflow",
+    )
+
+
+def _capabilities(processes: bool, drain: bool, workers: int) -> Capabilities:
+    """What the executor can do: pipelines need one of the two queues (a foreign
+    executor gets neither), and parallelism needs a second worker."""
+    caps = PROCESS_CAPABILITIES if processes else THREAD_CAPABILITIES
+    if not processes and not drain:
+        caps = Capabilities(
+            caps.supported - {C.PIPELINE},
+            {**caps.reasons, C.PIPELINE: _NO_PIPELINE},
+        )
+    if workers < 2:
+        caps = Capabilities(
+            caps.supported - {C.PARALLEL},
+            {**caps.reasons, C.PARALLEL: "the executor has a single worker"},
+        )
+    return caps
+
+
+def _kill_pool_processes(ex: ProcessPoolExecutor) -> None:
+    """SIGKILL, as a task may ignore SIGTERM; the whole pool goes."""
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        proc.kill()
 
 
 def _like(old: Executor, workers: int) -> ProcessPoolExecutor:
