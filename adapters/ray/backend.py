@@ -102,8 +102,9 @@ class RayExecutionBackend(AwaitableBackend):
         if life.closed or not life.started:
             life.begin_start()
         else:
-            # Started again (attached first, then by an engine on its own loop):
-            # Ray's connection is the process's, so the backend moves along.
+            # A second start (a script attaches, then an engine starts it on
+            # its own loop): Ray's connection belongs to the process, so the
+            # backend follows the new loop.
             life.loop = asyncio.get_running_loop()
         self._state.sink = sink
         await self._process.start()
