@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .engine import WorkflowEngine
     from .progress import ProgressDisplay
+    from .registry import BackendStatus
 
 __all__ = ["main"]
 
@@ -156,29 +157,30 @@ def _write_trace(engines: Sequence[Any], path: str) -> None:
 
 
 def cmd_backends(ns: argparse.Namespace) -> int:
-    from .registry import available_backends, capabilities_of
+    from .registry import available_backends
 
-    rows = []
-    for status in available_backends():
-        caps = capabilities_of(status.name) if status.installed else None
-        rows.append(
-            (
-                status.name,
-                "yes" if status.installed else f"no ({status.install_hint})",
-                status.version or "-",
-                ", ".join(sorted(c.value for c in caps.supported)) if caps else "-",
-            )
-        )
-    widths = [
-        max(
-            len(r[i]) for r in [*rows, ("name", "installed", "version", "capabilities")]
-        )
-        for i in range(4)
-    ]
     header = ("name", "installed", "version", "capabilities")
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    _print_table(header, [_backend_row(s) for s in available_backends()])
     return 0
+
+
+def _backend_row(status: BackendStatus) -> tuple[str, str, str, str]:
+    """One backend as ``asyncflow backends`` shows it; "-" where unknown."""
+    from .registry import capabilities_of
+
+    if not status.installed:
+        return (status.name, f"no ({status.install_hint})", status.version or "-", "-")
+    caps = capabilities_of(status.name)
+    supported = ", ".join(sorted(c.value for c in caps.supported)) if caps else "-"
+    return (status.name, "yes", status.version or "-", supported)
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, the header's included."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:

@@ -74,6 +74,25 @@ def translate(
             f"block {task!r}: task_description= means nothing on a block, which "
             "runs in the driver; put it on the tasks the block calls"
         )
+    resources, env, cwd, native = _portable(description, base)
+    options = base.get("options")
+    if native:
+        assert backend is not None
+        options = _with_native(dict(options or {}), native, task, backend)
+    return {
+        **base,
+        "resources": resources or None,
+        "env": env or None,
+        "cwd": cwd,
+        "options": options,
+    }
+
+
+def _portable(
+    description: Mapping[str, Any], base: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], Any, dict[str, Any]]:
+    """``base``'s resources, env and cwd with ``description``'s portable keys
+    applied, and the keys left over for the runtime itself."""
     resources = dict(_fields(base.get("resources")))
     env = dict(base.get("env") or {})
     cwd = base.get("cwd")
@@ -88,22 +107,17 @@ def translate(
         elif key != "mem_per_rank":
             native[key] = value
     if "mem_per_rank" in description:
-        per_rank = description["mem_per_rank"]
         ranks = resources.get("ranks", 1)
-        if isinstance(per_rank, int | float) and isinstance(ranks, int):
-            per_rank = math.ceil(per_rank * ranks)
-        resources["memory"] = per_rank  # Resources checks what it is
-    options = base.get("options")
-    if native:
-        assert backend is not None
-        options = _with_native(dict(options or {}), native, task, backend)
-    return {
-        **base,
-        "resources": resources or None,
-        "env": env or None,
-        "cwd": cwd,
-        "options": options,
-    }
+        resources["memory"] = _total_memory(description["mem_per_rank"], ranks)
+    return resources, env, cwd, native
+
+
+def _total_memory(per_rank: object, ranks: object) -> object:
+    """A per-rank request times the ranks; anything else is left for
+    ``Resources`` to reject with its own message."""
+    if isinstance(per_rank, int | float) and isinstance(ranks, int):
+        return math.ceil(per_rank * ranks)
+    return per_rank
 
 
 def _checked(description: object, task: str) -> Mapping[str, Any]:

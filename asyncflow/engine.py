@@ -313,6 +313,18 @@ class WorkflowEngine:
         await asyncio.shield(self._shutdown_task)
 
     async def _shutdown(self, skip_backends: bool) -> None:
+        self._cancel_in_backends()
+        for task in self._starting.values():
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        if self._guard is not None:
+            self._guard.cancel()
+        if not skip_backends:
+            await self._shutdown_backends()
+
+    def _cancel_in_backends(self) -> None:
+        """Cancel the unfinished tasks and services, in the backends that started."""
         state = self._state
         to_backend = self.scheduler.cancel_all("engine shut down")
         for key, (backend, uids) in state.services.stop_all().items():
@@ -320,14 +332,10 @@ class WorkflowEngine:
         for backend, uids in to_backend.values():
             if id(backend) in state.started:
                 self.scheduler.dispatch.cancel_in(backend, uids)
-        for task in self._starting.values():
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*self._starting.values(), return_exceptions=True)
-        if self._guard is not None:
-            self._guard.cancel()
-        if skip_backends:
-            return
+
+    async def _shutdown_backends(self) -> None:
+        """Shut every backend down, the others too when one fails; then raise
+        the first failure."""
         errors = []
         for backend in self._backends.values():
             try:

@@ -97,28 +97,32 @@ class Command:
             env = {**(env or {}), **(value.env or {})} or None
             cwd = value.cwd or cwd
             value = value.argv
-        if isinstance(value, str):
-            if not value.strip():
-                raise TaskDefinitionError(
-                    f"executable task {task!r} returned an empty command string"
-                )
-            argv: str | tuple[str, ...] = value
-        elif (
-            isinstance(value, list | tuple)
-            and value
-            and all(isinstance(a, str) for a in value)
-        ):
-            argv = tuple(value)
-        else:
-            raise TaskDefinitionError(
-                f"executable task {task!r} must return a command: a str (run by "
-                f"/bin/sh) or a non-empty list[str] (run without a shell), got "
-                f"{value!r} of type {type(value).__name__}"
-            )
+        argv = _argv(value, task)
         check_env(env, task)
         if cwd is not None:
             cwd = os.fspath(cwd)
         return cls(argv, env, cwd)
+
+
+def _argv(value: object, task: str) -> str | tuple[str, ...]:
+    """The command an executable body returned, as ``Command.argv``."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise TaskDefinitionError(
+                f"executable task {task!r} returned an empty command string"
+            )
+        return value
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(a, str) for a in value)
+    ):
+        return tuple(value)
+    raise TaskDefinitionError(
+        f"executable task {task!r} must return a command: a str (run by "
+        f"/bin/sh) or a non-empty list[str] (run without a shell), got "
+        f"{value!r} of type {type(value).__name__}"
+    )
 
 
 def check_env(env: object, task: str) -> None:
