@@ -266,6 +266,15 @@ class BatchJobs:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self._interval + 65)
+        left = self._cancel_all(timeout)
+        self._end_guard()
+        return left
+
+    def _cancel_all(self, timeout: float) -> list[Job]:
+        """``scancel`` until no job is left or ``timeout`` passes; what is left.
+
+        Slurm being unreachable ends the wait: the guard still cancels the
+        jobs once the driver's pipe closes."""
         left: list[Job] = []
         deadline = time.monotonic() + timeout
         with contextlib.suppress(
@@ -281,16 +290,20 @@ class BatchJobs:
                     timeout=60,
                 )
                 time.sleep(0.2)
-        if self._guard is not None:
-            with contextlib.suppress(OSError):
-                assert self._guard.stdin is not None
-                self._guard.stdin.close()
-            try:
-                self._guard.wait(15)
-            except subprocess.TimeoutExpired:
-                self._guard.kill()
-                self._guard.wait()
         return left
+
+    def _end_guard(self) -> None:
+        """Close the guard's pipe, which it reads as the driver ending."""
+        if self._guard is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._guard.stdin is not None
+            self._guard.stdin.close()
+        try:
+            self._guard.wait(15)
+        except subprocess.TimeoutExpired:
+            self._guard.kill()
+            self._guard.wait()
 
 
 def _not_in_forks(jobs: BatchJobs) -> None:
