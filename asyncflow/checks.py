@@ -82,15 +82,7 @@ def named_backends(backend: Backends | None, dry_run: bool) -> dict[str, Any]:
     if isinstance(backend, Mapping):
         backends = dict(backend)
     elif isinstance(backend, list | tuple):
-        backends = {}
-        for b in backend:
-            name = getattr(getattr(b, "info", None), "name", None) or repr(b)
-            if name in backends:
-                raise TaskDefinitionError(
-                    f"two backends in backend=[...] are named {name!r}; pass a "
-                    "dict {name: backend} to name them yourself"
-                )
-            backends[name] = b
+        backends = _by_name(backend)
     elif backend is None:
         backends = {"default": None}
     else:
@@ -104,6 +96,21 @@ def named_backends(backend: Backends | None, dry_run: bool) -> dict[str, Any]:
 
         return {name: NoopExecutionBackend(name) for name in backends}
     return backends
+
+
+def _by_name(backends: Sequence[Any]) -> dict[str, Any]:
+    """Each backend under its own name, which must be unique: a list gives no
+    other way to tell two apart."""
+    named: dict[str, Any] = {}
+    for b in backends:
+        name = getattr(getattr(b, "info", None), "name", None) or repr(b)
+        if name in named:
+            raise TaskDefinitionError(
+                f"two backends in backend=[...] are named {name!r}; pass a "
+                "dict {name: backend} to name them yourself"
+            )
+        named[name] = b
+    return named
 
 
 def check_service(name: str, kind: TaskKind, backend: Any) -> None:

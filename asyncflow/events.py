@@ -12,7 +12,7 @@ import enum
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,21 +167,13 @@ class TraceRecorder:
         lane is a slot that was busy.
         """
         base = self.started if zero is None else zero
-        done = sorted(
-            (
-                r
-                for r in self.records.values()
-                if r.end is not None and (r.running or r.submitted)
-            ),
-            key=lambda r: r.running or r.submitted or 0.0,
-        )
+        done = _drawn(self.records.values())
         tracks: dict[str, _Tracks] = {}
         for rec in done:
             tracks.setdefault(rec.backend, _Tracks()).workers.setdefault(rec.worker, 0)
         events: list[dict[str, Any]] = []
         for rec in done:
-            start = rec.running or rec.submitted or rec.created
-            end = rec.ran_until or rec.end or start
+            start, end = _span(rec)
             backend = tracks[rec.backend]
             if not backend.pid:
                 backend.pid = pid_base + len([t for t in tracks.values() if t.pid]) + 1
@@ -225,6 +217,22 @@ def _free_lane(busy: list[float], start: float, end: float) -> int:
         return len(busy) - 1
     busy[lane] = end
     return lane
+
+
+def _drawn(records: Iterable[_Record]) -> list[_Record]:
+    """The tasks that started and ended, in the order they started: a task
+    never submitted has no bar to draw."""
+    return sorted(
+        (r for r in records if r.end is not None and (r.running or r.submitted)),
+        key=lambda r: r.running or r.submitted or 0.0,
+    )
+
+
+def _span(rec: _Record) -> tuple[float, float]:
+    """When a task's bar starts and ends: its run as measured where it ran if
+    the adapter said, else as the engine saw it."""
+    start = rec.running or rec.submitted or rec.created
+    return start, rec.ran_until or rec.end or start
 
 
 def _complete_event(

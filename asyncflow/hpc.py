@@ -62,6 +62,40 @@ def _whole(who: str, key: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def _check_keys(cfg: Mapping[str, Any], who: str, extra: frozenset[str]) -> None:
+    unknown = set(cfg) - PAGE_KEYS - extra
+    if unknown:
+        raise TaskDefinitionError(
+            f"{who}: unknown key(s) {sorted(unknown)}; valid keys are "
+            f"{sorted(PAGE_KEYS | extra)}"
+        )
+    if "account" in cfg and "project" in cfg and cfg["account"] != cfg["project"]:
+        raise TaskDefinitionError(
+            f"{who}: 'account' and 'project' mean the same thing; give only one"
+        )
+
+
+def _names(cfg: dict[str, Any], who: str) -> tuple[str, str | None]:
+    """Pop and check the ``resource`` and ``queue`` names."""
+    resource = cfg.pop("resource")
+    if not isinstance(resource, str) or not resource:
+        raise TaskDefinitionError(
+            f"{who}: 'resource' must be a name such as 'slurm', got {resource!r}"
+        )
+    queue = cfg.pop("queue", None)
+    if queue is not None and not isinstance(queue, str):
+        raise TaskDefinitionError(f"{who}: 'queue' must be a str, got {queue!r}")
+    return resource, queue
+
+
+def _minutes(walltime: Any) -> Any:
+    """A fractional walltime rounds up, so a job is never given less than asked;
+    anything else is left for ``_whole`` to check."""
+    if isinstance(walltime, float) and walltime > 0:
+        return math.ceil(walltime)
+    return walltime
+
+
 @dataclass(frozen=True)
 class Allocation:
     """The page's dict, checked.  ``walltime`` is in minutes, as on the page."""
@@ -84,27 +118,9 @@ class Allocation:
         any other key is an error listing the valid ones.
         """
         cfg = dict(spec)
-        unknown = set(cfg) - PAGE_KEYS - extra
-        if unknown:
-            raise TaskDefinitionError(
-                f"{who}: unknown key(s) {sorted(unknown)}; valid keys are "
-                f"{sorted(PAGE_KEYS | extra)}"
-            )
-        if "account" in cfg and "project" in cfg and cfg["account"] != cfg["project"]:
-            raise TaskDefinitionError(
-                f"{who}: 'account' and 'project' mean the same thing; give only one"
-            )
-        resource = cfg.pop("resource")
-        if not isinstance(resource, str) or not resource:
-            raise TaskDefinitionError(
-                f"{who}: 'resource' must be a name such as 'slurm', got {resource!r}"
-            )
-        queue = cfg.pop("queue", None)
-        if queue is not None and not isinstance(queue, str):
-            raise TaskDefinitionError(f"{who}: 'queue' must be a str, got {queue!r}")
-        walltime = cfg.pop("walltime", DEFAULT_WALLTIME)
-        if isinstance(walltime, float) and walltime > 0:
-            walltime = math.ceil(walltime)
+        _check_keys(cfg, who, extra)
+        resource, queue = _names(cfg, who)
+        walltime = _minutes(cfg.pop("walltime", DEFAULT_WALLTIME))
         cpn = cfg.pop("cores_per_node", None)
         account = cfg.pop("account", cfg.pop("project", None))
         alloc = cls(

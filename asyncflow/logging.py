@@ -67,32 +67,62 @@ def init_default_logger(
         raise ValueError(f"style must be one of {sorted(_FORMATS)}, got {style!r}")
     logger = logging.getLogger(logger_name)
     if clear_handlers:
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
+        _clear(logger)
     fmt = _FORMATS[style] + (_DETAILS if show_details else "")
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(log_level)
-    colored = use_colors and sys.stderr.isatty()
-    console.setFormatter((_Colored if colored else logging.Formatter)(fmt))
-    handlers: list[logging.Handler] = [console]
-    if output_file is not None:
-        to_file = logging.FileHandler(output_file)
-        to_file.setLevel(file_log_level if file_log_level is not None else log_level)
-        to_file.setFormatter(logging.Formatter(fmt))
-        handlers.append(to_file)
-    if structured_logging or structured_file is not None:
-        path = structured_file or pathlib.Path(output_file or "asyncflow").with_suffix(
-            ".jsonl"
-        )
-        structured = logging.FileHandler(path)
-        structured.setLevel(file_log_level if file_log_level is not None else log_level)
-        structured.setFormatter(_JsonLines())
-        handlers.append(structured)
+    file_level = file_log_level if file_log_level is not None else log_level
+    handlers = [
+        _console(fmt, log_level, use_colors),
+        *_files(fmt, file_level, output_file, structured_logging, structured_file),
+    ]
     for handler in handlers:
         logger.addHandler(handler)
     logger.setLevel(min(h.level for h in handlers))  # setLevel made them ints
     return logger
+
+
+def _clear(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _console(fmt: str, level: int | str, use_colors: bool) -> logging.Handler:
+    """stderr, coloured only when it is a terminal: escapes would litter a
+    redirected log."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    colored = use_colors and sys.stderr.isatty()
+    console.setFormatter((_Colored if colored else logging.Formatter)(fmt))
+    return console
+
+
+def _files(
+    fmt: str,
+    level: int | str,
+    output_file: str | pathlib.Path | None,
+    structured_logging: bool,
+    structured_file: str | pathlib.Path | None,
+) -> list[logging.Handler]:
+    """The file handlers asked for: plain text to ``output_file``, JSON lines
+    to ``structured_file`` (by default beside ``output_file``)."""
+    handlers = []
+    if output_file is not None:
+        handlers.append(_to_file(output_file, level, logging.Formatter(fmt)))
+    if structured_logging or structured_file is not None:
+        path = structured_file or pathlib.Path(output_file or "asyncflow").with_suffix(
+            ".jsonl"
+        )
+        handlers.append(_to_file(path, level, _JsonLines()))
+    return handlers
+
+
+def _to_file(
+    path: str | pathlib.Path, level: int | str, formatter: logging.Formatter
+) -> logging.Handler:
+    to_file = logging.FileHandler(path)
+    to_file.setLevel(level)
+    to_file.setFormatter(formatter)
+    return to_file
 
 
 def get_logger(

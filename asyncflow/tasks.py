@@ -33,6 +33,43 @@ class TaskKind(enum.Enum):
     BLOCK = "block"
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_timeout(value: object) -> bool:
+    return value is None or (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+#: keyword -> (whether a value is valid, what to say when it is not)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "retries": (_is_count, "retries= must be a whole number >= 0, got {!r}"),
+    "timeout": (
+        _is_timeout,
+        "timeout= must be a positive number of seconds, got {!r}",
+    ),
+    "options": (
+        lambda v: v is None or isinstance(v, Mapping),
+        "options= must be a dict of backend-specific settings",
+    ),
+    "service": (
+        lambda v: isinstance(v, bool),
+        "service= must be True or False, got {!r}",
+    ),
+}
+
+
+def _check(task: str, keyword: str, value: object) -> None:
+    valid, message = _RULES[keyword]
+    if not valid(value):
+        raise TaskDefinitionError(f"task {task!r}: " + message.format(value))
+
+
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
     retries: int = 0
@@ -58,29 +95,11 @@ class TaskOptions:
         options: Mapping[str, Any] | None = None,
         service: bool = False,
     ) -> TaskOptions:
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise TaskDefinitionError(
-                f"task {name!r}: retries= must be a whole number >= 0, got {retries!r}"
-            )
-        if timeout is not None and (
-            not isinstance(timeout, int | float)
-            or isinstance(timeout, bool)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            raise TaskDefinitionError(
-                f"task {name!r}: timeout= must be a positive number of seconds, "
-                f"got {timeout!r}"
-            )
+        _check(name, "retries", retries)
+        _check(name, "timeout", timeout)
         check_env(env, name)
-        if options is not None and not isinstance(options, Mapping):
-            raise TaskDefinitionError(
-                f"task {name!r}: options= must be a dict of backend-specific settings"
-            )
-        if not isinstance(service, bool):
-            raise TaskDefinitionError(
-                f"task {name!r}: service= must be True or False, got {service!r}"
-            )
+        _check(name, "options", options)
+        _check(name, "service", service)
         return cls(
             retries,
             None if timeout is None else float(timeout),
