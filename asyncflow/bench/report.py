@@ -34,43 +34,77 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         if r["kind"] == "run":
             groups[(r["backend"], r["workload"], r["size"], r["side"])].append(r)
-    rows = []
-    for (backend, workload, size, side), runs in sorted(groups.items()):
-        if side != "asyncflow":
-            continue
-        af = _median(runs)
-        raw_runs = groups.get((backend, workload, size, "raw"), [])
-        raw = _median(raw_runs)
-        tasks = runs[0]["tasks"]
-        loads = [r["load"] for r in runs if r.get("load") is not None]
-        row: dict[str, Any] = {
-            "backend": backend,
-            "workload": workload,
-            "size": size,
-            "tasks": tasks,
-            "asyncflow_s": af,
-            "raw_s": raw,
-            "asyncflow_tasks_per_s": tasks / af if af else None,
-            "raw_tasks_per_s": (tasks / raw) if raw else None,
-            # throughput ratio: >= 1 means asyncflow is at least as fast as raw
-            "throughput_ratio": (raw / af) if (raw and af) else None,
-            "load": statistics.median(loads) if loads else None,
-            "result": runs[0]["result"],
-        }
-        for name, rs in (("asyncflow", runs), ("raw", raw_runs)):
-            cpu = [r["cpu_s"] for r in rs if "cpu_s" in r]
-            if cpu:
-                row[f"{name}_cpu_ms_per_task"] = statistics.median(cpu) / tasks * 1e3
-        if workload == "chain":
-            row["asyncflow_ms_per_hop"] = af / size * 1e3 if af else None
-            row["raw_ms_per_hop"] = (raw / size * 1e3) if raw else None
-            row["hop_ratio"] = (af / raw) if (af and raw) else None
-        if workload == "sleep" and af:
-            ideal = -(-tasks // 2) * SLEEP
-            row["makespan_efficiency"] = ideal / af
-        rows.append(row)
+    rows = [
+        _row(
+            backend,
+            workload,
+            size,
+            runs,
+            groups.get((backend, workload, size, "raw"), []),
+        )
+        for (backend, workload, size, side), runs in sorted(groups.items())
+        if side == "asyncflow"
+    ]
     _growth(rows)
     return rows
+
+
+def _row(
+    backend: str,
+    workload: str,
+    size: int,
+    runs: list[dict[str, Any]],
+    raw_runs: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One backend/workload/size: asyncflow's runs against the raw ones, which
+    may be missing (``None`` then where raw figures would be)."""
+    af, raw = _median(runs), _median(raw_runs)
+    tasks = runs[0]["tasks"]
+    loads = [r["load"] for r in runs if r.get("load") is not None]
+    return {
+        "backend": backend,
+        "workload": workload,
+        "size": size,
+        "tasks": tasks,
+        "asyncflow_s": af,
+        "raw_s": raw,
+        "asyncflow_tasks_per_s": tasks / af if af else None,
+        "raw_tasks_per_s": (tasks / raw) if raw else None,
+        # throughput ratio: >= 1 means asyncflow is at least as fast as raw
+        "throughput_ratio": (raw / af) if (raw and af) else None,
+        "load": statistics.median(loads) if loads else None,
+        "result": runs[0]["result"],
+        **_cpu_cells(tasks, runs, raw_runs),
+        **_workload_cells(workload, size, tasks, af, raw),
+    }
+
+
+def _cpu_cells(
+    tasks: int, runs: list[dict[str, Any]], raw_runs: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Driver CPU per task, for each side whose runs measured it."""
+    cells = {}
+    for name, rs in (("asyncflow", runs), ("raw", raw_runs)):
+        cpu = [r["cpu_s"] for r in rs if "cpu_s" in r]
+        if cpu:
+            cells[f"{name}_cpu_ms_per_task"] = statistics.median(cpu) / tasks * 1e3
+    return cells
+
+
+def _workload_cells(
+    workload: str, size: int, tasks: int, af: float | None, raw: float | None
+) -> dict[str, Any]:
+    """The figures only one workload has: a chain's latency per hop, sleep's
+    makespan against two workers' ideal."""
+    if workload == "chain":
+        return {
+            "asyncflow_ms_per_hop": af / size * 1e3 if af else None,
+            "raw_ms_per_hop": (raw / size * 1e3) if raw else None,
+            "hop_ratio": (af / raw) if (af and raw) else None,
+        }
+    if workload == "sleep" and af:
+        return {"makespan_efficiency": -(-tasks // 2) * SLEEP / af}
+    return {}
 
 
 def _growth(rows: list[dict[str, Any]]) -> None:
@@ -139,42 +173,45 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (row["backend"], row["workload"])
         if key not in largest or row["tasks"] > largest[key]["tasks"]:
             largest[key] = row
+    backends = sorted({b for b, _ in largest}, key=order_key)
+    return [t for b in backends for t in _backend_targets(b, largest)]
+
+
+def _backend_targets(
+    backend: str, largest: dict[tuple[str, str], dict[str, Any]]
+) -> list[dict[str, Any]]:
     out = []
-
-    def add(backend: str, what: str, value: Any, goal: float, at_least: bool) -> None:
-        met = None if value is None else (value >= goal if at_least else value <= goal)
-        sign = ">=" if at_least else "<="
-        out.append(
-            {
-                "backend": backend,
-                "target": what,
-                "goal": f"{sign} {goal:.2f}",
-                "value": value,
-                "met": met,
-            }
-        )
-
-    for backend in sorted({b for b, _ in largest}, key=order_key):
-        fan = largest.get((backend, "fanout"))
-        if fan:
-            goal = THREADS_GOAL if backend == "threads" else THROUGHPUT_GOAL
-            label = f"fan-out throughput vs raw ({fan['size']} tasks)"
-            add(backend, label, fan["throughput_ratio"], goal, True)
-        chain = largest.get((backend, "chain"))
-        if chain:
-            label = f"chain ms/hop vs raw ({chain['size']} hops)"
-            add(backend, label, chain.get("hop_ratio"), HOP_GOAL, False)
-        for w in ("fanout", "chain", "diamond"):
-            grown = largest.get((backend, w))
-            if grown and "asyncflow_growth" in grown:
-                add(
-                    backend,
-                    f"{w} cost growth exponent",
-                    grown["asyncflow_growth"],
-                    GROWTH_GOAL,
-                    False,
-                )
+    fan = largest.get((backend, "fanout"))
+    if fan:
+        goal = THREADS_GOAL if backend == "threads" else THROUGHPUT_GOAL
+        label = f"fan-out throughput vs raw ({fan['size']} tasks)"
+        out.append(_target(backend, label, fan["throughput_ratio"], goal, True))
+    chain = largest.get((backend, "chain"))
+    if chain:
+        label = f"chain ms/hop vs raw ({chain['size']} hops)"
+        out.append(_target(backend, label, chain.get("hop_ratio"), HOP_GOAL, False))
+    for w in ("fanout", "chain", "diamond"):
+        grown = largest.get((backend, w))
+        if grown and "asyncflow_growth" in grown:
+            label = f"{w} cost growth exponent"
+            growth = grown["asyncflow_growth"]
+            out.append(_target(backend, label, growth, GROWTH_GOAL, False))
     return out
+
+
+def _target(
+    backend: str, what: str, value: Any, goal: float, at_least: bool
+) -> dict[str, Any]:
+    """``met`` is ``None`` when the figure was not measured."""
+    met = None if value is None else (value >= goal if at_least else value <= goal)
+    sign = ">=" if at_least else "<="
+    return {
+        "backend": backend,
+        "target": what,
+        "goal": f"{sign} {goal:.2f}",
+        "value": value,
+        "met": met,
+    }
 
 
 ORDER = list(ADAPTERS)
