@@ -16,7 +16,6 @@ classes below describe what asyncflow itself has to say::
     ├── TaskTimeoutError(AsyncflowError, TimeoutError)   ``timeout=`` ran out
     ├── TaskInterruptedError(AsyncflowError)             SystemExit/Ctrl-C in a task
     ├── DependencyFailureError(AsyncflowError)           an upstream task failed
-    ├── UpstreamGone(AsyncflowError)                     adapter-to-engine signal
     └── ExecutableFailedError(AsyncflowError, RuntimeError)  a command exited non-zero
 
 Cancellation is plain :class:`asyncio.CancelledError`, as everywhere in asyncio.
@@ -42,7 +41,6 @@ __all__ = [
     "TaskDefinitionError",
     "TaskInterruptedError",
     "TaskTimeoutError",
-    "UpstreamGone",
     "WorkerLostError",
 ]
 
@@ -175,17 +173,3 @@ class ExecutableFailedError(AsyncflowError, RuntimeError):
             type(self),
             (self.task, self.exit_code, self.stdout, self.stderr, self.command),
         )
-
-
-class UpstreamGone(AsyncflowError):
-    """An adapter's answer to an :class:`~asyncflow.protocol.UpstreamRef` it no
-    longer knows (the upstream finished before the spec arrived).  The engine
-    catches it and resubmits the task with the upstream's value; users never
-    see it."""
-
-    def __init__(self, uid: str):
-        super().__init__(f"no running task {uid}")
-        self.uid = uid
-
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return (type(self), (self.uid,))

@@ -22,7 +22,7 @@ from typing import Any
 
 from .data import File
 from .dispatch import NOT_RETRIED, Dispatch
-from .errors import DependencyFailureError, TaskDefinitionError, UpstreamGone
+from .errors import DependencyFailureError, TaskDefinitionError
 from .events import EventKind
 from .future import FINAL, LIVE, TaskFuture, TaskState
 from .piping import Piping
@@ -33,6 +33,12 @@ from .tasks import TaskDecl, TaskKind, collect_futures, substitute
 __all__ = ["Scheduler"]
 
 log = logging.getLogger("asyncflow")
+
+
+class _Refused(Exception):
+    """A piped task its backend refused (see ``Scheduler.refused``), held back
+    like an outcome until its upstreams report."""
+
 
 _set_result = asyncio.Future.set_result
 _set_exception = asyncio.Future.set_exception
@@ -147,7 +153,7 @@ class Scheduler:
         for uid in uids:
             fut = self._inflight.pop(uid, None)
             if fut is not None:
-                self.finish_error(fut, UpstreamGone(uid))
+                self.finish_error(fut, _Refused(uid))
 
     def _unpipe(self, fut: TaskFuture) -> None:
         """The adapter could not find a running upstream (it finished before the
@@ -237,7 +243,7 @@ class Scheduler:
         if fut._after:  # piped: the upstreams' fate decides what this means
             fut._early = (False, exc)
             return
-        if isinstance(exc, UpstreamGone) and fut._args is not None:
+        if type(exc) is _Refused and fut._args is not None:
             self._unpipe(fut)
             return
         if fut._timer is not None:

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from ..engine import WorkflowEngine
-from ..errors import UpstreamGone
 from ..protocol import Capability, CompletionSink, ExecutionBackend
 
 __all__ = [
@@ -73,8 +72,8 @@ class ReportLedger:
     """The engine's sink, wrapped: notes every report so that a second one for
     the same uid (result after result, exception after result, ...) is caught.
 
-    ``UpstreamGone`` is not a report but a request to resubmit the same uid, so
-    it is not counted."""
+    A piped spec ``submit`` refused is sent again under the same uid, so its one
+    report comes from that second submission."""
 
     def __init__(self, sink: CompletionSink):
         self._sink = sink
@@ -95,8 +94,7 @@ class ReportLedger:
         self._sink.set_result(uid, value)
 
     def set_exception(self, uid: str, exc: BaseException) -> None:
-        if not isinstance(exc, UpstreamGone):
-            self._note(uid, f"exception {type(exc).__name__}")
+        self._note(uid, f"exception {type(exc).__name__}")
         self._sink.set_exception(uid, exc)
 
     def set_running(self, uid: str) -> None:

@@ -108,8 +108,8 @@ class DaskExecutionBackend(AwaitableBackend):
                 raise start_error(exc, settings.target, settings.owns_cluster) from exc
             raise
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
-        self._submitter.submit(specs)
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
+        return self._submitter.submit(specs)
 
     def cancel(self, uids: Sequence[str]) -> None:
         self._canceller.cancel(uids)

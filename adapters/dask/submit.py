@@ -3,9 +3,12 @@
 Tasks that share a function kind, resources and options go out as one
 ``client.map`` (one ``update-graph`` message, kept under ``BATCH_BYTES``).
 Tasks naming other tasks' results are swapped onto Dask futures in the engine's
-order; big arguments are scattered to the workers first; resource requests the
-cached worker list cannot meet wait for one refresh.  Each submitted future gets
-a watcher (see ``results``).
+order, and one naming a task this adapter no longer tracks is refused (the
+engine sends it again with the value); big arguments are scattered to the
+workers first; resource requests the cached worker list cannot meet wait for one
+refresh.  A task held back for either is pinned to its upstreams' Dask futures
+at once, so the wait cannot lose them.  Each submitted future gets a watcher
+(see ``results``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from ...errors import (
     EngineClosedError,
     ResourceUnavailableError,
     SerializationError,
-    UpstreamGone,
 )
+from ...protocol import UpstreamRef
 from ...spec import TaskSpec
+from ...walk import replace as swap
 from ..toolkit import FunctionCache, lost_error
 from .errors import submit_error
 from .resources import ResourceChecker, StaleWorkers
@@ -54,6 +58,11 @@ _Item = tuple[TaskSpec, tuple[Any, ...]]  # a spec and its worker-call arguments
 _Groups = dict[tuple[Any, ...], tuple[Any, list[_Item]]]
 #: a spec's arguments with Dask futures in, and whether the worker must thaw them
 _Native = tuple[tuple[Any, ...], dict[str, Any], bool]
+_REFS = frozenset({UpstreamRef})
+
+
+class _Gone(Exception):
+    """A piped spec names an upstream this adapter no longer tracks."""
 
 
 class Submitter:
@@ -68,7 +77,8 @@ class Submitter:
         self.functions = FunctionCache("Dask")
         self._consumed: set[str] = set()  # uids a spec of this batch takes in
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Send ``specs``; the uids of piped ones whose upstream is gone."""
         state = self._state
         sink = state.sink
         assert sink is not None
@@ -80,7 +90,7 @@ class Submitter:
                         f"task {spec.name!r}: the Dask backend is shut down"
                     ),
                 )
-            return
+            return []
         groups: _Groups = {}
         recheck: list[TaskSpec] = []
         scatter: list[TaskSpec] = []
@@ -105,15 +115,42 @@ class Submitter:
             else:
                 self._add(groups, spec, resources)
         self._map_groups(groups)
-        if piped:
-            self._submit_piped(piped)
+        refused = self._submit_piped(piped) if piped else []
         self._consumed.clear()
         if recheck:
+            recheck = self._pin_all(recheck, refused)
             state.deferred.update(spec.uid for spec in recheck)
             state.life.spawn(self._recheck(recheck))
         if scatter:
+            scatter = self._pin_all(scatter, refused)
             state.deferred.update(spec.uid for spec in scatter)
             state.life.spawn(self._submit_scattered(scatter))
+        return refused
+
+    def _pin_all(self, specs: list[TaskSpec], refused: list[str]) -> list[TaskSpec]:
+        """``specs`` with their running upstreams held as Dask futures (see the
+        module's doc); one whose upstream is gone goes to ``refused``."""
+        pinned = []
+        for spec in specs:
+            if not spec.has_remote_args:
+                pinned.append(spec)
+                continue
+            try:
+                args = swap(spec.args, _REFS, self._pin)
+                kwargs = swap(spec.kwargs, _REFS, self._pin)
+            except _Gone:
+                refused.append(spec.uid)
+                continue
+            pinned.append(replace(spec, args=args, kwargs=kwargs))
+        return pinned
+
+    def _pin(self, ref: UpstreamRef) -> DaskRemoteValue:
+        tracked = self._state.tasks.get(ref.uid)
+        if tracked is None:
+            raise _Gone(ref.uid)
+        return DaskRemoteValue(
+            self._state.owner, tracked.future, self._completions.fetch
+        )
 
     def _check(self, spec: TaskSpec, final: bool = False) -> dict[str, float] | None:
         if spec.resources.is_default:
@@ -126,38 +163,38 @@ class Submitter:
             return marker.handle if marker.owner is self._state.owner else marker
         tracked = self._state.tasks.get(marker.uid)
         if tracked is None:
-            raise UpstreamGone(marker.uid)
+            raise _Gone(marker.uid)
         return tracked.future
 
     def _submit_piped(
         self, items: list[tuple[TaskSpec, dict[str, float] | None]]
-    ) -> None:
+    ) -> list[str]:
         """Specs naming other tasks' results, in the engine's (topological)
         order.  Independent ones still share a ``client.map``; one naming a
         task of the group being built flushes that group first, so the Dask
-        future it needs exists."""
-        sink = self._state.sink
-        assert sink is not None
+        future it needs exists.  Returns the uids of those refused."""
+        refused: list[str] = []
         groups: _Groups = {}
         queued: set[str] = set()
         for spec, resources in items:
             try:
                 native = dask_args(spec, self._native)
-            except UpstreamGone as exc:
-                if exc.uid not in queued:
-                    sink.set_exception(spec.uid, exc)
+            except _Gone as exc:
+                if exc.args[0] not in queued:
+                    refused.append(spec.uid)
                     continue
                 self._map_groups(groups)
                 groups = {}
                 queued.clear()
                 try:
                     native = dask_args(spec, self._native)
-                except UpstreamGone as exc:  # the upstream was rejected
-                    sink.set_exception(spec.uid, exc)
+                except _Gone:  # the upstream was rejected
+                    refused.append(spec.uid)
                     continue
             self._add(groups, spec, resources, native)
             queued.add(spec.uid)
         self._map_groups(groups)
+        return refused
 
     def _add(
         self,
@@ -205,12 +242,8 @@ class Submitter:
         except SerializationError as exc:
             sink.set_exception(spec.uid, exc)
             return None
-        if native is None and spec.has_remote_args:
-            try:
-                native = dask_args(spec, self._native)
-            except UpstreamGone as exc:
-                sink.set_exception(spec.uid, exc)
-                return None
+        if native is None and spec.has_remote_args:  # pinned: see _pin_all
+            native = dask_args(spec, self._native)
         a, kw, thawed = native or (spec.args, spec.kwargs, False)
         return (run_thawed_function if thawed else run_function), (blob, a, kw)
 

@@ -113,8 +113,8 @@ class RayExecutionBackend(AwaitableBackend):
         _signals.restore_handlers()
         self._watch.watch(owned=self._process.owns)
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
-        self._submitter.submit(specs)
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
+        return self._submitter.submit(specs)
 
     def cancel(self, uids: Sequence[str]) -> None:
         self._canceller.cancel(uids)

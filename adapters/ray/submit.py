@@ -20,7 +20,6 @@ from ...errors import (
     ResourceUnavailableError,
     SerializationError,
     TaskDefinitionError,
-    UpstreamGone,
     WorkerLostError,
 )
 from ...protocol import ExecutionBackend, UpstreamRef
@@ -44,8 +43,11 @@ _OURS = (
     ResourceUnavailableError,
     TaskDefinitionError,
     SerializationError,
-    UpstreamGone,
 )
+
+
+class _Gone(Exception):
+    """A piped spec names an upstream this adapter no longer tracks."""
 
 
 class Submitter:
@@ -73,11 +75,14 @@ class Submitter:
         self._by_id.clear()
         self._variants.clear()
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Send ``specs``; the uids of piped ones whose upstream is gone (the
+        engine sends them again with the values)."""
         state = self._state
         sink = state.sink
         assert sink is not None
         submitted: list[tuple[str, ray.ObjectRef]] = []
+        refused: list[str] = []
         for spec in specs:
             if state.lost is not None:
                 sink.set_exception(
@@ -86,6 +91,9 @@ class Submitter:
                 continue
             try:
                 ref = self._call(spec)
+            except _Gone:
+                refused.append(spec.uid)
+                continue
             except _OURS as exc:
                 sink.set_exception(spec.uid, exc)
                 continue
@@ -105,6 +113,7 @@ class Submitter:
         # Callbacks only once the whole batch is in: while this loop holds the
         # GIL, a callback would stall the Ray thread that dispatches the tasks.
         self._on_completion(submitted)
+        return refused
 
     def _call(self, spec: TaskSpec) -> ray.ObjectRef:
         """The ``.remote()`` call that runs ``spec``."""
@@ -256,7 +265,7 @@ class Submitter:
                 return marker.handle
             running = self._state.tasks.get(marker.uid)  # still running here (PIPELINE)
             if running is None:
-                raise UpstreamGone(marker.uid)
+                raise _Gone(marker.uid)
             return running.ref
 
         def slot(marker: Any) -> Slot:
