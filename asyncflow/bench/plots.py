@@ -15,6 +15,8 @@ from typing import Any
 from .report import order_key
 
 DPI = 90
+#: the bar charts' two sides: offset from the tick, row key prefix, legend
+_SIDES = ((-0.2, "asyncflow", "asyncflow"), (0.2, "raw", "raw runtime API"))
 
 
 def plot(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -81,17 +83,18 @@ class _Figures:
         self.plt.close(fig)
         self.paths.append(self.out / name)
 
+    def at_largest(self, workload: str, key: str) -> list[Any]:
+        """``key`` of each backend's largest ``workload`` row; ``None`` where
+        the backend did not run it."""
+        return [(self.largest(b, workload) or {}).get(key) for b in self.backends]
+
     def bars(self, name: str, title: str, ylabel: str, workload: str, key: str) -> None:
         """asyncflow next to the raw API, per backend, at the largest size."""
         fig, ax = self.plt.subplots(figsize=(7, 4))
         xs = range(len(self.backends))
         shown: list[float] = []
-        for dx, side in ((-0.2, "asyncflow"), (0.2, "raw")):
-            vals = [
-                (self.largest(b, workload) or {}).get(f"{side}_{key}")
-                for b in self.backends
-            ]
-            label = "asyncflow" if side == "asyncflow" else "raw runtime API"
+        for dx, side, label in _SIDES:
+            vals = self.at_largest(workload, f"{side}_{key}")
             ax.bar([x + dx for x in xs], [v or 0 for v in vals], 0.4, label=label)
             shown += [v for v in vals if v]
         ax.set_xticks(list(xs), self.backends)
@@ -143,10 +146,7 @@ class _Figures:
         width = 0.8 / max(1, len(workloads))
         ratios: list[float] = []
         for i, w in enumerate(workloads):
-            vals = [
-                (self.largest(b, w) or {}).get("throughput_ratio") or 0
-                for b in backends
-            ]
+            vals = [v or 0 for v in self.at_largest(w, "throughput_ratio")]
             ratios += [v for v in vals if v]
             ax.bar([x + i * width for x in range(len(backends))], vals, width, label=w)
         ax.axhline(1.0, color="black", linewidth=0.8)
