@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from ...worker import kill_command
@@ -195,17 +196,22 @@ def _feeders_idle() -> bool:
         if thread.name != "QueueFeederThread":
             continue
         frame = frames.get(thread.ident)  # type: ignore[arg-type]
-        if frame is None:
-            continue
-        code = frame.f_code
-        if code.co_name != "wait" or not code.co_filename.endswith("threading.py"):
-            return False
-        while frame is not None and frame.f_code.co_name != "_feed":
-            frame = frame.f_back
-        buffer = frame.f_locals.get("buffer") if frame is not None else None
-        if buffer is None or len(buffer):
+        if frame is not None and not _feeder_idle(frame):
             return False
     return True
+
+
+def _feeder_idle(frame: FrameType | None) -> bool:
+    """The feeder's stack, read from its innermost frame: waiting in
+    ``threading``, called from ``_feed`` whose buffer is empty."""
+    assert frame is not None
+    code = frame.f_code
+    if code.co_name != "wait" or not code.co_filename.endswith("threading.py"):
+        return False
+    while frame is not None and frame.f_code.co_name != "_feed":
+        frame = frame.f_back
+    buffer = frame.f_locals.get("buffer") if frame is not None else None
+    return buffer is not None and not len(buffer)
 
 
 # -- driver end ---------------------------------------------------------------

@@ -74,38 +74,40 @@ class Profile:
         self.gpus = 0
         #: what to do about a GPU request it refuses, where the backend knows
         self.advice: str | None = None
+        # Executors asyncflow cannot size: two slots, so no false PARALLEL gap.
+        self.local = False
+        self.slots = 2
+        self.cores: float | None = None
         if isinstance(ex, ParslThreadPoolExecutor):
             self.slots = int(ex.max_threads or 1)
-            self.cores: float | None = float(self.slots)
+            self.cores = float(self.slots)
             self.local = True
         elif isinstance(ex, HighThroughputExecutor):
-            provider = ex.provider
-            launcher = getattr(provider, "launcher", None)
-            self.local = (
-                isinstance(provider, LocalProvider)
-                and isinstance(launcher, SingleNodeLauncher | SimpleLauncher)
-                and sys.platform.startswith("linux")
-            )
-            per_node = ex.workers_per_node
-            blocks = max(getattr(provider, "max_blocks", 1), 1)
-            nodes = max(getattr(provider, "nodes_per_block", 1), 1)
-            finite = math.isfinite(per_node)
-            self.slots = int(per_node * blocks * nodes) if finite else 2
-            self.cores = float(ex.cores_per_worker)
-            if ex.mem_per_worker:
-                self.memory = ex.mem_per_worker * 1024
-            elif self.local:
-                self.memory = _physical_memory_mb()
-            self.gpus = 1 if ex.available_accelerators else 0
-        elif self.kind in ("WorkQueueExecutor", "TaskVineExecutor"):
-            self.local = False
-            self.slots = 2
-            self.cores = None
+            self._size_htex(ex)
+        elif self.translates:
             self.gpus = -1  # scheduled by the manager
-        else:
-            self.local = False
-            self.slots = 2
-            self.cores = None
+
+    def _size_htex(self, ex: HighThroughputExecutor) -> None:
+        """HTEX workers are processes; only a local provider's run on this host,
+        where the driver can reach them to cancel and can read the memory."""
+        provider = ex.provider
+        launcher = getattr(provider, "launcher", None)
+        self.local = (
+            isinstance(provider, LocalProvider)
+            and isinstance(launcher, SingleNodeLauncher | SimpleLauncher)
+            and sys.platform.startswith("linux")
+        )
+        per_node = ex.workers_per_node
+        blocks = max(getattr(provider, "max_blocks", 1), 1)
+        nodes = max(getattr(provider, "nodes_per_block", 1), 1)
+        finite = math.isfinite(per_node)
+        self.slots = int(per_node * blocks * nodes) if finite else 2
+        self.cores = float(ex.cores_per_worker)
+        if ex.mem_per_worker:
+            self.memory = ex.mem_per_worker * 1024
+        elif self.local:
+            self.memory = _physical_memory_mb()
+        self.gpus = 1 if ex.available_accelerators else 0
 
     @property
     def translates(self) -> bool:
@@ -117,22 +119,38 @@ class Profile:
     def resource_spec(self, res: Resources, name: str) -> dict[str, Any]:
         """Parsl's ``parsl_resource_specification`` for ``res``, or raise."""
         if self.translates:
-            if res.ranks > 1:
-                self._refuse(res, name, "no MPI launch")
-            out: dict[str, Any] = {"cores": res.cores}
-            if res.memory is not None:
-                out["memory"] = res.memory
-            if res.gpus:
-                out["gpus"] = res.gpus
-            return out
+            return self._manager_spec(res, name)
         if self.mpi:
-            if res.gpus or res.memory is not None or res.cores > 1:
-                self._refuse(res, name, "MPI ranks only (ask for ranks=N)")
-            return {"num_nodes": 1, "num_ranks": res.ranks, "ranks_per_node": res.ranks}
+            return self._mpi_spec(res, name)
+        self._check_slot(res, name)
+        return {}
+
+    def _manager_spec(self, res: Resources, name: str) -> dict[str, Any]:
+        """WorkQueue and TaskVine schedule by the request itself."""
+        if res.ranks > 1:
+            self._refuse(res, name, "no MPI launch")
+        out: dict[str, Any] = {"cores": res.cores}
+        if res.memory is not None:
+            out["memory"] = res.memory
+        if res.gpus:
+            out["gpus"] = res.gpus
+        return out
+
+    def _mpi_spec(self, res: Resources, name: str) -> dict[str, Any]:
+        if res.gpus or res.memory is not None or res.cores > 1:
+            self._refuse(res, name, "MPI ranks only (ask for ranks=N)")
+        return {"num_nodes": 1, "num_ranks": res.ranks, "ranks_per_node": res.ranks}
+
+    def _check_slot(self, res: Resources, name: str) -> None:
+        """Other executors take no specification: the request must fit one
+        worker slot as it is."""
         if not self.checks():
             self._refuse(res, name, "no per-task resources asyncflow can express")
         if res.ranks > 1:
             self._refuse(res, name, "no MPI launch (use Parsl's MPIExecutor)")
+        self._check_size(res, name)
+
+    def _check_size(self, res: Resources, name: str) -> None:
         if self.cores is not None and res.cores > self.cores:
             self._refuse(
                 res,
@@ -151,7 +169,6 @@ class Profile:
         memory = self.memory
         if res.memory is not None and memory is not None and res.memory > memory:
             self._refuse(res, name, f"{self.memory:.0f} MB per worker")
-        return {}
 
     def _refuse(self, res: Resources, name: str, why: str) -> None:
         raise ResourceUnavailableError(
@@ -178,31 +195,50 @@ def describe(
     absent: dict[str, str] = {
         "reports_running": "Parsl tells the driver only how a task ended"
     }
-    if sum(p.slots for p in scope) >= 2:
-        caps.add(C.PARALLEL)
-    else:
-        absent["parallel"] = "the executor has a single worker slot"
-    if all(p.in_process for p in scope):
-        absent["serializes"] = "Parsl's ThreadPoolExecutor runs tasks in the driver"
-    elif not any(p.in_process for p in scope):
-        caps.add(C.SERIALIZES)
-    else:
-        absent["serializes"] = "some executors run tasks in the driver process"
+    _offer(
+        caps,
+        absent,
+        C.PARALLEL,
+        sum(p.slots for p in scope) >= 2,
+        "the executor has a single worker slot",
+    )
+    _serializing(scope, caps, absent)
     _cancelling(scope, kill_functions, caps, absent)
-    if all(p.checks() for p in scope):
-        caps.add(C.RESOURCES)
-    else:
-        absent["resources"] = "an executor takes no resource specification"
-    if all(p.gpus != 0 for p in scope):
-        caps.add(C.GPUS)
-    else:
-        absent["gpus"] = NO_GPUS
+    _offer(
+        caps,
+        absent,
+        C.RESOURCES,
+        all(p.checks() for p in scope),
+        "an executor takes no resource specification",
+    )
+    _offer(caps, absent, C.GPUS, all(p.gpus != 0 for p in scope), NO_GPUS)
     return BackendInfo(
         name=f"parsl-{label}",
         runtime=f"parsl {profiles[label].kind}",
         runtime_version=parsl.__version__,
         capabilities=Capabilities.of(*sorted(caps, key=lambda c: c.value), **absent),
     )
+
+
+def _offer(
+    caps: set[Capability], absent: dict[str, str], cap: Capability, ok: bool, why: str
+) -> None:
+    if ok:
+        caps.add(cap)
+    else:
+        absent[cap.value] = why
+
+
+def _serializing(
+    scope: Sequence[Profile], caps: set[Capability], absent: dict[str, str]
+) -> None:
+    """Only executors outside the driver process pickle what they run."""
+    if all(p.in_process for p in scope):
+        absent["serializes"] = "Parsl's ThreadPoolExecutor runs tasks in the driver"
+    elif not any(p.in_process for p in scope):
+        caps.add(C.SERIALIZES)
+    else:
+        absent["serializes"] = "some executors run tasks in the driver process"
 
 
 def _cancelling(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
+from parsl.executors import HighThroughputExecutor
 from parsl.executors.errors import BadStateException, InvalidResourceSpecification
 from parsl.executors.high_throughput.errors import WorkerLost
 from parsl.serialize.errors import DeserializationError
@@ -158,14 +159,19 @@ class Watch:
         batch = state.runtime.batch
         ex = batch.executor if batch is not None and state.runtime.dfk else None
         if ex is not None and not ex.bad_state_is_set:
-            try:
-                ex.set_bad_state_and_fail_all(err)
-            except RuntimeError:  # its task table changed under us: once more
-                for fut in list(ex.tasks.values()):
-                    with contextlib.suppress(InvalidStateError):
-                        fut.set_exception(BadStateException(ex, err))
+            _fail_executor(ex, err)
         sink = state.sink
         for uid in list(state.tasks):
             task = state.tasks.pop(uid, None)
             if task is not None and sink is not None:
                 sink.set_exception(uid, err.for_task(task.name))
+
+
+def _fail_executor(ex: HighThroughputExecutor, err: JobLost) -> None:
+    """Mark ``ex`` bad so that later tasks fail at once, failing its own."""
+    try:
+        ex.set_bad_state_and_fail_all(err)
+    except RuntimeError:  # its task table changed under us: once more
+        for fut in list(ex.tasks.values()):
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(BadStateException(ex, err))

@@ -137,20 +137,27 @@ class Submitter:
         res = spec.resources
         if res is DEFAULT_RESOURCES and not profile.mpi and extra is None:
             return {}  # the common case, decided without a call
-        if res.is_default and not extra and not profile.mpi:
-            return {}
-        rspec = profile.resource_spec(res, spec.name)
-        if extra:
-            if not isinstance(extra, Mapping):
-                raise TaskDefinitionError(
-                    f"task {spec.name!r}: options['parsl_resource_specification'] "
-                    f"must be a dict, got {type(extra).__name__}"
-                )
-            rspec = {**rspec, **extra}
-        if rspec and profile.in_process:
-            raise ResourceUnavailableError(
-                f"task {spec.name!r}: Parsl's ThreadPoolExecutor "
-                f"({profile.label!r}) takes no parsl_resource_specification "
-                f"({sorted(rspec)})"
-            )
+        rspec = _resource_spec(spec, profile, extra)
         return {"parsl_resource_specification": rspec} if rspec else {}
+
+
+def _resource_spec(spec: TaskSpec, profile: Profile, extra: Any) -> dict[str, Any]:
+    """The executor's translation of the task's resources, overlaid with what
+    the user passed in ``options`` for Parsl verbatim."""
+    if spec.resources.is_default and not extra and not profile.mpi:
+        return {}
+    rspec = profile.resource_spec(spec.resources, spec.name)
+    if extra:
+        if not isinstance(extra, Mapping):
+            raise TaskDefinitionError(
+                f"task {spec.name!r}: options['parsl_resource_specification'] "
+                f"must be a dict, got {type(extra).__name__}"
+            )
+        rspec = {**rspec, **extra}
+    if rspec and profile.in_process:
+        raise ResourceUnavailableError(
+            f"task {spec.name!r}: Parsl's ThreadPoolExecutor "
+            f"({profile.label!r}) takes no parsl_resource_specification "
+            f"({sorted(rspec)})"
+        )
+    return rspec
