@@ -134,12 +134,16 @@ class Settings:
             alloc = self.plan.alloc
             return alloc.nodes * (alloc.cores_per_node or 2), alloc.gpus_per_node > 0
         if self.owns_cluster:
-            o = self.cluster_options
-            threads = (o.get("n_workers") or os.cpu_count() or 1) * (
-                o.get("threads_per_worker") or 1
-            )
-            return threads, bool((o.get("resources") or {}).get("GPU"))
+            return _local_capacity(self.cluster_options)
         return 2, False  # refined once connected
+
+
+def _local_capacity(o: dict[str, Any]) -> tuple[int, bool]:
+    """What the ``LocalCluster`` these options make will have."""
+    threads = (o.get("n_workers") or os.cpu_count() or 1) * (
+        o.get("threads_per_worker") or 1
+    )
+    return threads, bool((o.get("resources") or {}).get("GPU"))
 
 
 def address_of(target: Any) -> tuple[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 from ...errors import ResourceUnavailableError
 from ...spec import Resources, TaskSpec
@@ -29,6 +30,21 @@ def _describe(res: Resources) -> str:
     if res.memory:
         parts.append(f"memory={res.memory} MB")
     return ", ".join(parts)
+
+
+def _wanted(res: Resources, workers: Sequence[WorkerCapacity]) -> dict[str, float]:
+    """Dask resources to ask for.  Cores and memory only where some worker
+    declares them: Dask would hold a task forever on resources no worker has,
+    and :func:`_fits` checks threads and memory limits instead.  GPUs always:
+    only a worker declaring them may run a GPU task."""
+    want: dict[str, float] = {}
+    if any("CPU" in w.resources for w in workers):
+        want["CPU"] = res.cores
+    if res.gpus:
+        want["GPU"] = res.gpus
+    if res.memory and any("MEMORY" in w.resources for w in workers):
+        want["MEMORY"] = res.memory * MB
+    return want
 
 
 def _fits(w: WorkerCapacity, want: dict[str, float], res: Resources) -> bool:
@@ -85,13 +101,7 @@ class ResourceChecker:
             )
         # Before an allocation's workers connect, check against those it brings.
         workers = self._state.workers or self._state.planned
-        want: dict[str, float] = {}
-        if any("CPU" in w.resources for w in workers):
-            want["CPU"] = res.cores
-        if res.gpus:
-            want["GPU"] = res.gpus
-        if res.memory and any("MEMORY" in w.resources for w in workers):
-            want["MEMORY"] = res.memory * MB
+        want = _wanted(res, workers)
         if not workers:
             return want or None  # nobody to ask yet (an adaptive cluster scaling up)
         if any(_fits(w, want, res) for w in workers):

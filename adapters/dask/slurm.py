@@ -171,14 +171,7 @@ def _sinfo(queue: str | None) -> tuple[int, int]:
     res = subprocess.run(
         ["sinfo", "-h", "-o", "%P|%c|%m"], capture_output=True, text=True, timeout=60
     )
-    rows = []
-    for line in res.stdout.splitlines():
-        name, _, rest = line.partition("|")
-        cpus, _, mem = rest.partition("|")
-        default = name.endswith("*")
-        if (queue is None and default) or name.rstrip("*") == queue:
-            with contextlib.suppress(ValueError):
-                rows.append((int(cpus.rstrip("+")), int(mem.rstrip("+"))))
+    rows = _partition_nodes(res.stdout, queue)
     if res.returncode != 0 or not rows:
         raise BackendStartError(
             f"{WHO}: `sinfo` does not describe the nodes of partition "
@@ -186,6 +179,20 @@ def _sinfo(queue: str | None) -> tuple[int, int]:
             "give 'cores_per_node' and 'memory_per_node' in the dict"
         )
     return min(c for c, _ in rows), min(m for _, m in rows)
+
+
+def _partition_nodes(out: str, queue: str | None) -> list[tuple[int, int]]:
+    """CPUs and memory of ``queue``'s node kinds in ``sinfo`` output; the
+    default partition is the one with a ``*`` to its name."""
+    rows = []
+    for line in out.splitlines():
+        name, _, rest = line.partition("|")
+        cpus, _, mem = rest.partition("|")
+        default = name.endswith("*")
+        if (queue is None and default) or name.rstrip("*") == queue:
+            with contextlib.suppress(ValueError):
+                rows.append((int(cpus.rstrip("+")), int(mem.rstrip("+"))))
+    return rows
 
 
 def _find_host(python: str, scheduler_host: str) -> str:

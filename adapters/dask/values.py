@@ -55,6 +55,7 @@ class FrozenItems(NamedTuple):
 #: types whose size is not worth asking ``sizeof`` about
 SMALL = (int, float, bool, type(None), complex)
 MARKERS = frozenset({DaskRemoteValue, UpstreamRef})
+_SEQUENCES = (tuple, list, set)
 
 
 def dask_args(
@@ -75,14 +76,20 @@ def _tagged(obj: Any, native: Callable[[Any], Any]) -> Any:
     if t in MARKERS:
         return native(obj)
     if t is frozenset:
-        if not contains(tuple(obj), MARKERS):
-            return obj
-        return FrozenItems(tuple(_tagged(v, native) for v in obj))
-    if t is tuple or t is list or t is set:
+        return _tagged_frozenset(obj, native)
+    if t in _SEQUENCES:
         return t(_tagged(v, native) for v in obj)
     if t is dict:
         return {k: _tagged(v, native) for k, v in obj.items()}
     return obj
+
+
+def _tagged_frozenset(obj: frozenset[Any], native: Callable[[Any], Any]) -> Any:
+    """A frozenset holding a marker travels as :class:`FrozenItems`: the native
+    values replacing the markers need not be hashable."""
+    if not contains(tuple(obj), MARKERS):
+        return obj
+    return FrozenItems(tuple(_tagged(v, native) for v in obj))
 
 
 def thaw(obj: Any) -> Any:
