@@ -26,10 +26,10 @@ from typing import Any
 from ..registry import BATCH, BackendStatus, available_backends, batch_names
 from .report import (
     COLUMNS,
-    ORDER,
     cross_check,
     machine_line,
     markdown,
+    order_key,
     startup_rows,
     summarise,
     table_rows,
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.quick:
         ns.sizes, ns.repeat = QUICK_SIZES, 1
     status = {s.name: s for s in available_backends()}
-    workloads = [w.strip() for w in ns.workloads.split(",") if w.strip()]
+    workloads = _comma_list(ns.workloads)
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         print(
@@ -165,26 +165,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    sizes = [int(s) for s in ns.sizes.split(",")]
-    hpc = _allocation(ns.hpc) if ns.hpc else None
+    spec = _spec(ns, workloads)
     from rich.console import Console
 
     console = Console(stderr=True)
     if ns.render:
         return _render(Path(ns.out), console)
-    notes: list[str] = []
-    backends = _installed(_wanted(ns.backends, status, hpc), status, notes, console)
-    total = _count_runs(backends, workloads, sizes, ns, notes, console)
-    meta = _machine(argv)
-    Path(ns.out).mkdir(parents=True, exist_ok=True)
-    spec = {
+    return _run(ns, argv, status, spec, console)
+
+
+def _spec(ns: argparse.Namespace, workloads: list[str]) -> dict[str, Any]:
+    """What each backend's child process is told to run."""
+    return {
         "workloads": workloads,
-        "sizes": sizes,
+        "sizes": [int(s) for s in ns.sizes.split(",")],
         "repeat": ns.repeat,
         "quick": ns.quick,
         "profile": str(Path(ns.out).resolve()) if ns.profile else None,
-        "hpc": hpc,
+        "hpc": _allocation(ns.hpc) if ns.hpc else None,
     }
+
+
+def _run(
+    ns: argparse.Namespace,
+    argv: list[str],
+    status: dict[str, BackendStatus],
+    spec: dict[str, Any],
+    console: Any,
+) -> int:
+    """Each backend in its own subprocess, then the files, tables and verdict;
+    ``meta`` keeps what the run's figures depend on, the load while it ran too."""
+    notes: list[str] = []
+    wanted = _wanted(ns.backends, status, spec["hpc"])
+    backends = _installed(wanted, status, notes, console)
+    total = _count_runs(backends, spec["workloads"], spec["sizes"], ns, notes, console)
+    meta = _machine(argv)
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
     records, failures = run_backends(backends, spec, ns.timeout, total, notes, console)
     loads = [r["load"] for r in records if r["kind"] == "run" and "load" in r]
     meta["load_after"] = os.getloadavg()
@@ -194,16 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _finish(Path(ns.out), meta, records, notes, failures, console)
 
 
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _wanted(
     choice: str, status: dict[str, BackendStatus], hpc: dict[str, Any] | None
 ) -> list[str]:
     """``--backends all`` is every backend known, the in-tree ones first in the
     table's order; with an allocation, only those that take one."""
     if choice != "all":
-        return [b.strip() for b in choice.split(",") if b.strip()]
-    wanted = [n for n in ORDER if n in status] + sorted(
-        n for n in status if n not in ORDER
-    )
+        return _comma_list(choice)
+    wanted = sorted(status, key=order_key)
     return wanted if hpc is None else [n for n in wanted if n in BATCH]
 
 
@@ -270,22 +288,51 @@ def _finish(
     failures: list[str],
     console: Any,
 ) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     rows = summarise(records)
     starts = startup_rows(records)
     goals = targets(rows)
     problems = cross_check(records)
     text = markdown(meta, rows, starts, goals, notes, failures)
     write_files(out, meta, records, rows, text)
+    _print_tables(meta, rows, starts, goals)
+    if rows:
+        from .plots import plot
+
+        for path in plot(out, rows):
+            console.print(f"plot: {path}")
+    _print_outcome(out, problems, failures, console)
+    return 1 if (problems or failures) else 0
+
+
+def _print_tables(
+    meta: dict[str, Any],
+    rows: list[dict[str, Any]],
+    starts: list[dict[str, Any]],
+    goals: list[dict[str, Any]],
+) -> None:
+    """The run's three tables on stdout, wide enough for a log when piped."""
+    from rich.console import Console
+
+    wide = Console(width=None if sys.stdout.isatty() else 150)
+    wide.print(_results_table(meta, rows))
+    wide.print(_startup_table(starts))
+    wide.print(_targets_table(goals))
+
+
+def _results_table(meta: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
     table = Table(title=f"asyncflow bench — {machine_line(meta)}")
     for i, col in enumerate(COLUMNS):
         table.add_column(col, justify="left" if i < 2 else "right")
     for row in table_rows(rows):
         table.add_row(*row)
-    wide = Console(width=None if sys.stdout.isatty() else 150)
-    wide.print(table)
+    return table
+
+
+def _startup_table(starts: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
     side = Table(title="start-up (to a first result) and shutdown, seconds")
     for col in ("backend", "side", "start-up", "shutdown"):
         side.add_column(col)
@@ -295,7 +342,12 @@ def _finish(
             s["side"],
             *(f"{s[k]:.2f}" if k in s else "-" for k in ("startup_s", "shutdown_s")),
         )
-    wide.print(side)
+    return side
+
+
+def _targets_table(goals: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
     goal_table = Table(title="issue 7 targets")
     for col in ("backend", "target", "goal", "measured", "met"):
         goal_table.add_column(col)
@@ -303,12 +355,14 @@ def _finish(
         met = {True: "[green]yes", False: "[red]no", None: "-"}[g["met"]]
         value = "-" if g["value"] is None else f"{g['value']:.2f}"
         goal_table.add_row(g["backend"], g["target"], g["goal"], value, met)
-    wide.print(goal_table)
-    if rows:
-        from .plots import plot
+    return goal_table
 
-        for path in plot(out, rows):
-            console.print(f"plot: {path}")
+
+def _print_outcome(
+    out: Path, problems: list[str], failures: list[str], console: Any
+) -> None:
+    """Wrong answers and broken backends last, where a reader of the log looks
+    first; then where the files are."""
     for p in problems:
         console.print(f"[bold red]CROSS-CHECK FAILED: {p}")
     for f in failures:
@@ -316,4 +370,3 @@ def _finish(
     console.print(
         f"results: {out / 'bench.json'}, {out / 'bench.csv'}, {out / 'bench.md'}"
     )
-    return 1 if (problems or failures) else 0
