@@ -218,17 +218,21 @@ class RadicalRaw(Raw):
             self.tmgr.wait_tasks(uids=pending, state=rp.FINAL, timeout=timeout)
         bad = [t for t in handles if t.state != rp.DONE]
         if bad:
-            t = bad[0]
-            hung = t.state not in rp.FINAL
-            raise RuntimeError(
-                f"raw radical.pilot: {len(bad)} of {len(handles)} tasks "
-                f"{'did not finish in time' if hung else 'failed'}; {t.uid} is "
-                f"{t.state}: {t.exception or t.stderr or 'no detail'}"
-            )
+            raise RuntimeError(self._failed(bad, len(handles)))
         return [
             t.return_value if t.description.get("mode") == rp.TASK_FUNCTION else 0
             for t in handles
         ]
+
+    def _failed(self, bad: list[Any], total: int) -> str:
+        """How many tasks did not succeed, and the first one's state and error."""
+        t = bad[0]
+        hung = t.state not in self.rp.FINAL
+        return (
+            f"raw radical.pilot: {len(bad)} of {total} tasks "
+            f"{'did not finish in time' if hung else 'failed'}; {t.uid} is "
+            f"{t.state}: {t.exception or t.stderr or 'no detail'}"
+        )
 
     def skip(self, workload: str) -> str | None:
         if workload == "mapreduce":
@@ -309,16 +313,7 @@ def kill_under(base: str) -> int:
     killed = 0
     deadline = time.monotonic() + 3
     while os.path.isdir("/proc") and time.monotonic() < deadline:
-        pids = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cwd = os.readlink(f"/proc/{entry.name}/cwd")
-            except OSError:
-                continue
-            if cwd == base or cwd.startswith(base + os.sep):
-                pids.append(int(entry.name))
+        pids = _working_in(base)
         if not pids:
             break
         for pid in pids:
@@ -327,3 +322,18 @@ def kill_under(base: str) -> int:
                 killed += 1
         time.sleep(0.1)
     return killed
+
+
+def _working_in(base: str) -> list[int]:
+    """The other processes whose working directory is ``base`` or below it."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+        except OSError:
+            continue
+        if cwd == base or cwd.startswith(base + os.sep):
+            pids.append(int(entry.name))
+    return pids

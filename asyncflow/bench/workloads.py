@@ -194,20 +194,26 @@ class Workload:
         leaves one size of several, a tenth of the cap joins it, so cost growth
         still shows.  Sizes that come to the same task count (the fixed-count
         workloads) run once, at the smallest."""
-        why = None
         cap = self.caps.get(backend)
-        if cap:
-            most = cap.quick if quick else cap.full
-            if any(self.tasks(n) > self.tasks(most) for n in sizes):
-                why = cap.why
-                counts = {self.tasks(n) for n in sizes}
-                if len(counts) > 1 and all(n >= most for n in sizes):
-                    sizes = [*sizes, max(1, most // 10)]
-            sizes = [min(n, most) for n in sizes]
+        if not cap:
+            return self._one_per_count(sizes), None
+        sizes, cut = self._under(sizes, cap.quick if quick else cap.full)
+        return self._one_per_count(sizes), cap.why if cut else None
+
+    def _under(self, sizes: list[int], most: int) -> tuple[list[int], bool]:
+        """``sizes`` with those above ``most`` run at it, and whether any was."""
+        cut = any(self.tasks(n) > self.tasks(most) for n in sizes)
+        several = len({self.tasks(n) for n in sizes}) > 1
+        if cut and several and all(n >= most for n in sizes):
+            sizes = [*sizes, max(1, most // 10)]
+        return [min(n, most) for n in sizes], cut
+
+    def _one_per_count(self, sizes: list[int]) -> list[int]:
+        """The smallest of the sizes that come to each task count, in order."""
         out: dict[int, int] = {}
         for n in sorted(sizes):
             out.setdefault(self.tasks(n), n)
-        return sorted(out.values()), why
+        return sorted(out.values())
 
 
 RADICAL_RATE = (
