@@ -16,16 +16,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from asyncflow.bench import main as bench
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("new", type=Path, help="OUT directory of the re-measuring run")
-    p.add_argument("why", help="what changed, for the note")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"))
-    ns = p.parse_args(argv)
+    ns = _parse(argv)
     target = ns.out / "bench.json"
     old = json.loads(target.read_text())
     new = json.loads((ns.new / "bench.json").read_text())
@@ -33,23 +30,47 @@ def main(argv: list[str] | None = None) -> int:
     pairs = sorted({(r["backend"], r["workload"]) for r in runs})
     if not pairs:
         raise SystemExit(f"{ns.new}: no run records to merge")
-    loads = [r["load"] for r in runs]
-    old["records"] = [
+    note = _note(pairs, [r["load"] for r in runs], new["meta"], ns.why)
+    old["records"] = _replaced(old["records"], runs, pairs)
+    old["meta"].setdefault("notes", []).append(note)
+    target.write_text(json.dumps(old, indent=1) + "\n")
+    return bench(["--render", "--out", str(ns.out)])
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("new", type=Path, help="OUT directory of the re-measuring run")
+    p.add_argument("why", help="what changed, for the note")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    return p.parse_args(argv)
+
+
+def _replaced(
+    records: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    pairs: list[tuple[str, str]],
+) -> list[dict[str, Any]]:
+    """The published records with the re-measured backend/workload runs
+    swapped for the new ones; everything else kept."""
+    return [
         r
-        for r in old["records"]
+        for r in records
         if not (r["kind"] == "run" and (r["backend"], r["workload"]) in pairs)
     ] + runs
+
+
+def _note(
+    pairs: list[tuple[str, str]], loads: list[float], meta: dict[str, Any], why: str
+) -> str:
+    """Which rows came from the later run, and when, how loaded and how run."""
     by_backend: dict[str, list[str]] = {}
     for backend, workload in pairs:
         by_backend.setdefault(backend, []).append(workload)
     rows = "; ".join(f"{b} {', '.join(w)}" for b, w in by_backend.items())
-    meta = new["meta"]
-    old["meta"].setdefault("notes", []).append(
+    return (
         f"{rows}: re-measured at {meta['date']} (load {min(loads):.1f}-"
-        f"{max(loads):.1f}) {ns.why}, with `{meta['command']}`"
+        f"{max(loads):.1f}) {why}, with `{meta['command']}`"
     )
-    target.write_text(json.dumps(old, indent=1) + "\n")
-    return bench(["--render", "--out", str(ns.out)])
 
 
 if __name__ == "__main__":
