@@ -44,6 +44,9 @@ class Bounds:
     Generous for a loaded CI machine; a slow runtime's test class may raise them
     (and the suite's own strength test lowers them to stay fast)."""
 
+    #: seconds a no-op task may take from its call to its report, the runtime's
+    #: start included, where a scenario must wait for one outside the engine
+    task_bound: float = 120.0
     #: seconds a task that raises at once may take to be reported, at least;
     #: the bound is ten no-op round trips on the same backend when that is longer
     failure_report_floor: float = 5.0
@@ -73,13 +76,41 @@ class ReportLedger:
     the same uid (result after result, exception after result, ...) is caught.
 
     A piped spec ``submit`` refused is sent again under the same uid, so its one
-    report comes from that second submission."""
+    report comes from that second submission.
+
+    :meth:`hold` keeps one task's report from the engine until released, so a
+    scenario can act while the adapter has finished a task the engine still
+    believes running."""
 
     def __init__(self, sink: CompletionSink):
         self._sink = sink
         self._lock = threading.Lock()
         self._first: dict[str, str] = {}
         self.doubles: list[str] = []
+        self._held: dict[str, tuple[threading.Event, list[tuple[bool, Any]]]] = {}
+
+    def hold(self, uid: str) -> threading.Event:
+        """Keep ``uid``'s report back; the event is set once it arrived."""
+        arrived = threading.Event()
+        self._held[uid] = (arrived, [])
+        return arrived
+
+    def release(self, uid: str) -> None:
+        """Pass on ``uid``'s held report."""
+        _, box = self._held.pop(uid)
+        for ok, value in box:
+            if ok:
+                self._sink.set_result(uid, value)
+            else:
+                self._sink.set_exception(uid, value)
+
+    def _kept(self, uid: str, ok: bool, value: Any) -> bool:
+        held = self._held.get(uid)
+        if held is None:
+            return False
+        held[1].append((ok, value))
+        held[0].set()
+        return True
 
     def _note(self, uid: str, what: str) -> None:
         with self._lock:
@@ -91,11 +122,18 @@ class ReportLedger:
 
     def set_result(self, uid: str, value: Any) -> None:
         self._note(uid, f"result {type(value).__name__}")
-        self._sink.set_result(uid, value)
+        if not self._kept(uid, True, value):
+            self._sink.set_result(uid, value)
 
     def set_exception(self, uid: str, exc: BaseException) -> None:
         self._note(uid, f"exception {type(exc).__name__}")
-        self._sink.set_exception(uid, exc)
+        if not self._kept(uid, False, exc):
+            self._sink.set_exception(uid, exc)
+
+    def set_ran(self, uid: str, start: float, end: float, worker: str) -> None:
+        set_ran = getattr(self._sink, "set_ran", None)
+        if set_ran is not None:
+            set_ran(uid, start, end, worker)
 
     def set_running(self, uid: str) -> None:
         self._sink.set_running(uid)

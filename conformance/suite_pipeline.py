@@ -17,7 +17,7 @@ from .. import DependencyFailureError, TaskState, TaskTimeoutError
 from ..engine import WorkflowEngine
 from ..protocol import Capability
 from . import tasks as t
-from .base import scenario
+from .base import Bounds, scenario
 from .gate import Gate
 
 C = Capability
@@ -27,7 +27,7 @@ __all__ = ["PipelineTests"]
 _LIVE = (TaskState.SUBMITTED, TaskState.RUNNING)
 
 
-class PipelineTests:
+class PipelineTests(Bounds):
     @scenario(C.FUNCTIONS, C.PIPELINE)
     async def test_piped_task_waits_for_its_upstream(
         self, flow: WorkflowEngine
@@ -42,6 +42,36 @@ class PipelineTests:
             gate.release("up")
             assert await downstream == (("go",), {"key": "go"})
             assert await upstream == "go"
+
+    @scenario(C.FUNCTIONS, C.PIPELINE)
+    async def test_piped_task_whose_upstream_already_finished(
+        self, flow: WorkflowEngine
+    ) -> None:
+        """The adapter finished the upstream but the engine has not heard yet:
+        a dependent called now is piped to an upstream the adapter may no
+        longer know.  It must refuse that spec (return its uid from
+        ``submit``) or run it on the finished upstream; either way the
+        dependent gets the upstream's value, reported once."""
+        inc = flow.function_task(t.inc)
+        upstream = inc(1)  # submitted on the next loop turn, so held in time
+        ledger = flow.ledger  # type: ignore[attr-defined]
+        arrived = ledger.hold(upstream.uid)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, arrived.wait, self.task_bound)
+        assert upstream.state in _LIVE, "the engine has not heard yet"
+        downstream = inc(upstream)
+        assert downstream.state in _LIVE, "handed to the runtime at once"
+        await asyncio.sleep(0)  # one loop turn: the engine submits it
+        ledger.release(upstream.uid)
+        try:
+            value = await asyncio.wait_for(downstream, self.task_bound)
+        except TimeoutError:
+            pytest.fail(
+                f"the dependent was never reported within {self.task_bound}s: a "
+                "spec refused by submit() must have its uid returned"
+            )
+        assert value == 3
+        assert await upstream == 2
 
     @scenario(C.FUNCTIONS, C.PIPELINE)
     async def test_long_chain_in_one_batch(self, flow: WorkflowEngine) -> None:

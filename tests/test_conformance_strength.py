@@ -22,6 +22,10 @@ CAUGHT_BY = {
     "DoubleResult": ("test_each_task_reported_once", "result int after result"),
     "ErrorAfterResult": ("test_each_task_reported_once", "RuntimeError after"),
     "RunsPipedEarly": ("test_dependents_of_a_failure_never_run", "'grandchild'"),
+    "ForgetsRefused": (
+        "test_piped_task_whose_upstream_already_finished",
+        "never reported",
+    ),
     "LostAsRuntimeError": ("test_killed_worker_is_worker_lost", "RuntimeError"),
     "KeepsBrokenPool": ("test_killed_worker_is_worker_lost", "EngineClosedError"),
     "SlowFailureReport": ("test_failure_is_reported_promptly", "to be reported"),
@@ -53,7 +57,12 @@ PASSES = {"UsesResourceTracker": "test_shutdown_cancels_idempotent_and_closes"}
 #: correct adapters that cannot run a test (no capability for it) are left out
 NO_CORRECT_TWIN = {"test_cancelled_running_function_never_finishes"}
 
-FAST = {"failure_report_floor": 2.0, "shutdown_bound": 4.0, "stop_bound": 3.0}
+FAST = {
+    "failure_report_floor": 2.0,
+    "shutdown_bound": 4.0,
+    "stop_bound": 3.0,
+    "task_bound": 10.0,
+}
 
 MODULE = f'''
 import pytest

@@ -110,6 +110,13 @@ class RunsPipedEarly(Threads):
         super().submit([unpipe(s) if s.has_remote_args else s for s in specs])
 
 
+class ForgetsRefused(Threads):
+    """Refuses a piped spec whose upstream is gone but does not say so."""
+
+    def submit(self, specs: Sequence[TaskSpec]) -> None:
+        super().submit(specs)
+
+
 # -- a killed worker is WorkerLostError, and the backend goes on -----------------------
 class _Generic(_Relay):
     def set_exception(self, uid: str, exc: BaseException) -> None:
