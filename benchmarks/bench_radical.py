@@ -146,6 +146,13 @@ def timed(
     return wall, cpu_seconds(rt) - c0, driver_cpu() - d0
 
 
+def emit(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+Runs = dict[str, list[tuple[float, float, float]]]
+
+
 def compare(
     rt: RadicalRuntime,
     label: str,
@@ -155,16 +162,21 @@ def compare(
     rounds: int,
 ) -> dict[str, Any]:
     """``rounds`` alternating raw/asyncflow runs of ``n`` tasks each."""
-    runs: dict[str, list[tuple[float, float, float]]] = {"raw": [], "asyncflow": []}
+    runs: Runs = {"raw": [], "asyncflow": []}
     for i in range(rounds):
         pair = [("raw", raw), ("asyncflow", ours)]
         for name, fn in pair if i % 2 == 0 else pair[::-1]:
             runs[name].append(timed(rt, fn, n))
-    wall = {k: sum(r[0] for r in v) for k, v in runs.items()}
-    cpu = {k: sum(r[1] for r in v) for k, v in runs.items()}
-    drv = {k: sum(r[2] for r in v) for k, v in runs.items()}
-    total = n * rounds
-    row = {
+    row = _row(label, runs, n * rounds)
+    emit(row)
+    return row
+
+
+def _row(label: str, runs: Runs, total: int) -> dict[str, Any]:
+    """Throughput and CPU per task of each side, summed over its runs, and
+    raw / asyncflow ratios."""
+    wall, cpu, drv = (_sums(runs, i) for i in range(3))
+    return {
         "bench": label,
         "tasks": total,
         "raw_per_s": round(total / wall["raw"], 2),
@@ -178,11 +190,50 @@ def compare(
         "runs_s": {k: [round(r[0], 2) for r in v] for k, v in runs.items()},
         "load": round(os.getloadavg()[0], 1),
     }
-    print(json.dumps(row), flush=True)
-    return row
+
+
+def _sums(runs: Runs, field: int) -> dict[str, float]:
+    """One figure of ``timed``'s (0: wall, 1: all CPU, 2: driver CPU) summed
+    per side."""
+    return {k: sum(r[field] for r in v) for k, v in runs.items()}
 
 
 def main() -> None:
+    args = _parse()
+    t0 = time.perf_counter()
+    rt = RadicalRuntime({"resource": "local.localhost"})
+    rt.wait_ready()
+    emit(
+        {
+            "bench": "pilot start",
+            "s": round(time.perf_counter() - t0, 2),
+            "detail": {k: round(v, 2) for k, v in rt.timings.items()},
+            "load": round(os.getloadavg()[0], 1),
+        }
+    )
+    try:
+        t1 = time.perf_counter()
+        raw_fn(rt, 1)  # the raptor workers come up after the pilot
+        emit(
+            {
+                "bench": "first function result after start",
+                "s": round(time.perf_counter() - t1, 2),
+            }
+        )
+        _compare_all(rt, args)
+    finally:
+        t2 = time.perf_counter()
+        rt.close()
+        emit(
+            {
+                "bench": "shutdown",
+                "s": round(time.perf_counter() - t2, 2),
+                "detail": {k: round(v, 2) for k, v in rt.timings.items()},
+            }
+        )
+
+
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000, help="tasks per fan-out side")
     ap.add_argument(
@@ -193,57 +244,22 @@ def main() -> None:
     )
     ap.add_argument("--chain", type=int, default=50)
     ap.add_argument("--big", action="store_true", help="also 10,000-task fan-outs")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    t0 = time.perf_counter()
-    rt = RadicalRuntime({"resource": "local.localhost"})
-    rt.wait_ready()
-    print(
-        json.dumps(
-            {
-                "bench": "pilot start",
-                "s": round(time.perf_counter() - t0, 2),
-                "detail": {k: round(v, 2) for k, v in rt.timings.items()},
-                "load": round(os.getloadavg()[0], 1),
-            }
-        ),
-        flush=True,
-    )
-    try:
-        t1 = time.perf_counter()
-        raw_fn(rt, 1)  # the raptor workers come up after the pilot
-        print(
-            json.dumps(
-                {
-                    "bench": "first function result after start",
-                    "s": round(time.perf_counter() - t1, 2),
-                }
-            ),
-            flush=True,
-        )
-        compare(rt, "round trip, executable", raw_exe, af_exe, 1, 6)
-        compare(rt, "round trip, function", raw_fn, af_fn, 1, 6)
-        per = max(1, args.n // args.rounds)
-        compare(rt, "fan-out /bin/true", raw_exe, af_exe, per, args.rounds)
-        compare(rt, "fan-out function", raw_fn, af_fn, per, args.rounds)
-        if args.big:
-            compare(rt, "fan-out /bin/true", raw_exe, af_exe, 10 * args.n, 1)
-            compare(rt, "fan-out function", raw_fn, af_fn, 10 * args.n, 1)
-        if args.chain:
-            compare(rt, "chain of executables", raw_chain, af_chain, args.chain, 2)
-    finally:
-        t2 = time.perf_counter()
-        rt.close()
-        print(
-            json.dumps(
-                {
-                    "bench": "shutdown",
-                    "s": round(time.perf_counter() - t2, 2),
-                    "detail": {k: round(v, 2) for k, v in rt.timings.items()},
-                }
-            ),
-            flush=True,
-        )
+
+def _compare_all(rt: RadicalRuntime, args: argparse.Namespace) -> None:
+    """Round trips first, then fan-outs, then the chain: each on a pilot
+    already warmed by the one before."""
+    compare(rt, "round trip, executable", raw_exe, af_exe, 1, 6)
+    compare(rt, "round trip, function", raw_fn, af_fn, 1, 6)
+    per = max(1, args.n // args.rounds)
+    compare(rt, "fan-out /bin/true", raw_exe, af_exe, per, args.rounds)
+    compare(rt, "fan-out function", raw_fn, af_fn, per, args.rounds)
+    if args.big:
+        compare(rt, "fan-out /bin/true", raw_exe, af_exe, 10 * args.n, 1)
+        compare(rt, "fan-out function", raw_fn, af_fn, 10 * args.n, 1)
+    if args.chain:
+        compare(rt, "chain of executables", raw_chain, af_chain, args.chain, 2)
 
 
 if __name__ == "__main__":
