@@ -30,12 +30,12 @@ from ...errors import TaskDefinitionError
 from ...hpc import PAGE_KEYS, SLURM, Allocation
 from . import batch
 from ._rp import rp, ru
+from .sizing import Capacity, Raptor, Site, capacity, positive_int, raptor_share
 
 __all__ = ["Layout", "pilot_description", "plan", "spawn_environment"]
 
 #: PilotDescription keys that pass through unchanged
 NATIVE_KEYS = frozenset(rp.PilotDescription._schema) - {"uid"}
-DEFAULT_LOCAL_CORES = 2
 DEFAULT_WALLTIME = 60  # minutes; the watchdog, not the walltime, bounds orphans
 
 _RCFGS: dict[str, Any] | None = None
@@ -85,53 +85,6 @@ class Layout:
     allocation: Allocation | None = None
 
 
-@dataclass(frozen=True)
-class _Site:
-    """What is known of the resource's nodes before anything starts."""
-
-    cores_per_node: int  # 0: unknown
-    gpus_per_node: int
-    mem_per_node: int
-    fake: bool  # radical.pilot pretends the node (local.localhost)
-    local: bool
-
-
-@dataclass(frozen=True)
-class _Capacity:
-    """The pilot's size as the dict asks for it."""
-
-    nodes: int
-    node_cores: int  # 0: unknown
-    total: int  # cores; 0: unknown (radical.pilot counts whole nodes)
-    gpus: int
-    by_cores: bool  # described by cores (not whole nodes) in the PilotDescription
-
-
-@dataclass(frozen=True)
-class _Raptor:
-    """How the pilot's cores are shared between raptor and executables."""
-
-    function_cores: int
-    worker_cores: int
-    n_workers: int
-    pilot_cores: int
-    task_cores: int
-
-
-def _positive_int(key: str, value: Any, zero_ok: bool = False) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (value != int(value))
-        or value < (0 if zero_ok else 1)
-    ):
-        raise TaskDefinitionError(
-            f"RadicalExecutionBackend: {key!r} must be a whole number "
-            f"{'>= 0' if zero_ok else '>= 1'}, got {value!r}"
-        )
-    return int(value)
-
-
 def pilot_description(
     resources: Mapping[str, Any] | None = None, function_cores: int | None = None
 ) -> dict[str, Any]:
@@ -150,28 +103,14 @@ def plan(
     resource = cfg.pop("resource", None) or "local.localhost"
     if not isinstance(resource, str):
         raise TaskDefinitionError(f"'resource' must be a str, got {resource!r}")
-    pd: dict[str, Any] = {"resource": resource}
-    walltime = cfg.pop("walltime", cfg.pop("runtime", DEFAULT_WALLTIME))
-    pd["runtime"] = _positive_int(
-        "walltime", math.ceil(walltime) if isinstance(walltime, float) else walltime
-    )
-    project = cfg.pop("account", cfg.pop("project", None))
-    if project is not None:
-        pd["project"] = str(project)
+    pd = _time_and_account(resource, cfg)
     site = _site(resource, cfg)
-    cap = _capacity(cfg, site)
-    raptor = _raptor(cap, site, function_cores)
-    if cap.by_cores:
-        pd["cores"] = raptor.pilot_cores
-        if cap.gpus:
-            pd["gpus"] = cap.gpus
-    else:
-        pd["nodes"] = cap.nodes
-    memory = cfg.pop("memory", None)
+    cap = capacity(cfg, site)
+    raptor = raptor_share(cap, site, function_cores)
+    pd.update(_size(cap, raptor))
+    memory, mem_total = _memory(cfg, site, cap.nodes)
     if memory is not None:
-        pd["memory"] = _positive_int("memory", memory)
-    mem_node = site.mem_per_node
-    mem_total = pd.get("memory") or (mem_node * cap.nodes if mem_node else None)
+        pd["memory"] = memory
     # radical.pilot's default ends the driver (SIGTERM to its main thread) when
     # the pilot fails; asyncflow fails the pilot's tasks instead
     pd["exit_on_error"] = False
@@ -196,6 +135,43 @@ def plan(
         mpi,
         allocation,
     )
+
+
+def _time_and_account(resource: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The PilotDescription's first keys; the page's walltime may be a float,
+    radical.pilot's runtime is whole minutes."""
+    pd: dict[str, Any] = {"resource": resource}
+    walltime = cfg.pop("walltime", cfg.pop("runtime", DEFAULT_WALLTIME))
+    pd["runtime"] = positive_int(
+        "walltime", math.ceil(walltime) if isinstance(walltime, float) else walltime
+    )
+    project = cfg.pop("account", cfg.pop("project", None))
+    if project is not None:
+        pd["project"] = str(project)
+    return pd
+
+
+def _size(cap: Capacity, raptor: Raptor) -> dict[str, Any]:
+    """Cores (raptor's included) where the dict counts cores, else whole nodes."""
+    if not cap.by_cores:
+        return {"nodes": cap.nodes}
+    size = {"cores": raptor.pilot_cores}
+    if cap.gpus:
+        size["gpus"] = cap.gpus
+    return size
+
+
+def _memory(
+    cfg: dict[str, Any], site: Site, nodes: int
+) -> tuple[int | None, int | None]:
+    """Pop ``memory``: what the PilotDescription asks for, and the pilot's
+    memory in MB as far as known (the nodes' where none is asked for)."""
+    memory = cfg.pop("memory", None)
+    if memory is not None:
+        memory = positive_int("memory", memory)
+        return memory, memory
+    mem_node = site.mem_per_node
+    return None, (mem_node * nodes if mem_node else None)
 
 
 def _verify(pd: dict[str, Any]) -> None:
@@ -232,97 +208,25 @@ def _checked(resources: Mapping[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-def _site(resource: str, cfg: Mapping[str, Any]) -> _Site:
+def _site(resource: str, cfg: Mapping[str, Any]) -> Site:
     """The resource's nodes: from radical.pilot's config, or for ``'slurm'``
     (which has none) from the dict, and else from ``sinfo``."""
     if resource == SLURM:
         cpn = cfg.get("cores_per_node")
         cores = (
-            _positive_int("cores_per_node", cpn)
+            positive_int("cores_per_node", cpn)
             if cpn is not None
             else batch.sinfo_cores_per_node(cfg.get("queue"))
         )
-        return _Site(cores, 0, 0, fake=False, local=False)
+        return Site(cores, 0, 0, fake=False, local=False)
     rcfg = _resource_config(resource)
-    return _Site(
+    return Site(
         int(rcfg.get("cores_per_node") or 0),
         int(rcfg.get("gpus_per_node") or 0),
         int(rcfg.get("mem_per_node") or 0),
         fake=bool(rcfg.get("fake_resources")),
         local=resource.startswith("local."),
     )
-
-
-def _capacity(cfg: dict[str, Any], site: _Site) -> _Capacity:
-    """Pop the size keys: ``cores``/``gpus`` or ``nodes`` x ``*_per_node``."""
-    nodes = cfg.pop("nodes", None)
-    cpn = cfg.pop("cores_per_node", None)
-    gpn = cfg.pop("gpus_per_node", None)
-    cores = cfg.pop("cores", None)
-    gpus = cfg.pop("gpus", None)
-    if cores is not None and (nodes is not None or cpn is not None):
-        raise TaskDefinitionError(
-            "RadicalExecutionBackend: give either 'cores' or 'nodes'/"
-            "'cores_per_node', not both"
-        )
-    if gpus is not None and gpn is not None:
-        raise TaskDefinitionError(
-            "RadicalExecutionBackend: give either 'gpus' or 'gpus_per_node'"
-        )
-    n_nodes = _positive_int("nodes", nodes) if nodes is not None else 1
-    node_cores = (
-        _positive_int("cores_per_node", cpn) if cpn is not None else site.cores_per_node
-    )
-    if cores is not None:
-        total = _positive_int("cores", cores)
-    elif nodes is None and cpn is None and site.local:
-        total = DEFAULT_LOCAL_CORES
-    elif node_cores:
-        total = n_nodes * node_cores
-    else:
-        total = 0  # radical.pilot counts whole nodes; capacity unknown here
-    if gpn is not None:
-        n_gpus = n_nodes * _positive_int("gpus_per_node", gpn, zero_ok=True)
-    elif gpus is not None:
-        n_gpus = _positive_int("gpus", gpus, zero_ok=True)
-    elif nodes is not None and cpn is None and cores is None:
-        n_gpus = n_nodes * site.gpus_per_node  # whole nodes come with their GPUs
-    else:
-        n_gpus = 0
-    by_cores = bool(total) or cores is not None or cpn is not None
-    return _Capacity(n_nodes, node_cores, total, n_gpus, by_cores)
-
-
-def _raptor(cap: _Capacity, site: _Site, function_cores: int | None) -> _Raptor:
-    """One raptor master core plus the worker slots, and what is left.
-
-    Where radical.pilot fakes the node (local.localhost), raptor comes on top
-    of the task cores; on a real machine it is carved out of the pilot, and
-    must leave executables at least one core: radical.pilot would otherwise
-    queue them for ever (a 1-node, 2-core pilot hung that way).
-    """
-    total, node_cores = cap.total, cap.node_cores
-    if function_cores is None:
-        fn_cores = total if site.fake else max(1, min(node_cores or total, total // 2))
-    else:
-        fn_cores = _positive_int("function_cores", function_cores, zero_ok=True)
-    if not total and fn_cores:
-        fn_cores = 1
-    worker_cores = min(fn_cores, node_cores) if node_cores else fn_cores
-    n_workers = math.ceil(fn_cores / worker_cores) if fn_cores else 0
-    raptor = (1 + fn_cores) if fn_cores else 0
-    if site.fake:
-        return _Raptor(fn_cores, worker_cores, n_workers, total + raptor, total)
-    if total and total - raptor < 1:
-        shape = f"{cap.nodes} node(s) x {node_cores}" if node_cores else "cores"
-        raise TaskDefinitionError(
-            f"RadicalExecutionBackend: the pilot has {total} core(s) ({shape}) "
-            f"and function tasks would take {raptor} of them (a raptor master and "
-            f"{fn_cores} worker slot(s)), leaving no core for executable tasks, "
-            "which would wait for ever; pass function_cores=0 to run executables "
-            f"only, or ask for more (e.g. 'nodes': {cap.nodes + 1})"
-        )
-    return _Raptor(fn_cores, worker_cores, n_workers, total, total - raptor)
 
 
 _ENV_LOCK = threading.Lock()
