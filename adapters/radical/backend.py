@@ -283,37 +283,48 @@ class RadicalExecutionBackend(AwaitableBackend):
 def _check_resources(
     name: str, res: Resources, command: bool, lay: Layout
 ) -> BaseException | None:
-    if command:
-        where = (
-            f"the pilot leaves {lay.task_cores} core(s) for executables "
-            f"({lay.cores_per_node} per node), {lay.gpus} GPU(s)"
+    check = _check_command if command else _check_function
+    problem = check(name, res, lay)
+    if problem is None and res.memory and lay.memory and res.memory > lay.memory:
+        return ResourceUnavailableError(
+            f"task {name!r} asks for {res.memory} MB, but the pilot has {lay.memory} MB"
         )
-        if res.ranks > 1 and not lay.mpi:
-            return ResourceUnavailableError(
-                f"task {name!r} asks for {res.ranks} MPI ranks, but no mpiexec or "
-                "mpirun is on PATH here; install MPI or use ranks=1"
-            )
-        if (lay.task_cores and res.cores * res.ranks > lay.task_cores) or (
-            lay.cores_per_node and res.cores > lay.cores_per_node
-        ):
-            return ResourceUnavailableError(
-                f"task {name!r} asks for {res.cores} core(s) x {res.ranks} rank(s), "
-                f"but {where}; lower the request or ask for a bigger pilot"
-            )
-        if res.gpus * res.ranks > lay.gpus:
-            return ResourceUnavailableError(
-                f"task {name!r} asks for {res.gpus} GPU(s) x {res.ranks} rank(s), "
-                f"but {where}; add 'gpus_per_node' to the pilot description"
-            )
-    elif res.ranks > 1 or res.gpus or res.cores > lay.worker_cores:
+    return problem
+
+
+def _check_command(name: str, res: Resources, lay: Layout) -> BaseException | None:
+    """Executables get the cores and GPUs raptor leaves, ranks only with MPI."""
+    where = (
+        f"the pilot leaves {lay.task_cores} core(s) for executables "
+        f"({lay.cores_per_node} per node), {lay.gpus} GPU(s)"
+    )
+    if res.ranks > 1 and not lay.mpi:
+        return ResourceUnavailableError(
+            f"task {name!r} asks for {res.ranks} MPI ranks, but no mpiexec or "
+            "mpirun is on PATH here; install MPI or use ranks=1"
+        )
+    if (lay.task_cores and res.cores * res.ranks > lay.task_cores) or (
+        lay.cores_per_node and res.cores > lay.cores_per_node
+    ):
+        return ResourceUnavailableError(
+            f"task {name!r} asks for {res.cores} core(s) x {res.ranks} rank(s), "
+            f"but {where}; lower the request or ask for a bigger pilot"
+        )
+    if res.gpus * res.ranks > lay.gpus:
+        return ResourceUnavailableError(
+            f"task {name!r} asks for {res.gpus} GPU(s) x {res.ranks} rank(s), "
+            f"but {where}; add 'gpus_per_node' to the pilot description"
+        )
+    return None
+
+
+def _check_function(name: str, res: Resources, lay: Layout) -> BaseException | None:
+    """Functions run in one raptor worker slot: its cores, no GPUs, no ranks."""
+    if res.ranks > 1 or res.gpus or res.cores > lay.worker_cores:
         return ResourceUnavailableError(
             f"task {name!r} asks for {res}, but function tasks run in raptor "
             f"workers with {lay.worker_cores} core(s) and no GPUs each; lower the "
             "request or make it an executable task"
-        )
-    if res.memory and lay.memory and res.memory > lay.memory:
-        return ResourceUnavailableError(
-            f"task {name!r} asks for {res.memory} MB, but the pilot has {lay.memory} MB"
         )
     return None
 

@@ -74,10 +74,7 @@ def sinfo_cores_per_node(queue: str | None) -> int:
         text=True,
         timeout=60,
     )
-    rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
-    if not queue:  # the default partition is the one marked with '*'
-        rows = [r for r in rows if r[-1].endswith("*")] or rows
-    cores = [int(r[0].rstrip("+")) for r in rows if r[0].rstrip("+").isdigit()]
+    cores = _node_cores(res.stdout, queue)
     if res.returncode != 0 or not cores:
         # an unknown partition, say: Slurm's own words are the clearest
         preflight(Allocation(SLURM, queue=queue), WHO)
@@ -88,6 +85,14 @@ def sinfo_cores_per_node(queue: str | None) -> int:
             "`sinfo`, or give 'cores_per_node'"
         )
     return min(cores)
+
+
+def _node_cores(out: str, queue: str | None) -> list[int]:
+    """Cores per node of each row of ``sinfo -o '%c %P'`` for ``queue``."""
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    if not queue:  # the default partition is the one marked with '*'
+        rows = [r for r in rows if r[-1].endswith("*")] or rows
+    return [int(r[0].rstrip("+")) for r in rows if r[0].rstrip("+").isdigit()]
 
 
 def allocation(pd: Mapping[str, Any], cores_per_node: int) -> Allocation:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -32,6 +33,7 @@ __all__ = [
     "children",
     "close_session",
     "log_tail",
+    "mp_tempdir",
     "outside_roots",
     "proxy_pids",
     "remove_leftovers",
@@ -94,6 +96,12 @@ class Watchdog:
 
 
 # -- processes radical.pilot forks from the driver ------------------------------
+
+
+def mp_tempdir() -> str | None:
+    """multiprocessing's temp directory for this process, if it made one yet."""
+    config: dict[str, Any] = getattr(multiprocessing.current_process(), "_config", {})
+    return config.get("tempdir")
 
 
 def children() -> set[int]:
@@ -271,15 +279,21 @@ def remove_leftovers(
             os.waitpid(pid, os.WNOHANG)
     if not keep_files:
         for root in roots:
-            trash = f"{root}.deleting"
-            try:
-                os.rename(root, trash)
-            except OSError:
-                shutil.rmtree(root, ignore_errors=True)
-                continue
-            if watchdog is not None and watchdog.alive:
-                watchdog.tell(f"trash {trash}")
-            else:
-                shutil.rmtree(trash, ignore_errors=True)
+            _discard(root, watchdog)
     if watchdog is not None:
         watchdog.stop()
+
+
+def _discard(root: str, watchdog: Watchdog | None) -> None:
+    """Rename ``root`` aside for the watchdog to delete as it exits; delete it
+    here only where no watchdog lives or the rename fails."""
+    trash = f"{root}.deleting"
+    try:
+        os.rename(root, trash)
+    except OSError:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    if watchdog is not None and watchdog.alive:
+        watchdog.tell(f"trash {trash}")
+    else:
+        shutil.rmtree(trash, ignore_errors=True)

@@ -206,6 +206,24 @@ class Dispatcher:
             batch = [r for r in batch if not r.cancelled and r.spec is not None]
             for rec in batch:
                 rec.rp_uid = self.new_uid()
+        tds = self._routed(batch)
+        if not tds:
+            return
+        if self.broken:  # checked after the routes are in: see fail_all
+            self._lose(self._unreported(tds), self.broken)
+            return
+        try:
+            self.tmgr.submit_tasks(tds)
+        except Exception as exc:
+            self._fail(self._unreported(tds), "radical.pilot refused it", exc)
+
+    def _unreported(self, tds: list[Any]) -> list[Record]:
+        """The records of ``tds`` still routed: no outcome reached them yet."""
+        return [r for td in tds if (r := self.routes.get(td.uid))]
+
+    def _routed(self, batch: list[Record]) -> list[Any]:
+        """TaskDescriptions for ``batch``, each routed back to its record; a
+        task that cannot be described fails alone."""
         tds = []
         for rec in batch:
             spec, rec.spec = rec.spec, None
@@ -217,19 +235,7 @@ class Dispatcher:
                 continue
             self.routes[td.uid] = rec
             tds.append(td)
-        if not tds:
-            return
-        if self.broken:  # checked after the routes are in: see fail_all
-            self._lose([r for td in tds if (r := self.routes.get(td.uid))], self.broken)
-            return
-        try:
-            self.tmgr.submit_tasks(tds)
-        except Exception as exc:
-            self._fail(
-                [r for td in tds if (r := self.routes.get(td.uid))],
-                "radical.pilot refused it",
-                exc,
-            )
+        return tds
 
     def _fail(self, batch: list[Record], what: str, exc: Exception) -> None:
         for rec in batch:
@@ -270,16 +276,22 @@ class Dispatcher:
 
     # -- radical.pilot's callback thread -----------------------------------------------
     def _on_task_state(self, task: Any, state: str) -> None:
-        uid = task.uid
         if state == rp.AGENT_EXECUTING:
-            rec = self.routes.get(uid)
-            if rec is not None:
-                rec.backend._deliver_running(rec)
-            elif uid in self.raptor_uids and uid != self.raptor_id:
-                self.raptor_up.set()
-            return
-        if state not in FINAL:
-            return
+            self._on_executing(task.uid)
+        elif state in FINAL:
+            self._on_final(task, state)
+
+    def _on_executing(self, uid: str) -> None:
+        """A task of ours runs; a raptor worker running means the raptor
+        master serves function tasks."""
+        rec = self.routes.get(uid)
+        if rec is not None:
+            rec.backend._deliver_running(rec)
+        elif uid in self.raptor_uids and uid != self.raptor_id:
+            self.raptor_up.set()
+
+    def _on_final(self, task: Any, state: str) -> None:
+        uid = task.uid
         rec = self.routes.pop(uid, None)
         if rec is None:
             if uid in self.raptor_uids:

@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 __all__ = ["reap", "watch", "working_under"]
 
@@ -71,12 +71,7 @@ def reap(
     """
     roots, extra = list(roots), list(extra)
     skip = set(skip) | {os.getpid()}
-    own = set()  # never kill the process group of the caller
-    for pid in skip:
-        try:
-            own.add(os.getpgid(pid))
-        except OSError:
-            pass
+    own = _groups(skip)  # never kill the process group of the caller
     killed: set[int] = set()
     deadline = time.monotonic() + patience
     while True:
@@ -86,15 +81,31 @@ def reap(
         if not pids or time.monotonic() > deadline:
             return sorted(killed)
         for pid in pids:
-            try:
-                pgid = os.getpgid(pid)
-                if pgid == pid and pgid not in own:
-                    os.killpg(pgid, signal.SIGKILL)
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            _kill(pid, own)
             killed.add(pid)
         time.sleep(0.05)
+
+
+def _groups(pids: Iterable[int]) -> set[int]:
+    """The process groups of ``pids``; a pid already gone has none."""
+    own = set()
+    for pid in pids:
+        try:
+            own.add(os.getpgid(pid))
+        except OSError:
+            pass
+    return own
+
+
+def _kill(pid: int, own: Collection[int]) -> None:
+    """SIGKILL ``pid``, and the process group it leads unless that is ``own``."""
+    try:
+        pgid = os.getpgid(pid)
+        if pgid == pid and pgid not in own:
+            os.killpg(pgid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def watch(driver: int, roots: list[str], keep: bool) -> None:
@@ -111,36 +122,44 @@ def watch(driver: int, roots: list[str], keep: bool) -> None:
     extra: set[int] = set()
     trash: list[str] = []
     orphans: list[str] = []
+    commands: dict[str, Callable[[str], object]] = {
+        "trash": trash.append,
+        "orphan": orphans.append,
+        "pid": lambda arg: extra.add(int(arg)),
+        "root": roots.append,
+    }
+    if _listen(driver, commands):
+        if trash and os.fork() == 0:  # delete in the background, detached
+            os.setsid()
+            for path in trash:
+                shutil.rmtree(path, ignore_errors=True)
+            os._exit(0)
+        return
+    reap(roots, extra, skip={driver})
+    if not keep:
+        for root in roots + orphans:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _listen(driver: int, commands: Mapping[str, Callable[[str], object]]) -> bool:
+    """Hand each of the driver's lines to its command until the driver says
+    ``done`` (True) or is gone (False)."""
     buf = b""
     while os.getppid() == driver:
         if not select.select([0], [], [], 0.25)[0]:
             continue
         data = os.read(0, 4096)
         if not data:
-            break
+            return False
         buf += data
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             cmd, _, arg = line.decode().partition(" ")
             if cmd == "done":
-                if trash and os.fork() == 0:  # delete in the background, detached
-                    os.setsid()
-                    for path in trash:
-                        shutil.rmtree(path, ignore_errors=True)
-                    os._exit(0)
-                return
-            if cmd == "trash":
-                trash.append(arg)
-            elif cmd == "orphan":
-                orphans.append(arg)
-            elif cmd == "pid":
-                extra.add(int(arg))
-            elif cmd == "root":
-                roots.append(arg)
-    reap(roots, extra, skip={driver})
-    if not keep:
-        for root in roots + orphans:
-            shutil.rmtree(root, ignore_errors=True)
+                return True
+            if cmd in commands:
+                commands[cmd](arg)
+    return False
 
 
 if __name__ == "__main__":

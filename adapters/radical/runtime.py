@@ -15,7 +15,6 @@ import atexit
 import concurrent.futures
 import contextlib
 import itertools
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -159,7 +158,23 @@ class RadicalRuntime:
                 self._watch_raptor(t0)
 
     def _bring_up(self, t0: float) -> None:
-        lay = self.layout
+        base, watchdog = self._make_base()
+        self._open_session(base, watchdog)
+        self.timings["session"] = time.monotonic() - t0
+        self._check_abort()
+        self.dispatcher.attach(self.tmgr)
+        pd = self._description(base, watchdog)
+        self.pilot = self.pmgr.submit_pilots(rp.PilotDescription(pd))
+        self.pilot.register_callback(self._on_pilot_state)
+        self.tmgr.add_pilots(self.pilot)
+        if self.layout.function_cores:
+            self._start_raptor()
+        self._wait_active()
+        self.timings["pilot_active"] = time.monotonic() - t0
+        self.dispatcher.start()
+
+    def _make_base(self) -> tuple[str, cleanup.Watchdog]:
+        """The temp directory, watched from the start in case the driver dies."""
         if self._workdir:
             os.makedirs(self._workdir, exist_ok=True)
         base = os.path.realpath(
@@ -169,8 +184,12 @@ class RadicalRuntime:
         self.dispatcher.tickets = os.path.join(base, "cancelled")
         os.makedirs(self.dispatcher.tickets)
         watchdog = self._watchdog = cleanup.Watchdog([base], self.keep_files)
+        return base, watchdog
+
+    def _open_session(self, base: str, watchdog: cleanup.Watchdog) -> None:
+        """The session and its managers; the watchdog learns what they leave."""
         before = cleanup.children()
-        mp_before = _mp_tempdir()
+        mp_before = cleanup.mp_tempdir()
         extra = self.slurm.prepare(base) if self.slurm else {}
         with spawn_environment(base, extra):
             self.session = rp.Session(cfg={"base": base, "client_sandbox": base})
@@ -181,10 +200,15 @@ class RadicalRuntime:
         self._extra_pids = cleanup.proxy_pids(self.session, before)
         for pid in self._extra_pids:
             watchdog.tell(f"pid {pid}")
-        self.timings["session"] = time.monotonic() - t0
-        self._check_abort()
-        self.dispatcher.attach(self.tmgr)
-        pd = dict(lay.description)
+        # the session's proxy made multiprocessing create its temp directory,
+        # which Python removes at exit, unless the driver is killed
+        mp_tmp = cleanup.mp_tempdir()
+        if mp_tmp and mp_tmp != mp_before:
+            watchdog.tell(f"orphan {mp_tmp}")
+
+    def _description(self, base: str, watchdog: cleanup.Watchdog) -> dict[str, Any]:
+        """The planned pilot, its sandbox under ``base`` unless the user's is."""
+        pd = dict(self.layout.description)
         self._roots_extra = cleanup.outside_roots(base, self.session, pd.get("sandbox"))
         if not pd.get("sandbox"):
             pd["sandbox"] = base
@@ -192,19 +216,7 @@ class RadicalRuntime:
             pd["job_name"] = self.slurm.job_name
         for root in self._roots_extra:
             watchdog.tell(f"root {root}")
-        # the session's proxy made multiprocessing create its temp directory,
-        # which Python removes at exit, unless the driver is killed
-        mp_tmp = _mp_tempdir()
-        if mp_tmp and mp_tmp != mp_before:
-            watchdog.tell(f"orphan {mp_tmp}")
-        self.pilot = self.pmgr.submit_pilots(rp.PilotDescription(pd))
-        self.pilot.register_callback(self._on_pilot_state)
-        self.tmgr.add_pilots(self.pilot)
-        if lay.function_cores:
-            self._start_raptor()
-        self._wait_active()
-        self.timings["pilot_active"] = time.monotonic() - t0
-        self.dispatcher.start()
+        return pd
 
     def _wait_active(self) -> None:
         lay = self.layout
@@ -383,12 +395,6 @@ class RadicalRuntime:
             self._ready.set_exception(
                 BackendStartError("the runtime was closed before it became ready")
             )
-
-
-def _mp_tempdir() -> str | None:
-    """multiprocessing's temp directory for this process, if it made one yet."""
-    config: dict[str, Any] = getattr(multiprocessing.current_process(), "_config", {})
-    return config.get("tempdir")
 
 
 _LIVE: weakref.WeakSet[RadicalRuntime] = weakref.WeakSet()

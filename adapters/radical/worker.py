@@ -139,15 +139,8 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
     def _request_cb(self, tasks: Any) -> Any:
         for task in ru.as_list(tasks):
             meta = (task.get("description") or {}).get("metadata") or {}
-            for p in meta.get("asyncflow_path") or ():
-                if p not in sys.path:
-                    sys.path.append(p)
-            for name in meta.get("asyncflow_modules") or ():
-                if name not in sys.modules and name not in _FAILED_IMPORTS:
-                    try:
-                        importlib.import_module(name)
-                    except BaseException:  # the task itself will report it
-                        _FAILED_IMPORTS.add(name)
+            _extend_path(meta.get("asyncflow_path") or ())
+            _import_once(meta.get("asyncflow_modules") or ())
         return super()._request_cb(tasks)
 
     # The two methods below replace DefaultWorker's (radical.pilot 1.103), which
@@ -228,6 +221,24 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
             known = result[0]["pid"] in self._pool
         if known:  # else a task reported twice (see _run_task)
             super()._result_cb(result)
+
+
+def _extend_path(paths: Sequence[str]) -> None:
+    """The driver's import path, so that the task's module is found here."""
+    for p in paths:
+        if p not in sys.path:
+            sys.path.append(p)
+
+
+def _import_once(names: Sequence[str]) -> None:
+    """Import each module in this long-lived process, where every forked task
+    inherits it; a module that failed is not tried again for each task."""
+    for name in names:
+        if name not in sys.modules and name not in _FAILED_IMPORTS:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # the task itself will report it
+                _FAILED_IMPORTS.add(name)
 
 
 def _reported(fd: int) -> bool:
