@@ -151,6 +151,7 @@ class Profile:
         self._check_size(res, name)
 
     def _check_size(self, res: Resources, name: str) -> None:
+        """Limits unknown here (``None``) are left to the executor."""
         if self.cores is not None and res.cores > self.cores:
             self._refuse(
                 res,
