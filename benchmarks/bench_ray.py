@@ -89,83 +89,113 @@ async def main(sizes: list[int], chain: int, repeat: int) -> None:
         await owner.shutdown()
 
 
+Row = tuple[str, float, float, bool]  # label, raw, asyncflow, higher is better
+
+
+class _Sides:
+    """The same work written against raw Ray and against asyncflow on it."""
+
+    def __init__(self, flow: WorkflowEngine, chain: int) -> None:
+        self.r_noop = ray.remote(max_retries=0)(noop)
+        self.r_inc = ray.remote(max_retries=0)(inc)
+        self.a_noop, self.a_inc = flow.function_task(noop), flow.function_task(inc)
+        self.a_make = flow.function_task(make_bytes)
+        self.a_nbytes = flow.function_task(nbytes)
+        self.chain = chain
+
+    def raw_fan(self, n: int) -> None:
+        ray.get([self.r_noop.remote() for _ in range(n)])
+
+    def raw_chain_refs(self) -> None:
+        ref = self.r_inc.remote(0)
+        for _ in range(self.chain - 1):
+            ref = self.r_inc.remote(ref)
+        assert ray.get(ref) == self.chain
+
+    def raw_chain_get(self) -> None:
+        x = 0
+        for _ in range(self.chain):
+            x = ray.get(self.r_inc.remote(x))
+        assert x == self.chain
+
+    async def af_fan(self, n: int) -> None:
+        await asyncio.gather(*(self.a_noop() for _ in range(n)))
+
+    async def af_chain(self) -> None:
+        x = self.a_inc(0)
+        for _ in range(self.chain - 1):
+            x = self.a_inc(x)
+        assert await x == self.chain
+
+
 async def bench(
     owner: RayExecutionBackend, sizes: list[int], chain: int, repeat: int
 ) -> None:
-    r_noop = ray.remote(max_retries=0)(noop)
-    r_inc = ray.remote(max_retries=0)(inc)
     flow = WorkflowEngine(RayExecutionBackend(address=owner.address))
-    a_noop, a_inc = flow.function_task(noop), flow.function_task(inc)
-    a_make, a_nbytes = flow.function_task(make_bytes), flow.function_task(nbytes)
-
-    def raw_fan(n: int) -> None:
-        ray.get([r_noop.remote() for _ in range(n)])
-
-    def raw_chain_refs() -> None:
-        ref = r_inc.remote(0)
-        for _ in range(chain - 1):
-            ref = r_inc.remote(ref)
-        assert ray.get(ref) == chain
-
-    def raw_chain_get() -> None:
-        x = 0
-        for _ in range(chain):
-            x = ray.get(r_inc.remote(x))
-        assert x == chain
-
-    async def af_fan(n: int) -> None:
-        await asyncio.gather(*(a_noop() for _ in range(n)))
-
-    async def af_chain() -> None:
-        x = a_inc(0)
-        for _ in range(chain - 1):
-            x = a_inc(x)
-        assert await x == chain
-
+    sides = _Sides(flow, chain)
     try:
-        raw_fan(200)  # warm both paths: workers, function export
-        await af_fan(200)
-        rows = []
+        sides.raw_fan(200)  # warm both paths: workers, function export
+        await sides.af_fan(200)
+        rows: list[Row] = []
         for n in sizes:
-            raw, af, raw_cpu, af_cpu = [], [], [], []
-            for _ in range(repeat):
-                raw.append(n / timed(lambda n=n: raw_fan(n), raw_cpu))
-                af.append(n / await atimed(af_fan(n), af_cpu))
-            rows.append(
-                (
-                    f"fan-out {n:,} (tasks/s)",
-                    statistics.median(raw),
-                    statistics.median(af),
-                    True,
-                )
-            )
-            rows.append(
-                (
-                    f"fan-out {n:,} driver CPU (us/task)",
-                    statistics.median(raw_cpu) / n * 1e6,
-                    statistics.median(af_cpu) / n * 1e6,
-                    False,
-                )
-            )
-        refs, gets, af = [], [], []
-        for _ in range(repeat):
-            refs.append(timed(raw_chain_refs) / chain * 1e3)
-            gets.append(timed(raw_chain_get) / chain * 1e3)
-            af.append(await atimed(af_chain()) / chain * 1e3)
-        raw_refs, raw_get, af_hop = map(statistics.median, (refs, gets, af))
-        label = f"chain {chain}, ms/hop"
-        rows.append((f"{label} vs ray.get per hop", raw_get, af_hop, False))
-        rows.append((f"{label} vs chained ObjectRefs", raw_refs, af_hop, False))
-
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset peak RSS
-        base = _vm_kb("VmRSS")
-        size = 200 * 1024 * 1024
-        assert await a_nbytes(a_make(size)) == size
-        grew = (_vm_kb("VmHWM") - base) / 1024
+            rows += await _fanout(sides, n, repeat)
+        rows += await _chain(sides, repeat)
+        grew = await _handoff_growth(sides)
     finally:
         await flow.shutdown()
+    _report(rows, repeat, grew)
 
+
+async def _fanout(sides: _Sides, n: int, repeat: int) -> list[Row]:
+    """Throughput and driver CPU per task of ``n`` no-op tasks."""
+    raw, af, raw_cpu, af_cpu = [], [], [], []
+    for _ in range(repeat):
+        raw.append(n / timed(lambda n=n: sides.raw_fan(n), raw_cpu))
+        af.append(n / await atimed(sides.af_fan(n), af_cpu))
+    return [
+        (
+            f"fan-out {n:,} (tasks/s)",
+            statistics.median(raw),
+            statistics.median(af),
+            True,
+        ),
+        (
+            f"fan-out {n:,} driver CPU (us/task)",
+            statistics.median(raw_cpu) / n * 1e6,
+            statistics.median(af_cpu) / n * 1e6,
+            False,
+        ),
+    ]
+
+
+async def _chain(sides: _Sides, repeat: int) -> list[Row]:
+    """ms per hop of a chain, against both ways raw Ray can run one."""
+    chain = sides.chain
+    refs, gets, af = [], [], []
+    for _ in range(repeat):
+        refs.append(timed(sides.raw_chain_refs) / chain * 1e3)
+        gets.append(timed(sides.raw_chain_get) / chain * 1e3)
+        af.append(await atimed(sides.af_chain()) / chain * 1e3)
+    raw_refs, raw_get, af_hop = map(statistics.median, (refs, gets, af))
+    label = f"chain {chain}, ms/hop"
+    return [
+        (f"{label} vs ray.get per hop", raw_get, af_hop, False),
+        (f"{label} vs chained ObjectRefs", raw_refs, af_hop, False),
+    ]
+
+
+async def _handoff_growth(sides: _Sides) -> float:
+    """MB the driver's peak RSS grows by while a 200 MB result passes from one
+    task to another: what asyncflow keeps in the driver, ideally nothing."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset peak RSS
+    base = _vm_kb("VmRSS")
+    size = 200 * 1024 * 1024
+    assert await sides.a_nbytes(sides.a_make(size)) == size
+    return (_vm_kb("VmHWM") - base) / 1024
+
+
+def _report(rows: list[Row], repeat: int, grew: float) -> None:
     cpus = ray.cluster_resources().get("CPU", 0)
     print(
         f"ray {ray.__version__}, {cpus:g} CPUs, median of {repeat}; ratio is "
