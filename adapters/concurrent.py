@@ -10,7 +10,7 @@ Function tasks on a thread pool go through a queue drained by at most
 ``max_workers`` runner jobs, not one ``executor.submit`` each, and piped chains
 run hop after hop in one thread (see ``_threadqueue``).  On a process pool they
 wait in a queue too and travel in chunks sized to a few milliseconds of work,
-and piped chains hop from the pool's own thread (see ``_processqueue``).
+and piped chains hop from the pool's own thread (see ``toolkit.chunks``).
 
 Ownership: the backend shuts down the executor it was given (the page's
 ``ConcurrentExecutionBackend(ThreadPoolExecutor())`` leaves no thread behind).
@@ -41,9 +41,10 @@ from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ..spec import TaskSpec
 from ..worker import kill_command, run_spec
 from ._awaitable import AwaitableBackend
-from ._processqueue import ProcessQueue, cancel_future
+from ._pool import PoolChunks
 from ._threadqueue import ThreadQueue
 from .toolkit import FunctionCache
+from .toolkit.chunks import ChunkQueue, cancel_future
 
 __all__ = ["ConcurrentExecutionBackend", "LocalExecutionBackend", "process_backend"]
 
@@ -117,7 +118,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
             self._executor, ThreadPoolExecutor
         )
         self._threads: ThreadQueue | None = None  # made at start, with the sink
-        self._procs: ProcessQueue | None = None  # likewise
+        self._procs: ChunkQueue | None = None  # likewise
         self._sink: CompletionSink | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -140,12 +141,14 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         if self._drain:
             self._threads = ThreadQueue(self._executor, self._workers, sink)
         elif self._processes:
-            self._procs = ProcessQueue(
-                lambda: self._executor,
+            pool = PoolChunks(lambda: self._executor, self._replace_broken_pool)
+            self._procs = ChunkQueue(
+                pool.send,
+                pool.lost,
                 self._workers,
                 sink,
                 self._functions.blob,
-                self._replace_broken_pool,
+                "process pool",
             )
 
     def submit(self, specs: Sequence[TaskSpec]) -> list[str]:

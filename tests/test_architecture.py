@@ -21,7 +21,7 @@ MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 420
 #: names a module may import from a sibling although they start with "_":
 #: the package's private helpers module, shared on purpose
-SHARED_PRIVATE_MODULES = {"_util", "_awaitable", "_pipes", "_processqueue", "_rp"}
+SHARED_PRIVATE_MODULES = {"_util", "_awaitable", "_pipes", "_pool", "_rp"}
 
 
 def _sources() -> list[Path]:

@@ -1,5 +1,5 @@
 """The process pool's queue: chunks of short tasks and chains fused into them
-must keep every task's own outcome (see ``adapters/_processqueue.py``)."""
+must keep every task's own outcome (see ``adapters/toolkit/chunks.py``)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,30 @@
-"""Function tasks on a process pool: queued here, sent in chunks, piped.
+"""Short function tasks sent in chunks: queued here, several per runtime call.
 
-A ``ProcessPoolExecutor.submit`` per task costs the driver a ``Future``, a work
-item, a trip through the pool's manager and feeder threads and two pickles, and
-on 2 cores that driver CPU comes straight out of the workers'.  So tasks wait in
-a deque here, and at most two chunks per worker are in the pool at once.  A chunk
-is one ``submit`` (:func:`~asyncflow.worker.run_chunk`) carrying several tasks
-when they are short: its size aims at a few milliseconds of work, from the run
-times the workers report, so a task of a second or more always travels alone and
-a no-op fan-out in chunks of up to ``_MAX_CHUNK``.  A chunk never takes more than
-its share of the queue, so the tail of a run stays balanced across workers.
+Every runtime charges per call (a ``ProcessPoolExecutor.submit`` costs a
+``Future``, a work item and a trip through the pool's threads; a Dask, Ray or
+Parsl task costs a scheduler round trip), and for a task of a millisecond that
+overhead is most of the work.  So tasks wait in a deque here, and at most two
+chunks per worker slot are out at once.  A chunk is one call of
+:func:`~asyncflow.worker.run_chunk` carrying several tasks when they are short:
+its size aims at a few milliseconds of work, from the run times the workers
+report, so a task of a second or more always travels alone and a no-op fan-out
+in chunks of up to ``MAX_CHUNK``.  A chunk never takes more than its share of
+the queue, so the tail of a run stays balanced across workers: no worker holds
+a chunk of queued work while another sits idle.
 
 Arguments are pickled when a task is queued (an unpicklable one fails that task
 at once) and every outcome on its own in the worker, so one bad value fails its
 own task and never its chunk-mates.
 
-Piped tasks (``Capability.PIPELINE``) wait in ``_pipes``; the pool thread that
+Piped tasks (``Capability.PIPELINE``) wait in ``pipes``; the thread that
 reports an upstream queues the ready dependent first in line and sends it, so a
-chain's hop never waits for the event loop.
+chain's hop never waits for the event loop, and a chain of short tasks runs on
+inside one worker (see ``_fuse``).
+
+The queue knows nothing of the runtime: the adapter gives it ``send``, which
+starts one ``run_chunk(calls)`` and returns a :class:`concurrent.futures.Future`
+of its outcome, and ``lost``, which says whether an exception from that future
+means the worker died (and so every task of the chunk is lost with it).
 """
 
 from __future__ import annotations
@@ -27,30 +35,24 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from typing import Any
 
-from ..errors import EngineClosedError, SerializationError, WorkerLostError
-from ..protocol import CompletionSink
-from ..spec import TaskSpec
-from ..worker import (
-    FORK_LOCK,
-    Call,
-    ChunkRef,
-    Outcome,
-    Span,
-    dumps_function,
-    guard_forks,
-    raise_error,
-    run_chunk,
-)
-from ._pipes import Pipes
+from ...errors import EngineClosedError, SerializationError, WorkerLostError
+from ...protocol import CompletionSink
+from ...spec import TaskSpec
+from ...worker import Call, ChunkRef, Outcome, Span, dumps_function, raise_error
+from .._pipes import Pipes
 
-__all__ = ["ProcessQueue", "cancel_future"]
+__all__ = ["MAX_CHUNK", "ChunkQueue", "cancel_future"]
+
+#: starts ``run_chunk(calls)`` somewhere; a Future of its outcome
+Send = Callable[[list[Call]], "Future[Any]"]
+#: why an exception from a chunk's future means its worker died, or None
+Lost = Callable[[BaseException], "str | None"]
 
 _CHUNK_SECONDS = 0.005  # the work one chunk aims at
-_MAX_CHUNK = 64
+MAX_CHUNK = 64
 _SMOOTHING = 0.3  # weight of the newest chunk in the per-task time estimate
 _RAISE = dumps_function(raise_error)
 
@@ -69,36 +71,36 @@ class _Chunk:
         self.calls.append(call)
 
 
-class ProcessQueue:
-    """The queue, the chunks in flight and the piped specs of one process pool.
+class ChunkQueue:
+    """The queue, the chunks in flight and the piped specs of one backend.
 
-    ``executor`` returns the pool to use now (the backend replaces a broken one);
-    ``pickle_function`` returns the task's function, pickled (and cached);
-    ``broken`` is called when a chunk finds its pool broken.
+    ``send`` and ``lost`` are the runtime's (see the module's doc); ``slots``
+    is how many tasks it runs at once; ``pickle_function`` returns a task's
+    function, pickled (and cached); ``runtime`` names it in errors.
     """
 
     def __init__(
         self,
-        executor: Callable[[], Executor],
-        workers: int,
+        send: Send,
+        lost: Lost,
+        slots: int,
         sink: CompletionSink,
         pickle_function: Callable[[TaskSpec], bytes],
-        broken: Callable[[], None],
+        runtime: str,
     ):
-        guard_forks()
-        self._executor = executor
-        self._limit = 2 * workers
-        self._workers = workers
+        self._send = send
+        self._lost = lost
+        self.slots = slots
         self._sink = sink
+        self._runtime = runtime
         #: the sink's optional report of when and where each task ran
         self._ran = getattr(sink, "set_ran", None)
         self._pickle_function = pickle_function
-        self._broken = broken
         self._queue: deque[tuple[str, Call]] = deque()
         self._queued: set[str] = set()  # in the deque and still wanted
-        self._pipes = Pipes(sink)
-        self._live = self._pipes.live  # queued, in the pool or piped
-        self._where: dict[str, _Chunk] = {}  # in the pool
+        self.pipes = Pipes(sink)
+        self._live = self.pipes.live  # queued, out in a chunk or piped
+        self._where: dict[str, _Chunk] = {}  # out in a chunk
         self._chunks: set[_Chunk] = set()
         self._times: dict[bytes, float] = {}  # seconds per call, by function
         self._lock = threading.Lock()
@@ -111,7 +113,7 @@ class ProcessQueue:
         for spec in specs:
             if not spec.has_remote_args:
                 self._enqueue(spec, last=True)
-            elif not self._pipes.park(spec):
+            elif not self.pipes.park(spec):
                 refused.append(spec.uid)
         self._pump()
         return refused
@@ -123,7 +125,7 @@ class ProcessQueue:
             self._queued.discard(uid)  # a chunk being formed may still take it
             self._live.discard(uid)
             return None
-        if self._pipes.drop(uid):
+        if self.pipes.drop(uid):
             return None
         chunk = self._where.get(uid)
         if chunk is None or chunk.future is None:
@@ -139,14 +141,14 @@ class ProcessQueue:
             self._closed = True
             self._queue.clear()
             self._queued.clear()
-        self._pipes.clear()
+        self.pipes.clear()
         return [c.future for c in list(self._chunks) if c.future is not None]
 
     # -- either side ---------------------------------------------------------------
     def _enqueue(self, spec: TaskSpec, last: bool) -> None:
         try:
             blob = self._pickle_function(spec)
-            payload = _dumps((spec.args, spec.kwargs), spec.name)
+            payload = self._dumps((spec.args, spec.kwargs), spec.name)
         except SerializationError as exc:
             self._sink.set_exception(spec.uid, exc)
             return
@@ -163,7 +165,7 @@ class ProcessQueue:
         """Send chunks while the pool has room for them."""
         while True:
             with self._lock:
-                if self._closed or len(self._chunks) >= self._limit:
+                if self._closed or len(self._chunks) >= 2 * self.slots:
                     return
                 chunk = self._take()
                 if chunk is None:
@@ -177,7 +179,9 @@ class ProcessQueue:
                 with self._lock:
                     self._chunks.discard(chunk)
                 self._fail(
-                    chunk, EngineClosedError, f"the executor is shut down ({exc})"
+                    chunk,
+                    EngineClosedError,
+                    f"the {self._runtime} is shut down ({exc})",
                 )
                 return
             f.add_done_callback(functools.partial(self._chunk_done, chunk))
@@ -187,7 +191,7 @@ class ProcessQueue:
         measured run times fit the chunk's budget (a function never measured
         travels alone) and the chunk stays within its share of the queue."""
         queue, queued, times = self._queue, self._queued, self._times
-        share = min(_MAX_CHUNK, max(1, len(queue) // (2 * self._workers)))
+        share = min(MAX_CHUNK, max(1, len(queue) // (2 * self.slots)))
         budget = _CHUNK_SECONDS
         chunk = _Chunk()
         calls = chunk.calls
@@ -208,7 +212,7 @@ class ProcessQueue:
             chunk.add(uid, call)
         if not calls:
             return None
-        if budget > 0 and len(calls) < _MAX_CHUNK:
+        if budget > 0 and len(calls) < MAX_CHUNK:
             self._fuse(chunk, budget)
         return chunk
 
@@ -216,7 +220,7 @@ class ProcessQueue:
         """Add piped dependents of the chunk's tasks to the chunk, their
         upstreams' values standing as ChunkRefs: a chain runs on in the worker,
         hop after hop, without a trip back here."""
-        left = [budget, _MAX_CHUNK - len(chunk.calls)]
+        left = [budget, MAX_CHUNK - len(chunk.calls)]
 
         def fits(spec: TaskSpec) -> bool:
             try:
@@ -231,46 +235,27 @@ class ProcessQueue:
 
         base = len(chunk.calls)
         into: dict[str, Any] = {uid: ChunkRef(i) for i, uid in enumerate(chunk.uids)}
-        for spec in self._pipes.fuse(into, fits, lambda i: ChunkRef(base + i)):
+        for spec in self.pipes.fuse(into, fits, lambda i: ChunkRef(base + i)):
             blob = self._pickle_function(spec)  # cached by ``fits``
             try:
-                payload = _dumps((spec.args, spec.kwargs), spec.name)
+                payload = self._dumps((spec.args, spec.kwargs), spec.name)
             except SerializationError as exc:  # it fails there: it keeps its place
                 blob, payload = _RAISE, pickle.dumps(((exc,), {}))
             call = (blob, payload, spec.is_async, spec.name, True)
             chunk.add(spec.uid, call)
 
-    def _send(self, calls: list[Call]) -> Future[Any]:
-        # A submit may fork the pool's workers: not while a command's Popen runs.
-        try:
-            with FORK_LOCK:
-                return self._executor().submit(run_chunk, calls)
-        except BrokenProcessPool:
-            self._broken()  # a new pool replaces it; try once more there
-            with FORK_LOCK:
-                return self._executor().submit(run_chunk, calls)
-
-    # -- the pool's side -----------------------------------------------------------
+    # -- the runtime's side -----------------------------------------------------------
     def _chunk_done(self, chunk: _Chunk, f: Future[Any]) -> None:
         with self._lock:
             self._chunks.discard(chunk)
             for uid in chunk.uids:
                 self._where.pop(uid, None)
         if f.cancelled():
-            if chunk.cancelled < len(chunk.uids):  # not by us: the pool shut down
-                self._fail(chunk, EngineClosedError, "the executor was shut down")
+            if chunk.cancelled < len(chunk.uids):  # not by us: the runtime closed
+                self._fail(chunk, EngineClosedError, f"the {self._runtime} shut down")
         elif (exc := f.exception()) is not None:
-            if isinstance(exc, BrokenProcessPool):
-                self._broken()
-                self._fail(
-                    chunk,
-                    WorkerLostError,
-                    "a worker of its process pool died while the task ran or waited "
-                    f"in that pool ({exc}); a dead worker breaks the whole pool, "
-                    "which was replaced: use retries= to re-run such tasks",
-                )
-            else:  # pragma: no cover - run_chunk returns every task's outcome
-                self._fail(chunk, WorkerLostError, f"its chunk failed ({exc!r})")
+            why = self._lost(exc)
+            self._fail(chunk, WorkerLostError, why or f"its chunk failed ({exc!r})")
         else:
             outcomes, spans, pid = f.result()
             self._learn(chunk, spans)
@@ -288,7 +273,7 @@ class ProcessQueue:
         ):
             name = call[3]
             if ok is None:  # skipped: its upstream failed, and the engine fails it
-                self._pipes.finished(uid, False, None)
+                self.pipes.finished(uid, False, None)
                 continue
             if ran is not None:
                 ran(uid, began, began + took, worker)
@@ -307,14 +292,24 @@ class ProcessQueue:
                 sink.set_result(uid, value)
             else:
                 sink.set_exception(uid, value)
-            for spec in self._pipes.finished(uid, ok, value):
+            for spec in self.pipes.finished(uid, ok, value):
                 self._enqueue(spec, last=False)
 
     def _fail(self, chunk: _Chunk, kind: type[Exception], why: str) -> None:
         for uid, call in zip(chunk.uids, chunk.calls, strict=True):
             name = call[3]
-            self._pipes.finished(uid, False, None)
+            self.pipes.finished(uid, False, None)
             self._sink.set_exception(uid, kind(f"task {name!r}: {why}"))
+
+    def _dumps(self, obj: Any, name: str) -> bytes:
+        try:
+            return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(
+                f"task {name!r}: an argument cannot be pickled for a "
+                f"{self._runtime} ({type(exc).__name__}: {exc}); pass plain data "
+                "or define the types at module level"
+            ) from exc
 
     def _learn(self, chunk: _Chunk, spans: list[Span]) -> None:
         times = self._times
@@ -324,17 +319,6 @@ class ProcessQueue:
             blob = call[0]
             old = times.get(blob)
             times[blob] = took if old is None else old + _SMOOTHING * (took - old)
-
-
-def _dumps(obj: Any, name: str) -> bytes:
-    try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise SerializationError(
-            f"task {name!r}: an argument cannot be pickled for a process pool "
-            f"({type(exc).__name__}: {exc}); pass plain data or define the types "
-            "at module level"
-        ) from exc
 
 
 def cancel_future(f: Future[Any]) -> bool:
