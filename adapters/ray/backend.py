@@ -22,6 +22,7 @@ from ...spec import TaskSpec
 from .._awaitable import AwaitableBackend
 from ..toolkit import Lifecycle
 from .cancel import Canceller
+from .chunks import RayChunks
 from .process import RayProcess, usable_cpus
 from .results import Completions
 from .state import DEFAULT_CAPABILITIES, RayState, describe, log
@@ -48,6 +49,10 @@ class RayExecutionBackend(AwaitableBackend):
     local Ray bind to the machine's external address, as Ray does by default.
     Per task, ``options={"ray": {...}}`` passes extra Ray task options such as
     ``runtime_env`` or ``scheduling_strategy``.
+
+    Many calls of one function in one batch travel several to a Ray task (see
+    :mod:`.chunks`); ``chunking=False`` sends every task as a Ray task of its
+    own, for a workflow that relies on each task's Ray identity.
     """
 
     CAPABILITIES = DEFAULT_CAPABILITIES
@@ -58,6 +63,7 @@ class RayExecutionBackend(AwaitableBackend):
         *,
         fail_infeasible: bool = True,
         loopback: bool = True,
+        chunking: bool = True,
         **init_kwargs: Any,
     ):
         state = self._state = RayState(
@@ -78,6 +84,7 @@ class RayExecutionBackend(AwaitableBackend):
         elif ray.is_initialized():
             state.read_cluster()
         self._process = RayProcess(state)
+        self._chunks = RayChunks(state, chunking)
         self._completions = Completions(state, self)
         self._submitter = Submitter(state, self, self._completions)
         self._canceller = Canceller(state, self._process)
@@ -112,12 +119,16 @@ class RayExecutionBackend(AwaitableBackend):
         # the driver instead of letting the engine shut down.
         _signals.restore_handlers()
         self._watch.watch(owned=self._process.owns)
+        self._chunks.start(sink)
 
     def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
-        return self._submitter.submit(specs)
+        rest, refused = self._chunks.route(specs)
+        if rest:
+            refused += self._submitter.submit(rest)
+        return refused
 
     def cancel(self, uids: Sequence[str]) -> None:
-        self._canceller.cancel(uids)
+        self._canceller.cancel(self._chunks.cancel(uids))
 
     async def shutdown(self) -> None:
         state = self._state
@@ -127,6 +138,7 @@ class RayExecutionBackend(AwaitableBackend):
         leftover = list(state.tasks)
         if leftover:
             self.cancel(leftover)
+        self._chunks.close()
         # Awaited, not cancelled: a command kill's second sweep must still run.
         for job in list(state.life.background):
             with contextlib.suppress(BaseException):

@@ -130,6 +130,17 @@ class TestRay(BackendFixtures, ConformanceSuite):
         return RayExecutionBackend(address=owner.address)
 
 
+class TestRayEveryTaskChunked(BackendFixtures, ConformanceSuite):
+    """The suite again with every eligible function task sent in chunks, not
+    only those of big batches: chunking must change nothing observable."""
+
+    @pytest.fixture
+    def backend(self, owner: RayExecutionBackend) -> RayExecutionBackend:
+        backend = RayExecutionBackend(address=owner.address)
+        backend._chunks.burst = 1
+        return backend
+
+
 # -- Ray-specific promises ------------------------------------------------------
 def _assigned() -> dict[str, float]:
     return dict(ray.get_runtime_context().get_assigned_resources())
