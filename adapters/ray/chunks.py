@@ -61,9 +61,12 @@ class RayChunks:
         self._refs: dict[Future[Any], ray.ObjectRef] = {}
 
     def start(self, sink: CompletionSink) -> None:
-        """Make the queue once Ray is up (its size is the cluster's CPUs)."""
-        if not self.enabled or self.queue is not None:
+        """Make the queue once Ray is up (its size is the cluster's CPUs); a
+        second start (attached first, then started by an engine) brings a new
+        sink, and so a new queue."""
+        if not self.enabled:
             return
+        self.close()
         cpus = sum(n.get("CPU", 0) for n in self._state.nodes) or 1
         self._remote = ray.remote(run_chunk)
         self.queue = ChunkQueue(
