@@ -51,19 +51,24 @@ class Canceller:
             state.life.spawn(self._kill_commands(frozenset(commands)))
 
     def _resolving(self, uids: Sequence[str]) -> set[str]:
-        """The piped tasks among ``uids`` whose upstreams are in flight.
+        """The piped tasks among ``uids`` whose upstreams are in flight or
+        failed.
 
-        Ray 2.60 aborts the driver (ReferenceCounter CHECK failure) when a task
-        still resolving its arguments is cancelled and they resolve later.  Such
-        a task is left alone: it fails with its upstreams or runs unseen; its
-        report is dropped like any cancelled one's.
+        Ray 2.60 aborts the driver (a CHECK failure in its task manager) when a
+        task still resolving its arguments is cancelled and they resolve
+        later, or when a task Ray is failing for a failed argument is
+        cancelled while that failure is on its way.  Such a task is left
+        alone: it fails with its upstreams or runs unseen; its report is
+        dropped like any cancelled one's.  An upstream cancelled here is in
+        flight until Ray reports it.
         """
-        tasks = self._state.tasks
+        state = self._state
+        tasks, cancelled, failed = state.tasks, state.cancelled, state.failed
         return {
             uid
             for uid in uids
             if (task := tasks.get(uid)) is not None
-            and any(u in tasks for u in task.upstreams)
+            and any(u in tasks or u in cancelled or u in failed for u in task.upstreams)
         }
 
     async def _kill_commands(self, targets: frozenset[str]) -> None:

@@ -125,6 +125,7 @@ class Completions:
             )
             return
         if isinstance(value, rex.RayError):
+            state.failed.add(uid)
             sink.set_exception(uid, task_error(task.name, value))
         else:
             sink.set_result(uid, value)
@@ -214,6 +215,7 @@ class Completions:
                 # Not actually local yet: let a fetch wait for it off the loop.
                 sink.set_result(uid, self._value(task.ref))
             else:
+                self._state.failed.add(uid)
                 sink.set_exception(uid, task_error(task.name, value.exc))
 
 

@@ -98,6 +98,8 @@ class RayState:
     sink: CompletionSink | None = None
     tasks: dict[str, RayTask] = field(default_factory=dict)
     cancelled: dict[str, ray.ObjectRef] = field(default_factory=dict)
+    #: tasks that failed in Ray: Ray fails their piped dependents itself
+    failed: set[str] = field(default_factory=set)
     client: bool = False  # attached through Ray Client (ray://)
     nodes: list[Mapping[str, float]] = field(default_factory=list)
     backlog: int = BATCH  # tasks in flight beyond which reports may wait
