@@ -83,6 +83,7 @@ class Dispatch:
                 0,
                 decl.is_async,
                 remote,
+                opts.chunk and self._state.chunking,
             )
             self.submit(fut, backend, spec)
         elif kind is TaskKind.EXECUTABLE:

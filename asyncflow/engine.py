@@ -58,6 +58,15 @@ class WorkflowEngine:
     links a task reading ``InputFile(p)`` to the task that declared
     ``OutputFile(p)``.
 
+    Backends that can run many short calls per runtime call (the process pool,
+    Ray, Dask, Parsl) do so for big batches of short function tasks;
+    ``chunking=False`` here, or ``chunk=False`` on one task's decorator, sends
+    each such task alone.  Turn it off for tasks that must each have a runtime
+    identity of their own (a runtime dashboard per task, a per-task Ray
+    ``runtime_env``), or when a task's run time varies so much between calls
+    that the measured average misleads; results and errors are the same
+    either way.
+
     The engine owns the backends handed to it: :meth:`shutdown` shuts each one
     down.  Each backend in turn only stops runtime resources it started itself
     (see the adapters).
@@ -69,6 +78,7 @@ class WorkflowEngine:
         *,
         dry_run: bool = False,
         implicit_data: bool = True,
+        chunking: bool = True,
     ):
         backends = named_backends(backend, dry_run)
         self.dry_run = dry_run
@@ -89,6 +99,7 @@ class WorkflowEngine:
             {id(b): (name if named else b.info.name) for name, b in backends.items()}
         )
         state = self._state = EngineState(hub, FileLinks() if implicit_data else None)
+        state.chunking = bool(chunking)
         #: the DAG machinery; task calls go straight to it
         self.scheduler = Scheduler(state, self._bind)
         state.services = Services(state, self.scheduler)
@@ -103,10 +114,17 @@ class WorkflowEngine:
     # -- construction helpers ------------------------------------------------
     @classmethod
     async def create(
-        cls, backend: Any = None, *, dry_run: bool = False, implicit_data: bool = True
+        cls,
+        backend: Any = None,
+        *,
+        dry_run: bool = False,
+        implicit_data: bool = True,
+        chunking: bool = True,
     ) -> WorkflowEngine:
         """Build an engine and wait until its backends have started."""
-        engine = cls(backend, dry_run=dry_run, implicit_data=implicit_data)
+        engine = cls(
+            backend, dry_run=dry_run, implicit_data=implicit_data, chunking=chunking
+        )
         await engine.start()
         return engine
 

@@ -171,3 +171,7 @@ class TaskSpec:
     attempt: int = 0
     is_async: bool = False
     has_remote_args: bool = False
+    #: False: the task must travel alone, never in a chunk with others (see
+    #: :mod:`asyncflow.adapters.toolkit.chunks`); adapters that do not chunk
+    #: ignore it
+    chunk: bool = True

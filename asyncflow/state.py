@@ -97,6 +97,7 @@ class EngineState:
     """The tables every part of one engine reads and writes."""
 
     __slots__ = (
+        "chunking",
         "closed",
         "files",
         "hub",
@@ -113,6 +114,8 @@ class EngineState:
         self.files = files  # None: implicit_data=False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+        #: the engine's ``chunking=``: False keeps every task out of chunks
+        self.chunking = True
         #: spec uid -> future, for every spec a backend holds or is about to
         self.inflight: dict[str, TaskFuture] = {}
         #: task uid -> future, for every unfinished task

@@ -61,6 +61,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, bool),
         "service= must be True or False, got {!r}",
     ),
+    "chunk": (
+        lambda v: isinstance(v, bool),
+        "chunk= must be True or False, got {!r}",
+    ),
 }
 
 
@@ -80,6 +84,8 @@ class TaskOptions:
     cwd: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     service: bool = False
+    #: whether the backend may run calls several to one runtime call
+    chunk: bool = True
 
     @classmethod
     def build(
@@ -94,12 +100,14 @@ class TaskOptions:
         cwd: str | None = None,
         options: Mapping[str, Any] | None = None,
         service: bool = False,
+        chunk: bool = True,
     ) -> TaskOptions:
         _check(name, "retries", retries)
         _check(name, "timeout", timeout)
         check_env(env, name)
         _check(name, "options", options)
         _check(name, "service", service)
+        _check(name, "chunk", chunk)
         return cls(
             retries,
             None if timeout is None else float(timeout),
@@ -109,6 +117,7 @@ class TaskOptions:
             None if cwd is None else str(cwd),
             dict(options or {}),
             service,
+            chunk,
         )
 
 

@@ -207,15 +207,36 @@ class Recording(ConcurrentExecutionBackend):
     def __init__(self) -> None:
         super().__init__(ThreadPoolExecutor(2))
         self.submitted: list[str] = []
+        self.specs: list[TaskSpec] = []
         self.cancelled: list[str] = []
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
         self.submitted += [s.name for s in specs]
-        super().submit(specs)
+        self.specs += specs
+        return super().submit(specs)
 
     def cancel(self, uids: Sequence[str]) -> None:
         self.cancelled += list(uids)
         super().cancel(uids)
+
+
+@pytest.mark.parametrize(
+    ("engine", "task", "expected"),
+    [(True, True, True), (True, False, False), (False, True, False)],
+)
+async def test_chunking_can_be_turned_off_per_engine_or_per_task(
+    engine: bool, task: bool, expected: bool
+) -> None:
+    backend = Recording()
+    async with WorkflowEngine(backend, chunking=engine) as flow:
+        assert await flow.function_task(chunk=task)(t.inc)(1) == 2
+    assert [s.chunk for s in backend.specs] == [expected]
+
+
+async def test_chunk_must_be_a_bool() -> None:
+    async with WorkflowEngine(backend=threads()) as flow:
+        with pytest.raises(TaskDefinitionError, match="chunk= must be True or False"):
+            flow.function_task(chunk="no")(t.inc)
 
 
 async def test_routing_between_named_backends() -> None:

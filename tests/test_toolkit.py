@@ -150,3 +150,37 @@ def test_scratch_kills_listed_commands_and_removes_itself():
         proc.kill()
         proc.wait()
     assert not os.path.exists(path) and scratch.close() == 0
+
+
+class _Recorder:
+    def set_result(self, uid, value):
+        pass
+
+    def set_exception(self, uid, exc):
+        pass
+
+
+def _queue_sizes(chunk: bool) -> list[int]:
+    from concurrent.futures import Future
+
+    from asyncflow.adapters.toolkit.chunks import ChunkQueue
+
+    sent: list[int] = []
+
+    def send(calls):
+        sent.append(len(calls))
+        return Future()  # never finishes: only the first chunks are sent
+
+    queue = ChunkQueue(send, lambda exc: None, 4, _Recorder(), lambda s: b"f", "test")
+    queue._times[b"f"] = 1e-5  # measured short
+    specs = [
+        TaskSpec(uid=f"t.{i}", name="t", function=len, args=("x",), chunk=chunk)
+        for i in range(200)
+    ]
+    queue.put(specs)
+    return sent
+
+
+def test_chunk_false_travels_alone() -> None:
+    assert max(_queue_sizes(True)) > 1, "short calls share chunks"
+    assert set(_queue_sizes(False)) == {1}, "chunk=False: one task per call"

@@ -160,6 +160,7 @@ class RayChunks:
 def _eligible(spec: TaskSpec) -> bool:
     return (
         spec.function is not None
+        and spec.chunk
         and spec.resources.is_default
         and not (spec.options and spec.options.get("ray"))
     )

@@ -103,6 +103,7 @@ class ChunkQueue:
         self._where: dict[str, _Chunk] = {}  # out in a chunk
         self._chunks: set[_Chunk] = set()
         self._times: dict[bytes, float] = {}  # seconds per call, by function
+        self._alone: set[str] = set()  # queued with chunk=False
         self._lock = threading.Lock()
         self._closed = False
 
@@ -154,6 +155,8 @@ class ChunkQueue:
             return
         item = (spec.uid, (blob, payload, spec.is_async, spec.name, False))
         self._live.add(spec.uid)
+        if not spec.chunk:
+            self._alone.add(spec.uid)
         with self._lock:  # _take peeks before it pops
             self._queued.add(spec.uid)
             if last:
@@ -199,14 +202,14 @@ class ChunkQueue:
             uid, call = queue[0]
             if uid not in queued:
                 queue.popleft()  # cancelled while it waited
+                self._alone.discard(uid)
                 continue
-            if calls:
-                took = times.get(call[0])
-                if took is None or took > budget or len(calls) >= share:
-                    break
-                budget -= took
-            else:
-                budget -= times.get(call[0], _CHUNK_SECONDS)
+            if uid in self._alone:  # chunk=False: a chunk of its own
+                return self._alone_chunk(chunk)
+            took = times.get(call[0])
+            if calls and (took is None or took > budget or len(calls) >= share):
+                break
+            budget -= _CHUNK_SECONDS if took is None else took
             queue.popleft()
             queued.discard(uid)
             chunk.add(uid, call)
@@ -216,6 +219,16 @@ class ChunkQueue:
             self._fuse(chunk, budget)
         return chunk
 
+    def _alone_chunk(self, chunk: _Chunk) -> _Chunk:
+        """``chunk`` as it is, or, if empty, with the task that must travel
+        alone at the head of the queue."""
+        if not chunk.calls:
+            uid, call = self._queue.popleft()
+            self._queued.discard(uid)
+            self._alone.discard(uid)
+            chunk.add(uid, call)
+        return chunk
+
     def _fuse(self, chunk: _Chunk, budget: float) -> None:
         """Add piped dependents of the chunk's tasks to the chunk, their
         upstreams' values standing as ChunkRefs: a chain runs on in the worker,
@@ -223,6 +236,8 @@ class ChunkQueue:
         left = [budget, MAX_CHUNK - len(chunk.calls)]
 
         def fits(spec: TaskSpec) -> bool:
+            if not spec.chunk:
+                return False  # it travels alone, from the queue
             try:
                 took = self._times.get(self._pickle_function(spec))
             except SerializationError:
