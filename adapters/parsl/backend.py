@@ -29,6 +29,7 @@ from ...spec import TaskSpec
 from .._awaitable import AwaitableBackend
 from ..toolkit import Lifecycle
 from .cancel import Canceller
+from .chunks import ParslChunks
 from .executors import DEFAULT_CAPABILITIES, Profile, describe
 from .results import Completions, Watch
 from .runtime import Runtime, runtime_for
@@ -61,6 +62,14 @@ class ParslExecutionBackend(AwaitableBackend):
     ``WorkflowEngine({...})`` and ``backend="label"``.
     ``options={"parsl_resource_specification": {...}}`` is passed to Parsl as is
     (merged over what ``resources=`` translates to).
+
+    On an HTEX, many calls of one function in one batch travel several to a
+    Parsl task, and a chain called in one go runs on inside one worker (see
+    :mod:`.chunks`).  ``chunking=False`` sends every task as a Parsl task of
+    its own: for a workflow that relies on each task's Parsl identity (its
+    task record, monitoring, per-task worker logs), or whose short tasks must
+    each stop at once when cancelled, which a chunk-mate does only when its
+    whole chunk is cancelled.
     """
 
     #: for listings that must not start a runtime (``asyncflow backends``)
@@ -74,6 +83,7 @@ class ParslExecutionBackend(AwaitableBackend):
         max_workers: int = 2,
         kill_running_functions: bool = True,
         wait_for_workers: float | None = None,
+        chunking: bool = True,
         _runtime: Runtime | None = None,
     ):
         runtime = (
@@ -101,8 +111,15 @@ class ParslExecutionBackend(AwaitableBackend):
             state, Completions(state, self._canceller.forget).done
         )
         self._watch = Watch(state)
+        self._chunks = ParslChunks(state, chunking)
         self._start_job: asyncio.Future[None] | None = None
-        self._info = describe(profiles, label, state.routable, kill_running_functions)
+        self._info = describe(
+            profiles,
+            label,
+            state.routable,
+            kill_running_functions,
+            chunked=self._chunks.enabled,
+        )
 
     @classmethod
     def per_executor(
@@ -151,14 +168,18 @@ class ParslExecutionBackend(AwaitableBackend):
         )
         await asyncio.shield(self._start_job)
         state.dfk = state.runtime.dfk
+        self._chunks.start(sink)
         if not self._life.closed and any(p.htex for p in state.profiles.values()):
             self._life.spawn(self._watch.interchanges())
 
-    def submit(self, specs: Sequence[TaskSpec]) -> None:
-        self._submitter.submit(specs)
+    def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
+        rest, refused = self._chunks.route(specs)
+        if rest:
+            self._submitter.submit(rest)
+        return refused
 
     def cancel(self, uids: Sequence[str]) -> None:
-        self._canceller.cancel(uids)
+        self._canceller.cancel(self._chunks.cancel(uids))
 
     async def shutdown(self) -> None:
         if not self._life.begin_shutdown():
@@ -175,6 +196,7 @@ class ParslExecutionBackend(AwaitableBackend):
             await asyncio.shield(job)
         except BaseException:
             return  # the DFK never came up; acquire() cleaned up after itself
+        self._chunks.close()
         self._canceller.cancel(list(state.tasks))
         self._submitter.functions.clear()
         await run_in_thread(state.runtime.release, name="asyncflow-parsl-shutdown")

@@ -40,6 +40,7 @@ DEFAULT_CAPABILITIES = Capabilities.of(
     C.KILL_EXECUTABLES,
     C.LARGE_PAYLOADS,
     C.PARALLEL,
+    C.PIPELINE,
     C.RESOURCES,
     C.SERIALIZES,
     gpus=NO_GPUS,
@@ -61,6 +62,7 @@ class Profile:
         "local",
         "memory",
         "mpi",
+        "sized",
         "slots",
     )
 
@@ -77,9 +79,12 @@ class Profile:
         # Executors asyncflow cannot size: two slots, so no false PARALLEL gap.
         self.local = False
         self.slots = 2
+        #: ``slots`` is the executor's real worker count, not a guess
+        self.sized = False
         self.cores: float | None = None
         if isinstance(ex, ParslThreadPoolExecutor):
             self.slots = int(ex.max_threads or 1)
+            self.sized = True
             self.cores = float(self.slots)
             self.local = True
         elif isinstance(ex, HighThroughputExecutor):
@@ -102,6 +107,7 @@ class Profile:
         nodes = max(getattr(provider, "nodes_per_block", 1), 1)
         finite = math.isfinite(per_node)
         self.slots = int(per_node * blocks * nodes) if finite else 2
+        self.sized = finite
         self.cores = float(ex.cores_per_worker)
         if ex.mem_per_worker:
             self.memory = ex.mem_per_worker * 1024
@@ -187,10 +193,16 @@ def _physical_memory_mb() -> float | None:
 
 
 def describe(
-    profiles: dict[str, Profile], label: str, routable: bool, kill_functions: bool
+    profiles: dict[str, Profile],
+    label: str,
+    routable: bool,
+    kill_functions: bool,
+    chunked: bool = False,
 ) -> BackendInfo:
     """What a backend sending tasks to ``label`` (or, ``routable``, to any of
-    ``profiles``) can promise: only what every executor in reach can do."""
+    ``profiles``) can promise: only what every executor in reach can do.
+    ``chunked``: short tasks travel in chunks (see ``chunks``), the only place
+    a piped task can wait for its upstreams."""
     scope = list(profiles.values()) if routable else [profiles[label]]
     caps = {C.FUNCTIONS, C.EXECUTABLES, C.LARGE_PAYLOADS}
     absent: dict[str, str] = {
@@ -213,12 +225,19 @@ def describe(
         "an executor takes no resource specification",
     )
     _offer(caps, absent, C.GPUS, all(p.gpus != 0 for p in scope), NO_GPUS)
+    _offer(caps, absent, C.PIPELINE, chunked, _NO_PIPELINE)
     return BackendInfo(
         name=f"parsl-{label}",
         runtime=f"parsl {profiles[label].kind}",
         runtime_version=parsl.__version__,
         capabilities=Capabilities.of(*sorted(caps, key=lambda c: c.value), **absent),
     )
+
+
+_NO_PIPELINE = (
+    "Parsl tasks are sent when their inputs are ready; only tasks sent in chunks "
+    "(to a sized HTEX, chunking=True) wait for their upstreams in the adapter"
+)
 
 
 def _offer(

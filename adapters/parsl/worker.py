@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 
 from ...errors import SerializationError
-from ...worker import call_function, call_pickled, run_command
+from ...worker import call_function, call_pickled, run_chunk, run_command
 from ..toolkit import portable
 from .cancel import INPROC, Cancelled, command_slot, function_slot, is_cancelled
 
@@ -79,3 +79,17 @@ def packed_task(packed: bytes, parsl_resource_specification: Any = None) -> Any:
             f"task {name!r}: its result of type {type(result).__name__} cannot be "
             f"pickled ({type(exc).__name__}: {exc}); return plain data"
         ) from None
+
+
+def chunk_task(packed: bytes, parsl_resource_specification: Any = None) -> bytes:
+    """Run several short function tasks as one Parsl task (see ``chunks``).
+
+    ``run_chunk`` pickles every outcome on its own, so pickling the whole never
+    fails and Parsl moves one bytes object each way.  A cancelled chunk is
+    stopped like a function task: skipped if it has not started, its worker
+    killed if it has.
+    """
+    calls, key, ctl = pickle.loads(packed)
+    with function_slot(ctl, key):
+        out = run_chunk(calls)
+    return pickle.dumps(out, protocol=5)

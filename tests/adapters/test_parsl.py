@@ -135,6 +135,19 @@ class TestParslHTEX(BackendFixtures, ConformanceSuite):
         return ParslExecutionBackend(htex_dfk)
 
 
+class TestParslHTEXEveryTaskChunked(BackendFixtures, ConformanceSuite):
+    """The suite again with every eligible function task sent in chunks, not
+    only those of big batches: chunking must change nothing observable."""
+
+    scenario_timeout = 60.0
+
+    @pytest.fixture
+    def backend(self, htex_dfk: DataFlowKernel) -> ParslExecutionBackend:
+        backend = ParslExecutionBackend(htex_dfk)
+        backend._chunks.burst = 1
+        return backend
+
+
 class TestParslThreadPool(BackendFixtures, ConformanceSuite):
     scenario_timeout = 60.0
 
@@ -166,6 +179,36 @@ def test_capabilities_are_declared_per_executor_kind(
     assert Capability.CANCEL_RUNNING not in threads
     assert "thread" in threads.why_not(Capability.CANCEL_RUNNING)
     assert Capability.SERIALIZES not in threads
+
+
+async def test_chunked_fan_out_and_chain_give_the_right_values(
+    htex_dfk: DataFlowKernel,
+) -> None:
+    backend = ParslExecutionBackend(htex_dfk)
+    assert Capability.PIPELINE in backend.info.capabilities
+    async with WorkflowEngine(backend) as flow:
+        inc = flow.function_task(t.inc)
+        assert await asyncio.gather(*(inc(i) for i in range(2000))) == list(
+            range(1, 2001)
+        )
+        x = inc(0)
+        for _ in range(499):
+            x = inc(x)
+        assert await x == 500
+        queue = backend._chunks.queue
+        assert queue is not None and queue._times, "the tasks went in chunks"
+        assert not backend._state.tasks and not queue.pipes.live
+
+
+def test_chunking_is_off_where_it_cannot_help(
+    htex_dfk: DataFlowKernel, threads_dfk: DataFlowKernel
+) -> None:
+    off = ParslExecutionBackend(htex_dfk, chunking=False)
+    assert not off._chunks.enabled
+    assert Capability.PIPELINE not in off.info.capabilities
+    threads = ParslExecutionBackend(threads_dfk)
+    assert not threads._chunks.enabled, "in-process: values pass by reference"
+    assert Capability.PIPELINE not in threads.info.capabilities
 
 
 async def test_parsl_keyword_names_reach_the_function(htex_dfk: DataFlowKernel) -> None:
