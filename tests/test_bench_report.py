@@ -16,7 +16,8 @@ from rich.console import Console
 from asyncflow.bench import _finish
 from asyncflow.bench.raw import Raw
 from asyncflow.bench.rawrp import by_value
-from asyncflow.bench.report import cross_check, markdown, summarise, targets
+from asyncflow.bench.report import cross_check, summarise, targets
+from asyncflow.bench.tables import markdown
 from asyncflow.bench.workloads import WORKLOADS, nap
 
 

@@ -25,18 +25,15 @@ from typing import Any
 
 from ..registry import BATCH, BackendStatus, available_backends, batch_names
 from .report import (
-    COLUMNS,
     cross_check,
-    machine_line,
-    markdown,
     order_key,
     startup_rows,
     summarise,
-    table_rows,
     targets,
     write_files,
 )
 from .runner import run_backends
+from .tables import COLUMNS, machine_line, markdown, table_rows
 from .workloads import WORKLOADS
 
 __all__ = ["main"]

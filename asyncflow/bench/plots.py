@@ -1,10 +1,11 @@
 """The PNG plots of a benchmark run (matplotlib, headless).
 
-Four figures, each answering one question a user choosing a runtime asks: how
+Five figures, each answering one question a user choosing a runtime asks: how
 many tasks per second, how long per dependent hop, does the cost grow linearly
-(log-log, so a slope of 1 is visible as such), and what asyncflow costs on top
-of each runtime.  Small files (about 30 kB each): they are committed under
-``docs/bench``.
+(log-log, so a slope of 1 is visible as such), what asyncflow costs on top of
+each runtime, and how short a task may be before the runtime wastes the
+machine (efficiency against task duration).  Small files (about 30 kB each):
+they are committed under ``docs/bench``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     )
     figures.scaling()
     figures.overhead()
+    figures.efficiency()
     return figures.paths
 
 
@@ -158,3 +160,39 @@ class _Figures:
         ax.set_title("asyncflow against each runtime's own API (1 = no overhead)")
         ax.legend(fontsize=7, ncol=3)
         self.save(fig, "overhead.png")
+
+    def efficiency(self) -> None:
+        """Ideal makespan over measured, against the sweep's task durations."""
+        from .workloads import WORK
+
+        rows = [r for r in self.rows if r["workload"] in WORK]
+        if not rows:
+            return
+        fig, ax = self.plt.subplots(figsize=(7, 4))
+        colors = self.plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, backend in enumerate(self.backends):
+            for side, style in (("asyncflow", "-"), ("raw", "--")):
+                points = _sweep_points(rows, backend, side, WORK)
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    color, label = colors[i % len(colors)], f"{backend} ({side})"
+                    ax.plot(xs, ys, style, marker="o", color=color, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("CPU work per task (ms)")
+        ax.set_ylabel("ideal makespan / measured")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("efficiency against task duration (2 workers)")
+        ax.legend(fontsize=7, ncol=2)
+        self.save(fig, "efficiency.png")
+
+
+def _sweep_points(
+    rows: list[dict[str, Any]], backend: str, side: str, work: dict[str, Any]
+) -> list[tuple[float, float]]:
+    """(milliseconds of work per task, efficiency) for one backend and side."""
+    key = f"{side}_efficiency"
+    return sorted(
+        (work[r["workload"]][0] * 1e3, r[key])
+        for r in rows
+        if r["backend"] == backend and r.get(key)
+    )

@@ -14,6 +14,7 @@ backend, with it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,11 @@ ARRAY_ITEMS = 131072  # float64: 1 MiB per array
 SLEEP = 0.02
 #: fixed task counts: these workloads measure something other than volume
 MAPS, NAPS, EXECS = 32, 100, 200
+#: the task-duration sweep: seconds of CPU work per task, and the most tasks
+#: each runs (two seconds of work on two workers)
+WORK = {"work1ms": (0.001, 4_000), "work10ms": (0.01, 400), "work100ms": (0.1, 40)}
+#: the workers the bench gives every backend, for a makespan's ideal
+WORKERS = 2
 #: each workload runs once at this size, untimed, before it is measured, so
 #: that imports and first-call costs (numpy, function shipping) are not timed
 #: (not with --quick: a smoke test, whose figures are not for comparing)
@@ -60,6 +66,17 @@ def nap(i: int) -> int:
     return i
 
 
+def work(i: int, seconds: float) -> int:
+    """Busy for ``seconds`` of CPU (not asleep: a runtime that packs tasks
+    must see the work)."""
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return i
+
+
 def run_true() -> str:
     """Raw runtimes' executable: like an executable task, it returns the
     command's output, so both sides capture stdout and stderr."""
@@ -73,6 +90,14 @@ def run_true() -> str:
 def diamonds(n: int) -> int:
     """A diamond is four tasks: size ``n`` runs a quarter as many, at least one."""
     return max(1, n // 4)
+
+
+def _at_most(most: int, n: int) -> int:
+    return min(n, most)
+
+
+def _triangle_at_most(most: int, n: int) -> int:
+    return triangle(min(n, most))
 
 
 def triangle(m: int) -> int:
@@ -117,6 +142,14 @@ async def af_sleep(flow: WorkflowEngine, n: int) -> Any:
     return sum(await asyncio.gather(*[t(i) for i in range(min(n, NAPS))]))
 
 
+def _af_work(seconds: float, most: int) -> Callable[..., Coroutine[Any, Any, Any]]:
+    async def run(flow: WorkflowEngine, n: int) -> Any:
+        t = flow.function_task(work)
+        return sum(await asyncio.gather(*[t(i, seconds) for i in range(min(n, most))]))
+
+    return run
+
+
 async def af_exec(flow: WorkflowEngine, n: int) -> Any:
     t = flow.executable_task(lambda: ["/bin/true"])
     out = await asyncio.gather(*[t() for _ in range(min(n, EXECS))])
@@ -152,6 +185,14 @@ def raw_mapreduce(raw: Raw, n: int) -> Any:
 
 def raw_sleep(raw: Raw, n: int) -> Any:
     return sum(raw.gather(raw.map(nap, [(i,) for i in range(min(n, NAPS))])))
+
+
+def _raw_work(seconds: float, most: int) -> Callable[[Raw, int], Any]:
+    def run(raw: Raw, n: int) -> Any:
+        calls = [(i, seconds) for i in range(min(n, most))]
+        return sum(raw.gather(raw.map(work, calls)))
+
+    return run
 
 
 def raw_exec(raw: Raw, n: int) -> Any:
@@ -278,6 +319,19 @@ WORKLOADS: dict[str, Workload] = {
             tasks=lambda n: min(n, NAPS),
             expected=lambda n: triangle(min(n, NAPS)),
             caps=_radical(300, 12),
+        ),
+        *(
+            Workload(
+                name,
+                f"up to {most} independent tasks of {seconds * 1000:g} ms of CPU "
+                "work: makespan against the ideal (the task-duration sweep)",
+                _af_work(seconds, most),
+                _raw_work(seconds, most),
+                tasks=functools.partial(_at_most, most),
+                expected=functools.partial(_triangle_at_most, most),
+                caps=_radical(300, 12),
+            )
+            for name, (seconds, most) in WORK.items()
         ),
         Workload(
             "exec",
