@@ -50,6 +50,9 @@ The adapter is a few collaborators sharing one state object, by job:
 ``submit`` and ``resources``
     batching ready tasks into ``client.map`` calls, piped and scattered
     arguments, and mapping ``Resources`` onto Dask worker resources;
+``chunks``
+    many calls of one function in one batch sent several to a Dask task
+    through the toolkit's chunk queue (``chunking=False`` turns it off);
 ``results`` and ``cancel``
     watching completions, pushed small results, batched fetches of the values
     left on the cluster; cancelling in Dask and killing running commands;

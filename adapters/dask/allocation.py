@@ -164,6 +164,8 @@ class SlurmAllocation:
             state.dead = message
         if self._job_ended is not None:
             self._job_ended.set()
+        for hook in state.lost_hooks:
+            hook(message)
         tasks = list(state.tasks.items())
         if not tasks:
             return

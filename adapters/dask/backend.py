@@ -24,6 +24,7 @@ from .._awaitable import AwaitableBackend
 from ..toolkit import Lifecycle
 from .allocation import SlurmAllocation
 from .cancel import Canceller
+from .chunks import DaskChunks
 from .config import DEFAULT_CAPABILITIES, Settings
 from .errors import start_error
 from .resources import ResourceChecker
@@ -48,6 +49,13 @@ class DaskExecutionBackend(AwaitableBackend):
     When attaching, ``**options`` go to the ``Client`` this backend opens.
     Function tasks may pass ``options={"workers": [...], "priority": n,
     "allow_other_workers": bool}`` through to Dask.
+
+    Many calls of one function in one batch travel several to a Dask task (see
+    :mod:`.chunks`): their results come back to the driver instead of staying
+    on the workers.  ``chunking=False`` sends every task as a Dask task of its
+    own, for a workflow that watches each task on Dask's dashboard or in its
+    task stream, or whose short tasks return large values that other tasks on
+    this backend read (Dask's path passes those worker to worker).
     """
 
     #: for listings that must not start a runtime (``asyncflow backends``)
@@ -56,6 +64,8 @@ class DaskExecutionBackend(AwaitableBackend):
     def __init__(
         self,
         address: str | Client | Mapping[str, Any] | Any | None = None,
+        *,
+        chunking: bool = True,
         **options: Any,
     ):
         settings = Settings.from_args(address, options)
@@ -78,6 +88,13 @@ class DaskExecutionBackend(AwaitableBackend):
         self._resources = ResourceChecker(state)
         self._submitter = Submitter(state, self._resources, self._completions)
         self._runtime = Runtime(state, allocation)
+        self._chunks = DaskChunks(
+            state,
+            self._completions,
+            self._submitter.functions,
+            None if allocation is None else allocation.why_lost,
+            chunking,
+        )
 
     @property
     def info(self) -> BackendInfo:
@@ -100,6 +117,7 @@ class DaskExecutionBackend(AwaitableBackend):
         try:
             await self._runtime.open(self._completions.on_event)
             await self._resources.refresh()
+            self._chunks.start(sink)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await self._runtime.close()
@@ -109,10 +127,13 @@ class DaskExecutionBackend(AwaitableBackend):
             raise
 
     def submit(self, specs: Sequence[TaskSpec]) -> list[str]:
-        return self._submitter.submit(specs)
+        rest, refused = self._chunks.route(specs)
+        if rest:
+            refused += self._submitter.submit(rest)
+        return refused
 
     def cancel(self, uids: Sequence[str]) -> None:
-        self._canceller.cancel(uids)
+        self._canceller.cancel(self._chunks.cancel(uids))
 
     async def shutdown(self) -> None:
         """Tasks are stopped while the client is still up (their commands must
@@ -121,6 +142,7 @@ class DaskExecutionBackend(AwaitableBackend):
         state = self._state
         if not state.life.begin_shutdown():
             return
+        await self._chunks.close()
         watchers = await self._canceller.stop_all()
         await state.life.cancel_background()
         await asyncio.gather(*watchers, return_exceptions=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,9 @@ class DaskState:
     workers: list[WorkerCapacity] = field(default_factory=list)
     planned: list[WorkerCapacity] = field(default_factory=list)  # an allocation's
     dead: str | None = None  # why every job of the allocation is gone
+    #: told why when an allocation's job ends, for work ``tasks`` does not list
+    #: (the chunks in flight)
+    lost_hooks: list[Callable[[str], None]] = field(default_factory=list)
     #: a temp dir shutdown removes (worker scratch space, or Slurm job logs)
     scratch: Scratch = field(default_factory=Scratch)
 

@@ -15,11 +15,15 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from ...spec import Command
-from ...worker import call_pickled, kill_command, run_command
+from ...worker import Call, call_pickled, kill_command, run_chunk, run_command
 from .values import SMALL, size_of, thaw
 
 # Results up to this size (pickled) come back with the completion.
 PUSH_BYTES = 4096
+# A chunk's outcomes up to this size (pickled) too: a no-op chunk of 64 tasks
+# takes a few kB.  The scheduler keeps the last 1,000 events of a topic, so
+# this bounds what a backend's pushes hold there.
+CHUNK_PUSH_BYTES = 32 * 1024
 # How long a worker keeps looking for a cancelled command that has not started.
 KILL_WATCH = 5.0
 #: the tag of a pushed result, so the client can tell it from other events
@@ -59,6 +63,20 @@ def run_thawed_function(
     """:func:`run_function` for arguments holding frozensets that travelled as
     :class:`~.values.FrozenItems`, so that Dask resolved the futures in them."""
     return run_function(topic, key, blob, thaw(args), thaw(kwargs), is_async, name)
+
+
+def run_chunk_task(topic: str | None, key: str, calls: list[Call]) -> Any:
+    """:func:`~asyncflow.worker.run_chunk`, its outcomes pushed to the client
+    when small enough (else the client gathers them)."""
+    outcome = run_chunk(calls)
+    if topic is not None:
+        try:
+            blob = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # e.g. an array subclass: the client gathers it
+            return outcome
+        if len(blob) <= CHUNK_PUSH_BYTES:
+            get_worker().log_event(topic, [EVENT, key, blob])
+    return outcome
 
 
 def _deep(tb: Any, limit: int = 200) -> bool:

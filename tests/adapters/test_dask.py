@@ -200,6 +200,60 @@ class TestDaskExternalScheduler(BackendFixtures, ConformanceSuite):
         return DaskExecutionBackend(dask_scheduler_address)
 
 
+class TestDaskEveryTaskChunked(BackendFixtures, ConformanceSuite):
+    """The suite again with every eligible function task sent in chunks, not
+    only those of big batches: chunking must change nothing observable."""
+
+    @pytest.fixture
+    def backend(self, dask_cluster: LocalCluster) -> DaskExecutionBackend:
+        backend = DaskExecutionBackend(dask_cluster.scheduler_address)
+        backend._chunks.burst = 1
+        return backend
+
+
+# -- chunks --------------------------------------------------------------------------
+def _busy(seconds: float) -> float:
+    """Works (rather than sleeps) so that chunking sees real task durations."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def test_chunked_fan_out_chain_and_trace(dask_cluster: LocalCluster) -> None:
+    """Big batches of short tasks travel in chunks: a 2,000-task fan-out and a
+    500-hop chain give the right values, and a trace draws each chunked task
+    over its own run, on no more tracks than the cluster has worker threads."""
+    threads = sum(
+        w["nthreads"] for w in dask_cluster.scheduler_info["workers"].values()
+    )
+
+    async def main() -> list[dict[str, object]]:
+        backend = DaskExecutionBackend(dask_cluster)
+        async with WorkflowEngine(backend) as flow:
+            inc = flow.function_task(t.inc)
+            assert await asyncio.gather(*(inc(i) for i in range(2000))) == [
+                i + 1 for i in range(2000)
+            ]
+            x = inc(0)
+            for _ in range(499):
+                x = inc(x)
+            assert await x == 500
+            assert backend._chunks.queue is not None
+            recorder = flow.record_trace()
+            busy = flow.function_task(_busy)
+            await asyncio.gather(*(busy(0.002) for _ in range(200)))
+        return list(recorder.chrome_trace()["traceEvents"])
+
+    trace = asyncio.run(main())
+    bars = [e for e in trace if e["ph"] == "X"]
+    lanes = {e["args"]["name"] for e in trace if e.get("name") == "thread_name"}
+    assert len(bars) == 200
+    assert lanes and all(n.startswith("worker pid ") for n in lanes), lanes
+    assert len(lanes) <= threads, lanes
+    assert all(0 < e["dur"] < 1e6 for e in bars), "each task over its own run"
+
+
 # -- ownership -----------------------------------------------------------------------
 def _dask_children() -> dict[int, str]:
     """Child processes of this one, minus multiprocessing's resource tracker
