@@ -7,6 +7,10 @@ Why the adapter looks the way it does:
 * Parsl's own dependency tracking is bypassed: the engine only hands over ready
   work, so each spec becomes one ``dfk.submit`` with plain arguments, and the
   ``AppFuture`` done callback (run on Parsl's result thread) feeds the sink.
+* Except for short function tasks in bulk: on an HTEX, many calls of one
+  function in one batch travel several to a Parsl task, and a chain called in
+  one go runs on inside one worker (``chunks``), because a Parsl task costs
+  about a millisecond of driver and interchange work.
 * User arguments travel packed inside one positional argument, never as Parsl
   keyword arguments: names such as ``inputs``, ``outputs``, ``stdout`` or
   ``walltime`` mean something to Parsl and must not be reinterpreted.
@@ -52,6 +56,9 @@ The adapter is a few collaborators sharing one explicit state object:
 ``submit``
     specs turned into ``dfk.submit`` calls, with packed arguments and resource
     specifications;
+``chunks``
+    short function tasks sent several to a Parsl task through the toolkit's
+    chunk queue, the only place piped tasks wait for their upstreams;
 ``results``
     the ``AppFuture`` done callback and Parsl's failures translated into
     asyncflow's errors; executors that can run no more tasks (a dead

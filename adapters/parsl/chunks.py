@@ -29,7 +29,7 @@ import collections
 import contextlib
 import pickle
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from parsl.executors.errors import BadStateException
@@ -163,12 +163,16 @@ class ParslChunks:
             if control is not None:
                 control.forget([key])  # its cancel marker
             return
-        exc = app_future.exception()
-        with contextlib.suppress(Exception):  # cancelled under us
+        try:
+            exc = app_future.exception()
+            value = None if exc is not None else pickle.loads(app_future.result())
+        except Exception as err:  # the stand-in must end, or its tasks hang
+            exc, value = err, None
+        with contextlib.suppress(InvalidStateError):  # cancelled under us
             if exc is not None:
                 stand_in.set_exception(exc)
             else:
-                stand_in.set_result(pickle.loads(app_future.result()))
+                stand_in.set_result(value)
 
     # -- cancel and close ------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> list[str]:
