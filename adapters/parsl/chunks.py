@@ -219,6 +219,7 @@ def _eligible(spec: TaskSpec) -> bool:
     opts = spec.options
     return (
         spec.function is not None
+        and spec.chunk
         and spec.resources.is_default
         and not (opts and any(k in opts for k in _PARSL_OPTIONS))
     )

@@ -198,6 +198,12 @@ async def test_chunked_fan_out_and_chain_give_the_right_values(
         queue = backend._chunks.queue
         assert queue is not None and queue._times, "the tasks went in chunks"
         assert not backend._state.tasks and not queue.pipes.live
+        alone = flow.function_task(chunk=False)(t.inc)
+        before = next(backend._state.counter)
+        assert await asyncio.gather(*(alone(i) for i in range(40))) == list(
+            range(1, 41)
+        )
+        assert next(backend._state.counter) == before + 41, "a Parsl task each"
 
 
 def test_chunking_is_off_where_it_cannot_help(
