@@ -54,6 +54,7 @@ from .walk import replace
 
 __all__ = [
     "COMMAND_PIDS_ENV",
+    "WORKER_ENV",
     "call_function",
     "call_pickled",
     "dumps_function",
@@ -175,7 +176,12 @@ Outcome = tuple[bool | None, Any, bool]
 Span = tuple[float, float]
 
 
-def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[Span], int]:
+#: names the worker a chunk ran on, where that is not the process running it
+#: (radical.pilot forks a process per task from each worker)
+WORKER_ENV = "ASYNCFLOW_WORKER"
+
+
+def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[Span], str]:
     """Run several calls in one pool process, one after the other.
 
     Each outcome is pickled on its own, so that a result or exception that
@@ -185,7 +191,8 @@ def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[Span], int]:
     upstream in the chunk failed is skipped (outcome ``None``).  Also returns
     when each call started and how long it took, measured here (the sender
     sizes later chunks from it, and traces show each task's own run rather than
-    its chunk's), and this process's pid, the worker they ran on.
+    its chunk's), and the worker they ran on (``$ASYNCFLOW_WORKER``, or this
+    process's pid).
     """
     out: list[Outcome] = []
     seconds: list[Span] = []
@@ -226,7 +233,7 @@ def run_chunk(calls: list[Call]) -> tuple[list[Outcome], list[Span], int]:
             )
             out.append((False, pickle.dumps(error), True))
         seconds.append((began, clock() - start))
-    return out, seconds, os.getpid()
+    return out, seconds, os.environ.get(WORKER_ENV) or f"pid {os.getpid()}"
 
 
 _SKIPPED = object()

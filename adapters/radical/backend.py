@@ -29,6 +29,7 @@ from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...spec import Resources, TaskSpec
 from .._awaitable import AwaitableBackend
 from ._rp import rp, ru
+from .chunks import RadicalChunks
 from .config import Layout
 from .dispatch import Record
 from .runtime import RadicalRuntime
@@ -82,6 +83,9 @@ class RadicalExecutionBackend(AwaitableBackend):
     ``resources={'cores': c, 'gpus': g, 'ranks': r}`` map to ``cores_per_rank``,
     ``gpus_per_rank`` and ``ranks`` (cores and GPUs are per rank).  Per task,
     ``options={'radical': {...}}`` adds TaskDescription keys such as ``pre_exec``.
+
+    Many calls of one function in one batch travel several to a raptor task
+    (see :mod:`.chunks`); ``chunking=False`` gives each its own.
     """
 
     CAPABILITIES = DEFAULT_CAPABILITIES
@@ -91,6 +95,7 @@ class RadicalExecutionBackend(AwaitableBackend):
         resources: Mapping[str, Any] | None = None,
         *,
         runtime: RadicalRuntime | None = None,
+        chunking: bool = True,
         **options: Any,
     ):
         if runtime is None:
@@ -109,6 +114,12 @@ class RadicalExecutionBackend(AwaitableBackend):
         self._records: dict[str, Record] = {}
         self._closed = False
         self._info = self._make_info()
+        self._chunks = RadicalChunks(
+            self._runtime.dispatcher,
+            self._runtime.layout.function_cores,
+            self._lost,
+            chunking,
+        )
 
     @property
     def runtime(self) -> RadicalRuntime:
@@ -159,18 +170,22 @@ class RadicalExecutionBackend(AwaitableBackend):
             ready.add_done_callback(wake)
             await waiter
         ready.result()
+        self._chunks.start(sink)
 
     # -- submit ----------------------------------------------------------------------
     def submit(self, specs: Sequence[TaskSpec]) -> None:
         sink = self._sink
         assert sink is not None
         lay = self._runtime.layout
-        batch: list[Record] = []
+        accepted = []
         for spec in specs:
             why = self._refuse(spec, lay)
             if why is not None:
                 sink.set_exception(spec.uid, why)
-                continue
+            else:
+                accepted.append(spec)
+        batch: list[Record] = []
+        for spec in self._chunks.route(accepted):
             rec = Record(self, spec.uid, spec.name, spec.command, spec)
             self._records[spec.uid] = rec
             batch.append(rec)
@@ -265,6 +280,7 @@ class RadicalExecutionBackend(AwaitableBackend):
 
     # -- cancel and shutdown -----------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> None:
+        uids = self._chunks.cancel(uids)
         records = [r for uid in uids if (r := self._records.pop(uid, None))]
         if records:
             self._runtime.dispatcher.cancel(records)
@@ -274,6 +290,7 @@ class RadicalExecutionBackend(AwaitableBackend):
             return
         self._closed = True
         self.cancel(list(self._records))
+        self._chunks.close()
         if self._runtime.slurm is not None:
             self._runtime.slurm.detach(self)
         if self._owns:

@@ -22,15 +22,23 @@ import shlex
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ...errors import BackendError, TaskDefinitionError, WorkerLostError
 from ...spec import Command, TaskSpec
 from ._rp import FINAL, rp
 from .worker import call_remote, pack_call
 
-if TYPE_CHECKING:
-    from .backend import RadicalExecutionBackend
+
+class Owner(Protocol):
+    """Where a record's outcome goes: its backend, or a chunk's stand-in."""
+
+    def _deliver(self, rec: Record, task: Any, state: str) -> None: ...
+
+    def _deliver_running(self, rec: Record) -> None: ...
+
+    def _deliver_error(self, rec: Record, exc: BaseException) -> None: ...
+
 
 __all__ = ["Dispatcher", "Record", "command_line"]
 
@@ -66,7 +74,7 @@ MANAGED_TD_KEYS = frozenset(
 class Record:
     """One submitted spec, from the adapter's side."""
 
-    backend: RadicalExecutionBackend
+    backend: Owner
     uid: str
     name: str
     command: Command | None
@@ -266,10 +274,13 @@ class Dispatcher:
                 call_remote, (self._paths, spec.name, payload, ticket), {}
             )
             module = getattr(spec.function, "__module__", None)
-            if module and module != "__main__" and self.worker_imports:
+            # a chunk's calls name their own functions' modules
+            modules = [module, *spec.options.get("asyncflow_modules", ())]
+            modules = [m for m in modules if m and m != "__main__"]
+            if modules and self.worker_imports:
                 td["metadata"] = {
                     **td.get("metadata", {}),
-                    "asyncflow_modules": [module],
+                    "asyncflow_modules": modules,
                     "asyncflow_path": self._paths,
                 }
         return rp.TaskDescription(td)

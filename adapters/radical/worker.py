@@ -31,7 +31,7 @@ import cloudpickle
 
 from ...errors import SerializationError
 from ...spec import TaskSpec
-from ...worker import call_function
+from ...worker import WORKER_ENV, call_function
 from ._rp import rp, ru
 
 __all__ = ["LOST", "AsyncflowWorker", "call_remote", "pack_call", "unpack_result"]
@@ -149,6 +149,8 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
         """Runs in a process forked per task: run the task in a child of its own
         and report it, including a child that ended without reporting."""
         task["pid"] = os.getpid()
+        # chunks' traces name this worker, not the process forked per task
+        os.environ[WORKER_ENV] = f"pid {os.getppid()}"
         os.environ.update(env)
         os.environ.update(task.get("environment") or {})
         # The child says it reported by writing a byte to a pipe.  Not an

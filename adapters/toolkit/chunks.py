@@ -53,7 +53,7 @@ Lost = Callable[[BaseException], "str | None"]
 
 _CHUNK_SECONDS = 0.005  # the work one chunk aims at
 MAX_CHUNK = 64
-_SMOOTHING = 0.3  # weight of the newest chunk in the per-task time estimate
+_SMOOTHING = 0.3  # weight of a slower newest run in the per-task time estimate
 _RAISE = dumps_function(raise_error)
 
 
@@ -272,17 +272,16 @@ class ChunkQueue:
             why = self._lost(exc)
             self._fail(chunk, WorkerLostError, why or f"its chunk failed ({exc!r})")
         else:
-            outcomes, spans, pid = f.result()
+            outcomes, spans, worker = f.result()
             self._learn(chunk, spans)
-            self._report(chunk, outcomes, spans, pid)
+            self._report(chunk, outcomes, spans, worker)
         self._pump()
 
     def _report(
-        self, chunk: _Chunk, outcomes: list[Outcome], spans: list[Span], pid: int
+        self, chunk: _Chunk, outcomes: list[Outcome], spans: list[Span], worker: str
     ) -> None:
         sink = self._sink
         ran = self._ran
-        worker = f"pid {pid}"
         for uid, call, (ok, data, pickled), (began, took) in zip(
             chunk.uids, chunk.calls, outcomes, spans, strict=True
         ):
@@ -327,13 +326,22 @@ class ChunkQueue:
             ) from exc
 
     def _learn(self, chunk: _Chunk, spans: list[Span]) -> None:
+        """Per function, the run time a call is expected to take: a faster run
+        counts at once, a slower one only in part.  A worker that shares its
+        CPU with the runtime's own busy threads (radical.pilot's) reports
+        wall times many times the work, now and then; an estimate that
+        followed them would send a no-op alone for ever, while a task that
+        really is long is never seen to be short."""
         times = self._times
         for call, (_, took) in zip(chunk.calls, spans, strict=True):
             if took < 0:
                 continue  # skipped
             blob = call[0]
             old = times.get(blob)
-            times[blob] = took if old is None else old + _SMOOTHING * (took - old)
+            if old is None or took < old:
+                times[blob] = took
+            else:
+                times[blob] = old + _SMOOTHING * (took - old)
 
 
 def cancel_future(f: Future[Any]) -> bool:

@@ -519,6 +519,45 @@ def test_output_and_failures_are_complete(backend: RadicalExecutionBackend) -> N
     run(scenario, backend)
 
 
+def test_short_functions_travel_in_chunks(
+    radical_runtime: RadicalRuntime,
+) -> None:
+    """Many calls of one function go several to a raptor task; each is still
+    reported on its own, failures included, and a trace draws each over its own
+    run on the worker that ran it."""
+    backend = RadicalExecutionBackend(runtime=radical_runtime)
+    sent: list[int] = []
+    send = backend._chunks._send
+
+    def counting(calls: Any) -> Any:
+        sent.append(len(calls))
+        return send(calls)
+
+    backend._chunks._send = counting  # type: ignore[method-assign]
+
+    async def scenario(flow: WorkflowEngine) -> None:
+        recorder = flow.record_trace()
+        inc = flow.function_task(t.inc)
+        assert await asyncio.gather(*(inc(i) for i in range(120))) == list(
+            range(1, 121)
+        )
+        boom = flow.function_task(t.boom)
+        outcomes = await asyncio.gather(
+            *(boom(f"no {i}") for i in range(40)), return_exceptions=True
+        )
+        assert [str(e) for e in outcomes] == [f"no {i}" for i in range(40)]
+        lanes = {
+            e["args"]["name"]
+            for e in recorder.chrome_trace()["traceEvents"]
+            if e.get("name") == "thread_name"
+        }
+        assert lanes and all(name.startswith("worker pid ") for name in lanes)
+
+    run(scenario, backend)
+    assert max(sent) > 1, f"no chunk held more than one task: {sent}"
+    assert sum(sent) == 160
+
+
 @STARTS_A_PILOT
 def test_listeners_of_the_pilot(radical_runtime: RadicalRuntime) -> None:
     """radical.pilot 1.103 binds every ZMQ socket on all interfaces (its
