@@ -16,7 +16,6 @@ chunks are sent from whichever thread finished the last one.
 
 from __future__ import annotations
 
-import collections
 import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -27,15 +26,12 @@ from ...protocol import CompletionSink
 from ...spec import TaskSpec
 from ...worker import Call, run_chunk
 from ..toolkit import FunctionCache
-from ..toolkit.chunks import ChunkQueue
+from ..toolkit.chunks import MIN_BURST, ChunkQueue, plain_call
 from ._rp import rp
 from .dispatch import Dispatcher, Record
 from .worker import unpack_result
 
-__all__ = ["MIN_BURST", "RadicalChunks"]
-
-#: calls of one function in one batch from which they travel in chunks
-MIN_BURST = 16
+__all__ = ["RadicalChunks"]
 
 
 class RadicalChunks:
@@ -78,16 +74,11 @@ class RadicalChunks:
         queue, burst = self.queue, self.burst
         if queue is None or burst is None:
             return list(specs)
-        counts = collections.Counter(_key(s) for s in specs if _eligible(s))
-        chunked = [s for s in specs if _eligible(s) and counts[_key(s)] >= burst]
-        if not chunked:
-            return list(specs)
         self._modules.update(
-            m for s in chunked if (m := getattr(s.function, "__module__", None))
+            m for s in specs if (m := getattr(s.function, "__module__", None))
         )
-        queue.put(chunked)
-        taken = {s.uid for s in chunked}
-        return [s for s in specs if s.uid not in taken]
+        rest, _ = queue.route(specs, burst, _eligible)  # nothing is piped here
+        return rest
 
     # -- radical.pilot's side --------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:
@@ -113,17 +104,7 @@ class RadicalChunks:
 
     def cancel(self, uids: Sequence[str]) -> list[str]:
         """Cancel the chunked ones among ``uids``; return the others."""
-        queue = self.queue
-        if queue is None:
-            return list(uids)
-        live = queue.pipes.live
-        others = []
-        for uid in uids:
-            if uid in live:
-                queue.cancel(uid)  # a running chunk-mate's result is dropped
-            else:
-                others.append(uid)
-        return others
+        return list(uids) if self.queue is None else self.queue.cancel_many(uids)
 
     def close(self) -> None:
         queue, self.queue = self.queue, None
@@ -166,20 +147,7 @@ class _ChunkOwner:
 
 
 def _eligible(spec: TaskSpec) -> bool:
-    return (
-        spec.function is not None
-        and spec.chunk
-        and spec.resources.is_default
-        and not (spec.options and spec.options.get("radical"))
-    )
-
-
-def _key(spec: TaskSpec) -> Any:
-    try:
-        hash(spec.function)
-    except TypeError:
-        return id(spec.function)
-    return spec.function
+    return plain_call(spec, "radical")
 
 
 def _loss(exc: BaseException) -> str:

@@ -19,7 +19,6 @@ loop, and a chunk's future here is a stand-in resolved from Ray's.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -27,22 +26,17 @@ from typing import Any
 
 import ray
 
-from ...protocol import CompletionSink, UpstreamRef
+from ...protocol import CompletionSink
 from ...spec import TaskSpec
-from ...walk import contains, find
+from ...walk import contains
 from ...worker import Call, run_chunk
 from ..toolkit import FunctionCache
-from ..toolkit.chunks import ChunkQueue
+from ..toolkit.chunks import MIN_BURST, ChunkQueue, plain_call
 from .results import RayValue
 from .state import RayState, log
 
-__all__ = ["MIN_BURST", "RayChunks"]
+__all__ = ["RayChunks"]
 
-#: calls of one function in one batch from which they travel in chunks (and
-#: at least two per CPU, so that a batch too small to fill the cluster twice
-#: keeps Ray's path)
-MIN_BURST = 16
-_REFS = frozenset({UpstreamRef})
 _VALUES = frozenset({RayValue})
 
 
@@ -77,32 +71,12 @@ class RayChunks:
 
     # -- routing -------------------------------------------------------------------
     def route(self, specs: Sequence[TaskSpec]) -> tuple[list[TaskSpec], list[str]]:
-        """Take the specs that go in chunks; the rest for Ray, and the uids of
+        """Queue the specs that go in chunks; the rest for Ray, and the uids of
         piped specs whose upstreams are split between the two."""
         queue, burst = self.queue, self.burst
         if queue is None or burst is None:
             return list(specs), []
-        counts = collections.Counter(_key(s) for s in specs if _eligible(s))
-        mine = set(queue.pipes.live)
-        chunked, rest, refused = [], [], []
-        for spec in specs:
-            if spec.has_remote_args:
-                ups = {r.uid for r in find((spec.args, spec.kwargs), _REFS)}
-                if not ups & mine:
-                    rest.append(spec)
-                elif ups <= mine and _eligible(spec) and not _holds_values(spec):
-                    chunked.append(spec)
-                    mine.add(spec.uid)
-                else:
-                    refused.append(spec.uid)
-            elif _eligible(spec) and counts[_key(spec)] >= burst:
-                chunked.append(spec)
-                mine.add(spec.uid)
-            else:
-                rest.append(spec)
-        if chunked:
-            refused += queue.put(chunked)
-        return rest, refused
+        return queue.route(specs, burst, _eligible)
 
     # -- Ray's side ----------------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:
@@ -133,17 +107,7 @@ class RayChunks:
     # -- cancel and close ------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> list[str]:
         """Cancel the chunked ones among ``uids``; return the others."""
-        queue = self.queue
-        if queue is None:
-            return list(uids)
-        live = queue.pipes.live
-        others = []
-        for uid in uids:
-            if uid in live:
-                queue.cancel(uid)  # a running chunk-mate's result is dropped
-            else:
-                others.append(uid)
-        return others
+        return list(uids) if self.queue is None else self.queue.cancel_many(uids)
 
     def close(self) -> None:
         """Stop sending, and stop the chunks still running in Ray."""
@@ -158,24 +122,9 @@ class RayChunks:
 
 
 def _eligible(spec: TaskSpec) -> bool:
-    return (
-        spec.function is not None
-        and spec.chunk
-        and spec.resources.is_default
-        and not (spec.options and spec.options.get("ray"))
-    )
-
-
-def _key(spec: TaskSpec) -> Any:
-    try:
-        hash(spec.function)
-    except TypeError:
-        return id(spec.function)
-    return spec.function
-
-
-def _holds_values(spec: TaskSpec) -> bool:
-    return contains((spec.args, spec.kwargs), _VALUES)
+    """A plain call that reads no value Ray holds (a chunk's arguments travel
+    through the driver)."""
+    return plain_call(spec, "ray") and not contains((spec.args, spec.kwargs), _VALUES)
 
 
 def _copy(ray_future: Future[Any], stand_in: Future[Any]) -> None:
