@@ -25,7 +25,6 @@ and a chunk's future here is a stand-in resolved from Parsl's.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import pickle
 from collections.abc import Sequence
@@ -35,23 +34,17 @@ from typing import Any
 from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 
-from ...protocol import CompletionSink, UpstreamRef
+from ...protocol import CompletionSink
 from ...spec import TaskSpec
-from ...walk import find
 from ...worker import Call
 from ..toolkit import FunctionCache
-from ..toolkit.chunks import ChunkQueue, cancel_future
+from ..toolkit.chunks import MIN_BURST, ChunkQueue, cancel_future, plain_call
 from .executors import Profile
 from .state import InterchangeLost, State, log
 from .worker import chunk_task
 
-__all__ = ["MIN_BURST", "ParslChunks", "chunkable"]
+__all__ = ["ParslChunks", "chunkable"]
 
-#: calls of one function in one batch from which they travel in chunks (and
-#: at least two per worker, so that a batch too small to fill the workers
-#: twice keeps Parsl's path)
-MIN_BURST = 16
-_REFS = frozenset({UpstreamRef})
 _PARSL_OPTIONS = ("executor", "parsl_resource_specification")
 
 
@@ -92,21 +85,7 @@ class ParslChunks:
         queue, burst = self.queue, self.burst
         if queue is None or burst is None:
             return _unchunked(specs)
-        counts = collections.Counter(_key(s) for s in specs if _eligible(s))
-        mine = set(queue.pipes.live)
-        chunked, rest, refused = [], [], []
-        for spec in specs:
-            verdict = _verdict(spec, mine, counts[_key(spec)] >= burst)
-            if verdict is None:
-                refused.append(spec.uid)
-            elif verdict:
-                chunked.append(spec)
-                mine.add(spec.uid)
-            else:
-                rest.append(spec)
-        if chunked:
-            refused += queue.put(chunked)
-        return rest, refused
+        return queue.route(specs, burst, _eligible, native_pipes=False)
 
     # -- Parsl's side --------------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:
@@ -177,17 +156,7 @@ class ParslChunks:
     # -- cancel and close ------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> list[str]:
         """Cancel the chunked ones among ``uids``; return the others."""
-        queue = self.queue
-        if queue is None:
-            return list(uids)
-        live = queue.pipes.live
-        others = []
-        for uid in uids:
-            if uid in live:
-                queue.cancel(uid)  # a running chunk-mate's result is dropped
-            else:
-                others.append(uid)
-        return others
+        return list(uids) if self.queue is None else self.queue.cancel_many(uids)
 
     def close(self) -> None:
         """Stop sending, and stop the chunks still out (their tasks fail as
@@ -206,31 +175,11 @@ def _unchunked(specs: Sequence[TaskSpec]) -> tuple[list[TaskSpec], list[str]]:
     return rest, [s.uid for s in specs if s.has_remote_args]
 
 
-def _verdict(spec: TaskSpec, mine: set[str], many: bool) -> bool | None:
-    """True: in a chunk; False: Parsl's path; None: refused (piped, and not
-    all of its upstreams are in the chunk queue)."""
-    if spec.has_remote_args:
-        ups = {r.uid for r in find((spec.args, spec.kwargs), _REFS)}
-        return True if ups <= mine and _eligible(spec) else None
-    return many and _eligible(spec)
-
-
 def _eligible(spec: TaskSpec) -> bool:
     opts = spec.options
-    return (
-        spec.function is not None
-        and spec.chunk
-        and spec.resources.is_default
-        and not (opts and any(k in opts for k in _PARSL_OPTIONS))
+    return plain_call(spec, "parsl") and not (
+        opts and any(k in opts for k in _PARSL_OPTIONS)
     )
-
-
-def _key(spec: TaskSpec) -> Any:
-    try:
-        hash(spec.function)
-    except TypeError:
-        return id(spec.function)
-    return spec.function
 
 
 def _lost(exc: BaseException) -> str | None:

@@ -130,18 +130,21 @@ class ChunkQueue:
         specs: Sequence[TaskSpec],
         burst: int,
         eligible: Callable[[TaskSpec], bool],
+        native_pipes: bool = True,
     ) -> tuple[list[TaskSpec], list[str]]:
         """Queue the specs of ``specs`` that go in chunks: every ``eligible``
         one whose function is called at least ``burst`` times in the batch,
         and every piped one whose upstreams are all here.  Returns the rest,
         for the runtime's own path, and the uids of piped specs whose
-        upstreams are split between the two paths (refused: see the protocol)."""
+        upstreams are split between the two paths, or, where the runtime's
+        path cannot pipe (``native_pipes=False``), not all here (refused: see
+        the protocol)."""
         counts = Counter(_function_key(s) for s in specs if eligible(s))
         wanted = {key for key, n in counts.items() if n >= burst}
         mine = set(self._live)
         buckets: tuple[list[TaskSpec], list[TaskSpec], list[TaskSpec]] = ([], [], [])
         for spec in specs:
-            where = _bucket(spec, mine, wanted, eligible)
+            where = _bucket(spec, mine, wanted, eligible, native_pipes)
             buckets[where].append(spec)
             if where == _CHUNK:
                 mine.add(spec.uid)
@@ -407,10 +410,11 @@ def _bucket(
     mine: set[str],
     wanted: set[Any],
     eligible: Callable[[TaskSpec], bool],
+    native_pipes: bool,
 ) -> int:
     """Where one spec of a batch goes (see ``ChunkQueue.route``)."""
     ups = _upstreams(spec) if spec.has_remote_args else set()
-    if ups & mine:
+    if ups & mine or (ups and not native_pipes):
         return _CHUNK if ups <= mine and eligible(spec) else _REFUSE
     if not ups and eligible(spec) and _function_key(spec) in wanted:
         return _CHUNK
