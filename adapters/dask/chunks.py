@@ -149,6 +149,9 @@ class DaskChunks:
         if client is None or state.life.closed:
             stand_in.cancel()  # the queue fails its tasks: the cluster shut down
             return
+        if client.status != "running":  # its futures would wait for ever
+            stand_in.set_exception(_Dropped(_NOT_CONNECTED.format(client.status)))
+            return
         if _size(calls) > SCATTER_BYTES:  # a graph that big makes Dask warn
             state.life.spawn(self._scatter_and_submit(calls, stand_in))
             return
@@ -349,6 +352,12 @@ def _settle(stand_in: Future[Any], outcome: Any, exc: BaseException | None) -> N
         stand_in.set_exception(exc)
     else:
         stand_in.set_result(outcome)
+
+
+_NOT_CONNECTED = (
+    "the Dask client is not connected to its scheduler (status {!r}); was the "
+    "scheduler restarted or the connection to it lost?"
+)
 
 
 class _Dropped(Exception):
