@@ -24,7 +24,6 @@ on the loop.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import pickle
@@ -36,12 +35,12 @@ from distributed import Future as DaskFuture
 from distributed.scheduler import KilledWorker
 
 from ...errors import WorkerLostError
-from ...protocol import CompletionSink, UpstreamRef
+from ...protocol import CompletionSink
 from ...spec import TaskSpec
-from ...walk import contains, find
+from ...walk import contains
 from ...worker import Call
 from ..toolkit import FunctionCache, lost_error
-from ..toolkit.chunks import ChunkQueue
+from ..toolkit.chunks import MIN_BURST, ChunkQueue
 from .config import CLOSE_TIMEOUT
 from .results import Completions
 from .state import DaskState, WorkerCapacity, log
@@ -49,15 +48,9 @@ from .submit import SCATTER_BYTES, SCATTER_EACH, SUBMIT_OPTIONS
 from .values import DaskRemoteValue, payload
 from .worker import run_chunk_task
 
-__all__ = ["MIN_BURST", "DaskChunks", "JobLost"]
+__all__ = ["DaskChunks", "JobLost"]
 
-#: calls of one function in one batch from which they travel in chunks (and
-#: at least two per worker thread, so that a batch too small to fill the
-#: cluster twice keeps Dask's path)
-MIN_BURST = 16
-_REFS = frozenset({UpstreamRef})
 _VALUES = frozenset({DaskRemoteValue})
-_CHUNK, _REST, _REFUSE = "chunk", "rest", "refuse"  # where route sends a spec
 
 _Out = tuple[str, DaskFuture, "asyncio.Task[None]"]  # key, Dask future, watcher
 
@@ -116,18 +109,14 @@ class DaskChunks:
 
     # -- routing -------------------------------------------------------------------
     def route(self, specs: Sequence[TaskSpec]) -> tuple[list[TaskSpec], list[str]]:
-        """Take the specs that go in chunks; the rest for Dask, and the uids of
+        """Queue the specs that go in chunks; the rest for Dask, and the uids of
         piped specs whose upstreams are split between the two."""
         queue, burst = self.queue, self.burst
         if queue is None or burst is None:
             return list(specs), []
         if (self._state.workers or self._state.planned) is not self._counted:
             queue.slots = self._slots()  # the worker list was refreshed
-        to = _sort(specs, set(queue.pipes.live), burst)
-        refused = [spec.uid for spec in to[_REFUSE]]
-        if to[_CHUNK]:
-            refused += queue.put(to[_CHUNK])
-        return to[_REST], refused
+        return queue.route(specs, burst, _eligible)
 
     # -- Dask's side ---------------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:
@@ -252,17 +241,7 @@ class DaskChunks:
     # -- cancel and close ------------------------------------------------------------
     def cancel(self, uids: Sequence[str]) -> list[str]:
         """Cancel the chunked ones among ``uids``; return the others."""
-        queue = self.queue
-        if queue is None:
-            return list(uids)
-        live = queue.pipes.live
-        others = []
-        for uid in uids:
-            if uid in live:
-                queue.cancel(uid)  # a running chunk-mate's result is dropped
-            else:
-                others.append(uid)
-        return others
+        return list(uids) if self.queue is None else self.queue.cancel_many(uids)
 
     async def close(self) -> None:
         """Stop sending, fail the tasks of the chunks still out and cancel
@@ -285,57 +264,19 @@ class DaskChunks:
 
 
 def _eligible(spec: TaskSpec) -> bool:
+    """A plain call without Dask's placement options, whose arguments are small
+    enough to ride in a graph, reading no value the cluster holds (a chunk's
+    arguments travel through the driver)."""
     options = spec.options
+    args = (spec.args, spec.kwargs)
     return (
         spec.function is not None
         and spec.chunk
         and spec.resources.is_default
         and not (options and any(k in options for k in SUBMIT_OPTIONS))
         and payload(spec.args, spec.kwargs) <= SCATTER_EACH
+        and not (spec.has_remote_args and contains(args, _VALUES))
     )
-
-
-def _sort(
-    specs: Sequence[TaskSpec], mine: set[str], burst: int
-) -> dict[str, list[TaskSpec]]:
-    """``specs`` by where they go; ``mine`` is what the queue holds."""
-    eligible = [_eligible(s) for s in specs]
-    counts = collections.Counter(
-        _key(s) for s, ok in zip(specs, eligible, strict=True) if ok
-    )
-    to: dict[str, list[TaskSpec]] = {_CHUNK: [], _REST: [], _REFUSE: []}
-    for spec, ok in zip(specs, eligible, strict=True):
-        if spec.has_remote_args:
-            where = _piped(spec, ok, mine)
-        else:
-            where = _CHUNK if ok and counts[_key(spec)] >= burst else _REST
-        to[where].append(spec)
-        if where is _CHUNK:
-            mine.add(spec.uid)
-    return to
-
-
-def _piped(spec: TaskSpec, eligible: bool, mine: set[str]) -> str:
-    """Where a spec naming running upstreams goes: with them (to Dask, or into
-    the queue), or back to the engine when they are split between the two."""
-    ups = {r.uid for r in find((spec.args, spec.kwargs), _REFS)}
-    if not ups & mine:
-        return _REST
-    if ups <= mine and eligible and not _holds_values(spec):
-        return _CHUNK
-    return _REFUSE
-
-
-def _key(spec: TaskSpec) -> Any:
-    try:
-        hash(spec.function)
-    except TypeError:
-        return id(spec.function)
-    return spec.function
-
-
-def _holds_values(spec: TaskSpec) -> bool:
-    return contains((spec.args, spec.kwargs), _VALUES)
 
 
 def _size(calls: list[Call]) -> int:
