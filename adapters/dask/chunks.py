@@ -40,7 +40,8 @@ from ...spec import TaskSpec
 from ...walk import contains
 from ...worker import Call
 from ..toolkit import FunctionCache, lost_error
-from ..toolkit.chunks import MIN_BURST, ChunkQueue
+from ..toolkit.chunks import ChunkQueue
+from ..toolkit.routing import MIN_BURST, route
 from .config import CLOSE_TIMEOUT
 from .results import Completions
 from .state import DaskState, WorkerCapacity, log
@@ -116,7 +117,7 @@ class DaskChunks:
             return list(specs), []
         if (self._state.workers or self._state.planned) is not self._counted:
             queue.slots = self._slots()  # the worker list was refreshed
-        return queue.route(specs, burst, _eligible)
+        return route(queue, specs, burst, _eligible)
 
     # -- Dask's side ---------------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:

@@ -38,7 +38,8 @@ from ...protocol import CompletionSink
 from ...spec import TaskSpec
 from ...worker import Call
 from ..toolkit import FunctionCache
-from ..toolkit.chunks import MIN_BURST, ChunkQueue, cancel_future, plain_call
+from ..toolkit.chunks import ChunkQueue, cancel_future
+from ..toolkit.routing import MIN_BURST, plain_call, route
 from .executors import Profile
 from .state import InterchangeLost, State, log
 from .worker import chunk_task
@@ -85,7 +86,7 @@ class ParslChunks:
         queue, burst = self.queue, self.burst
         if queue is None or burst is None:
             return _unchunked(specs)
-        return queue.route(specs, burst, _eligible, native_pipes=False)
+        return route(queue, specs, burst, _eligible, native_pipes=False)
 
     # -- Parsl's side --------------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:

@@ -26,7 +26,8 @@ from ...protocol import CompletionSink
 from ...spec import TaskSpec
 from ...worker import Call, run_chunk
 from ..toolkit import FunctionCache
-from ..toolkit.chunks import MIN_BURST, ChunkQueue, plain_call
+from ..toolkit.chunks import ChunkQueue
+from ..toolkit.routing import MIN_BURST, plain_call, route
 from ._rp import rp
 from .dispatch import Dispatcher, Record
 from .worker import unpack_result
@@ -77,7 +78,7 @@ class RadicalChunks:
         self._modules.update(
             m for s in specs if (m := getattr(s.function, "__module__", None))
         )
-        rest, _ = queue.route(specs, burst, _eligible)  # nothing is piped here
+        rest, _ = route(queue, specs, burst, _eligible)  # nothing is piped here
         return rest
 
     # -- radical.pilot's side --------------------------------------------------------

@@ -31,7 +31,8 @@ from ...spec import TaskSpec
 from ...walk import contains
 from ...worker import Call, run_chunk
 from ..toolkit import FunctionCache
-from ..toolkit.chunks import MIN_BURST, ChunkQueue, plain_call
+from ..toolkit.chunks import ChunkQueue
+from ..toolkit.routing import MIN_BURST, plain_call, route
 from .results import RayValue
 from .state import RayState, log
 
@@ -76,7 +77,7 @@ class RayChunks:
         queue, burst = self.queue, self.burst
         if queue is None or burst is None:
             return list(specs), []
-        return queue.route(specs, burst, _eligible)
+        return route(queue, specs, burst, _eligible)
 
     # -- Ray's side ----------------------------------------------------------------
     def _send(self, calls: list[Call]) -> Future[Any]:

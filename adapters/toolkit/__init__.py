@@ -16,7 +16,10 @@ an exception that must survive the trip back from a worker) lands once:
   for in one loop turn;
 * :class:`Scratch`: a temp dir a backend owns, with the list of running
   commands its workers keep there, so that shutdown kills what a dead worker
-  left behind.
+  left behind;
+* :mod:`.chunks` and :mod:`.routing`: short function tasks sent several to a
+  runtime call, sized from measured run times, each still reported on its own,
+  and the rule for which tasks of a batch go that way.
 
 The command-killing primitives themselves run in workers and live in
 :mod:`asyncflow.worker` (``kill_command``, ``COMMAND_PIDS_ENV``).

@@ -33,24 +33,19 @@ import functools
 import pickle
 import sys
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from ...errors import EngineClosedError, SerializationError, WorkerLostError
-from ...protocol import CompletionSink, UpstreamRef
+from ...protocol import CompletionSink
 from ...spec import TaskSpec
-from ...walk import find
 from ...worker import Call, ChunkRef, Outcome, Span, dumps_function, raise_error
 from .._pipes import Pipes
 
-__all__ = ["MAX_CHUNK", "MIN_BURST", "ChunkQueue", "cancel_future", "plain_call"]
+__all__ = ["MAX_CHUNK", "ChunkQueue", "cancel_future"]
 
-#: calls of one function in one batch from which a distributed runtime's
-#: adapter sends them in chunks (and at least two per worker slot, so that a
-#: batch too small to fill the workers twice keeps the runtime's own path)
-MIN_BURST = 16
 
 #: starts ``run_chunk(calls)`` somewhere; a Future of its outcome
 Send = Callable[[list[Call]], "Future[Any]"]
@@ -124,35 +119,6 @@ class ChunkQueue:
                 refused.append(spec.uid)
         self._pump()
         return refused
-
-    def route(
-        self,
-        specs: Sequence[TaskSpec],
-        burst: int,
-        eligible: Callable[[TaskSpec], bool],
-        native_pipes: bool = True,
-    ) -> tuple[list[TaskSpec], list[str]]:
-        """Queue the specs of ``specs`` that go in chunks: every ``eligible``
-        one whose function is called at least ``burst`` times in the batch,
-        and every piped one whose upstreams are all here.  Returns the rest,
-        for the runtime's own path, and the uids of piped specs whose
-        upstreams are split between the two paths, or, where the runtime's
-        path cannot pipe (``native_pipes=False``), not all here (refused: see
-        the protocol)."""
-        counts = Counter(_function_key(s) for s in specs if eligible(s))
-        wanted = {key for key, n in counts.items() if n >= burst}
-        mine = set(self._live)
-        buckets: tuple[list[TaskSpec], list[TaskSpec], list[TaskSpec]] = ([], [], [])
-        for spec in specs:
-            where = _bucket(spec, mine, wanted, eligible, native_pipes)
-            buckets[where].append(spec)
-            if where == _CHUNK:
-                mine.add(spec.uid)
-        chunked, rest, refused = buckets
-        refused_uids = [s.uid for s in refused]
-        if chunked:
-            refused_uids += self.put(chunked)
-        return rest, refused_uids
 
     def cancel_many(self, uids: Sequence[str]) -> list[str]:
         """Cancel the tasks of ``uids`` that are here (a running chunk-mate's
@@ -389,51 +355,6 @@ class ChunkQueue:
                 times[blob] = took
             else:
                 times[blob] = old + _SMOOTHING * (took - old)
-
-
-def plain_call(spec: TaskSpec, runtime: str) -> bool:
-    """A function task a chunk may carry: not kept out of chunks, no
-    ``resources=``, no options for ``runtime``."""
-    return (
-        spec.function is not None
-        and spec.chunk
-        and spec.resources.is_default
-        and not (spec.options and spec.options.get(runtime))
-    )
-
-
-_CHUNK, _REST, _REFUSE = range(3)
-
-
-def _bucket(
-    spec: TaskSpec,
-    mine: set[str],
-    wanted: set[Any],
-    eligible: Callable[[TaskSpec], bool],
-    native_pipes: bool,
-) -> int:
-    """Where one spec of a batch goes (see ``ChunkQueue.route``)."""
-    ups = _upstreams(spec) if spec.has_remote_args else set()
-    if ups & mine or (ups and not native_pipes):
-        return _CHUNK if ups <= mine and eligible(spec) else _REFUSE
-    if not ups and eligible(spec) and _function_key(spec) in wanted:
-        return _CHUNK
-    return _REST
-
-
-def _function_key(spec: TaskSpec) -> Any:
-    try:
-        hash(spec.function)
-    except TypeError:  # an unhashable callable object
-        return id(spec.function)
-    return spec.function
-
-
-_REFS = frozenset({UpstreamRef})
-
-
-def _upstreams(spec: TaskSpec) -> set[str]:
-    return {ref.uid for ref in find((spec.args, spec.kwargs), _REFS)}
 
 
 def cancel_future(f: Future[Any]) -> bool:

@@ -389,7 +389,10 @@ async def soak_scenario(name: str, total: int) -> dict[str, Any]:
     me = psutil.Process()
     async with WorkflowEngine(owned(name)) as flow:
         inc = flow.function_task(t.inc)
-        # Warm: workers, connections, caches and the first batches exist.
+        # Warm: workers, connections, caches and the first batches exist, on
+        # the runtime's own path (every worker runs tasks) and in chunks.
+        alone = flow.function_task(chunk=False)(t.inc)
+        assert sum(await asyncio.gather(*(alone(i) for i in range(200)))) > 0
         assert sum(await asyncio.gather(*(inc(i) for i in range(2000)))) > 0
         gc.collect()
         rss, fds = me.memory_info().rss, me.num_fds()

@@ -1,0 +1,102 @@
+"""Which tasks of a batch travel in chunks, and which keep the runtime's path.
+
+A distributed runtime's adapter keeps its own path for what chunks cannot
+carry (``resources=``, runtime options, values the runtime holds) and for
+batches too small to gain from them, and sends the rest through its
+:class:`~.chunks.ChunkQueue`.  Piped specs follow their upstreams: all of them
+chunked, the spec is chunked too; split between the paths, it is refused (the
+engine sends it again with the values).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ...protocol import UpstreamRef
+from ...spec import TaskSpec
+from ...walk import find
+from .chunks import ChunkQueue
+
+__all__ = ["MIN_BURST", "plain_call", "route"]
+
+#: calls of one function in one batch from which a distributed runtime's
+#: adapter sends them in chunks (and at least two per worker slot, so that a
+#: batch too small to fill the workers twice keeps the runtime's own path)
+MIN_BURST = 16
+
+
+def route(
+    queue: ChunkQueue,
+    specs: Sequence[TaskSpec],
+    burst: int,
+    eligible: Callable[[TaskSpec], bool],
+    native_pipes: bool = True,
+) -> tuple[list[TaskSpec], list[str]]:
+    """Queue, in ``queue``, the specs of ``specs`` that go in chunks: every ``eligible``
+    one whose function is called at least ``burst`` times in the batch,
+    and every piped one whose upstreams are all here.  Returns the rest,
+    for the runtime's own path, and the uids of piped specs whose
+    upstreams are split between the two paths, or, where the runtime's
+    path cannot pipe (``native_pipes=False``), not all here (refused: see
+    the protocol)."""
+    counts = Counter(_function_key(s) for s in specs if eligible(s))
+    wanted = {key for key, n in counts.items() if n >= burst}
+    mine = set(queue.pipes.live)
+    buckets: tuple[list[TaskSpec], list[TaskSpec], list[TaskSpec]] = ([], [], [])
+    for spec in specs:
+        where = _bucket(spec, mine, wanted, eligible, native_pipes)
+        buckets[where].append(spec)
+        if where == _CHUNK:
+            mine.add(spec.uid)
+    chunked, rest, refused = buckets
+    refused_uids = [s.uid for s in refused]
+    if chunked:
+        refused_uids += queue.put(chunked)
+    return rest, refused_uids
+
+
+def plain_call(spec: TaskSpec, runtime: str) -> bool:
+    """A function task a chunk may carry: not kept out of chunks, no
+    ``resources=``, no options for ``runtime``."""
+    return (
+        spec.function is not None
+        and spec.chunk
+        and spec.resources.is_default
+        and not (spec.options and spec.options.get(runtime))
+    )
+
+
+_CHUNK, _REST, _REFUSE = range(3)
+
+
+def _bucket(
+    spec: TaskSpec,
+    mine: set[str],
+    wanted: set[Any],
+    eligible: Callable[[TaskSpec], bool],
+    native_pipes: bool,
+) -> int:
+    """Where one spec of a batch goes (see ``ChunkQueue.route``)."""
+    ups = _upstreams(spec) if spec.has_remote_args else set()
+    if ups & mine or (ups and not native_pipes):
+        return _CHUNK if ups <= mine and eligible(spec) else _REFUSE
+    if not ups and eligible(spec) and _function_key(spec) in wanted:
+        return _CHUNK
+    return _REST
+
+
+def _function_key(spec: TaskSpec) -> Any:
+    try:
+        hash(spec.function)
+    except TypeError:  # an unhashable callable object
+        return id(spec.function)
+    return spec.function
+
+
+_REFS = frozenset({UpstreamRef})
+
+
+def _upstreams(spec: TaskSpec) -> set[str]:
+    return {ref.uid for ref in find((spec.args, spec.kwargs), _REFS)}
