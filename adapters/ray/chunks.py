@@ -26,6 +26,7 @@ from typing import Any
 
 import ray
 
+from ...errors import WorkerLostError
 from ...protocol import CompletionSink
 from ...spec import TaskSpec
 from ...walk import contains
@@ -62,6 +63,8 @@ class RayChunks:
         if not self.enabled:
             return
         self.close()
+        if self._lose not in self._state.lost_hooks:
+            self._state.lost_hooks.append(self._lose)
         cpus = sum(n.get("CPU", 0) for n in self._state.nodes) or 1
         self._remote = ray.remote(run_chunk)
         self.queue = ChunkQueue(
@@ -91,6 +94,9 @@ class RayChunks:
     def _launch(self, calls: list[Call], stand_in: Future[Any]) -> None:
         if stand_in.done():
             return  # every task of it was cancelled meanwhile
+        if self._state.lost is not None:  # Ray is gone: fail at once
+            stand_in.set_exception(WorkerLostError(self._state.lost))
+            return
         try:
             ref = self._remote.remote(calls)
         except Exception as exc:
@@ -99,6 +105,14 @@ class RayChunks:
         self._refs[stand_in] = ref
         stand_in.add_done_callback(self._forget)
         ref.future().add_done_callback(lambda f: _copy(f, stand_in))
+
+    def _lose(self, why: str) -> None:
+        """Ray is gone: its futures will never finish, so fail the chunks out
+        (the queue then fails each of their tasks, and the rest as sent)."""
+        for stand_in in list(self._refs):
+            if not stand_in.done():
+                with contextlib.suppress(Exception):
+                    stand_in.set_exception(WorkerLostError(why))
 
     def _forget(self, stand_in: Future[Any]) -> None:
         ref = self._refs.pop(stand_in, None)
@@ -149,6 +163,8 @@ def _cancel(ref: ray.ObjectRef) -> None:
 def _lost(exc: BaseException) -> str:
     """Whatever fails a chunk's Ray task (run_chunk itself never raises) lost
     its worker, its node or its object, for every task in it."""
+    if isinstance(exc, WorkerLostError):
+        return str(exc)  # Ray itself is gone: the backend's own words
     return (
         f"the Ray worker running its chunk was lost ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0] if str(exc) else exc!r}); use retries= to "

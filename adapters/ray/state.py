@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,9 @@ class RayState:
     nodes: list[Mapping[str, float]] = field(default_factory=list)
     backlog: int = BATCH  # tasks in flight beyond which reports may wait
     lost: str | None = None  # why Ray is gone (see watch.py)
+    #: called with ``lost`` when Ray goes: parts holding tasks outside
+    #: ``tasks`` (the chunks) fail them too
+    lost_hooks: list[Callable[[str], None]] = field(default_factory=list)
 
     def read_cluster(self) -> None:
         """Nodes, backlog and info from the Ray this process is connected to."""

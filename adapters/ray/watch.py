@@ -95,6 +95,8 @@ class HeadWatch:
         for uid, task in tasks.items():
             error = WorkerLostError(f"task {task.name!r}: {state.lost}")
             sink.set_exception(uid, error)
+        for hook in list(state.lost_hooks):
+            hook(state.lost)
 
     def unwatch(self) -> None:
         fds, self._pidfds = self._pidfds, []

@@ -91,7 +91,9 @@ def test_20k_tasks_on_a_runtime_release_memory_and_descriptors(
     name: str, measure: Measure
 ) -> None:
     """20,000 tasks, in batches of 2,000, on the backend's default runtime (2
-    workers), in a fresh interpreter after a 2,000-task warm-up."""
+    workers), in a fresh interpreter after a 2,000-task warm-up: memory and
+    descriptors counted after the first 10,000 tasks do not grow over the
+    next 10,000 (a pool the runtime grows once under load is not a leak)."""
     require(name)
     r = run_driver("soak", name, "20000", timeout=540)
     measure(
@@ -101,7 +103,7 @@ def test_20k_tasks_on_a_runtime_release_memory_and_descriptors(
         r["seconds"],
     )
     assert r["open"] == 0 and r["inflight"] == 0
-    assert r["grown_mb"] < 50, f"RSS grew by {r['grown_mb']:.1f} MB over 20k tasks"
+    assert r["grown_mb"] < 50, f"RSS grew by {r['grown_mb']:.1f} MB over 10k tasks"
     assert r["fds_after"] <= r["fds_before"], (
         f"file descriptors leaked: {r['fds_before']} -> {r['fds_after']}"
     )
