@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from asyncflow.bench.workloads import WORKLOADS as ALL_WORKLOADS
 from asyncflow.registry import available_backends
 
 BACKENDS = os.environ.get("ASYNCFLOW_BENCH_BACKENDS", "all")
-WORKLOADS = {"fanout", "chain", "diamond", "mapreduce", "sleep", "exec"}
+WORKLOADS = set(ALL_WORKLOADS)
 
 
 @pytest.mark.timeout(900)
