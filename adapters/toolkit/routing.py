@@ -41,15 +41,19 @@ def route(
     upstreams are split between the two paths, or, where the runtime's
     path cannot pipe (``native_pipes=False``), not all here (refused: see
     the protocol)."""
-    counts = Counter(_function_key(s) for s in specs if eligible(s))
-    wanted = {key for key, n in counts.items() if n >= burst}
-    mine = set(queue.pipes.live)
+    # eligibility and keys once per spec: an adapter's test may walk arguments
+    calls = [(s, eligible(s)) for s in specs]
+    keys = [_function_key(s) if ok else None for s, ok in calls]
+    counts = Counter(k for k in keys if k is not None)
+    live = queue.pipes.live  # not copied: a batch's own chunked uids go in taken
+    taken: set[str] = set()
     buckets: tuple[list[TaskSpec], list[TaskSpec], list[TaskSpec]] = ([], [], [])
-    for spec in specs:
-        where = _bucket(spec, mine, wanted, eligible, native_pipes)
+    for (spec, ok), key in zip(calls, keys, strict=True):
+        many = ok and counts[key] >= burst
+        where = _bucket(spec, ok, many, (live, taken), native_pipes)
         buckets[where].append(spec)
         if where == _CHUNK:
-            mine.add(spec.uid)
+            taken.add(spec.uid)
     chunked, rest, refused = buckets
     refused_uids = [s.uid for s in refused]
     if chunked:
@@ -73,18 +77,20 @@ _CHUNK, _REST, _REFUSE = range(3)
 
 def _bucket(
     spec: TaskSpec,
-    mine: set[str],
-    wanted: set[Any],
-    eligible: Callable[[TaskSpec], bool],
+    ok: bool,
+    many: bool,
+    here: tuple[set[str], set[str]],
     native_pipes: bool,
 ) -> int:
-    """Where one spec of a batch goes (see ``ChunkQueue.route``)."""
+    """Where one spec of a batch goes: ``ok`` is its eligibility, ``many``
+    whether its function is called often enough, ``here`` the uids in the
+    queue and those this batch put there."""
     ups = _upstreams(spec) if spec.has_remote_args else set()
-    if ups & mine or (ups and not native_pipes):
-        return _CHUNK if ups <= mine and eligible(spec) else _REFUSE
-    if not ups and eligible(spec) and _function_key(spec) in wanted:
-        return _CHUNK
-    return _REST
+    live, taken = here
+    found = sum(1 for u in ups if u in live or u in taken)
+    if found or (ups and not native_pipes):
+        return _CHUNK if ok and found == len(ups) else _REFUSE
+    return _CHUNK if many and not ups else _REST
 
 
 def _function_key(spec: TaskSpec) -> Any:
