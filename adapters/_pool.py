@@ -2,7 +2,7 @@
 
 What is particular to ``ProcessPoolExecutor``: a submit may fork the pool's
 workers, which must not happen while a command's ``Popen`` holds its pipes
-open (see :data:`asyncflow.worker.FORK_LOCK`), and a worker that dies breaks
+open (see :data:`asyncflow.commands.FORK_LOCK`), and a worker that dies breaks
 the whole pool, which the backend then replaces.
 """
 
@@ -13,7 +13,8 @@ from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ..worker import FORK_LOCK, Call, guard_forks, run_chunk
+from ..commands import FORK_LOCK, guard_forks
+from ..worker import Call, run_chunk
 
 __all__ = ["PoolChunks"]
 

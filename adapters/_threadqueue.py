@@ -43,6 +43,8 @@ class ThreadQueue:
         self._live = self._pipes.live  # here and unfinished: queued, running, piped
         self._runners = 0
         self._lock = threading.Lock()
+        #: where commands write their output (the pool's temp dir)
+        self.spill_dir: str | None = None
 
     # -- the loop's side -----------------------------------------------------------
     def put(self, specs: Sequence[TaskSpec]) -> list[str]:
@@ -127,7 +129,7 @@ class ThreadQueue:
         uid, sink = spec.uid, self._sink
         sink.set_running(uid)
         try:
-            value = run_spec(spec)
+            value = run_spec(spec, self.spill_dir)
         except BaseException as exc:
             self._finished(uid, False, None)
             sink.set_exception(uid, exc)

@@ -33,17 +33,18 @@ from concurrent.futures import (
 from typing import Any
 
 from .._util import run_in_thread
+from ..commands import kill_command
 from ..errors import (
     EngineClosedError,
     ResourceUnavailableError,
 )
 from ..protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ..spec import TaskSpec
-from ..worker import kill_command, run_spec
+from ..worker import run_spec
 from ._awaitable import AwaitableBackend
 from ._pool import PoolChunks
 from ._threadqueue import ThreadQueue
-from .toolkit import FunctionCache
+from .toolkit import FunctionCache, Scratch
 from .toolkit.chunks import ChunkQueue, cancel_future
 
 __all__ = ["ConcurrentExecutionBackend", "LocalExecutionBackend", "process_backend"]
@@ -114,6 +115,8 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         # shutdown must stop it instead of waiting for it.
         self._abandoned: set[Future[Any]] = set()
         self._functions = FunctionCache("a process pool")
+        # Where commands' output goes (asyncflow.output): made by the first one.
+        self._scratch = Scratch()
         self._drain = not self._processes and isinstance(
             self._executor, ThreadPoolExecutor
         )
@@ -173,6 +176,8 @@ class ConcurrentExecutionBackend(AwaitableBackend):
                     ),
                 )
                 continue
+            if spec.command is not None and self._scratch.path is None:
+                self._make_scratch()
             # Commands too on a thread pool; a process pool's run on _commands.
             if pool is not None and (spec.command is None or pool is self._threads):
                 queued.append(spec)
@@ -196,6 +201,11 @@ class ConcurrentExecutionBackend(AwaitableBackend):
             return pool.put(queued)
         return []
 
+    def _make_scratch(self) -> None:
+        path = self._scratch.make("asyncflow-pool-")
+        if self._threads is not None:
+            self._threads.spill_dir = path
+
     def _run_here(self, spec: TaskSpec) -> None:
         """Worker-thread entry: run and report straight to the sink.
 
@@ -207,7 +217,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
         assert sink is not None
         sink.set_running(uid)
         try:
-            value = run_spec(spec)
+            value = run_spec(spec, self._scratch.path)
         except BaseException as exc:
             self._futures.pop(uid, None)
             sink.set_exception(uid, exc)
@@ -259,6 +269,7 @@ class ConcurrentExecutionBackend(AwaitableBackend):
                 _kill_pool_processes(ex)
             await run_in_thread(_shutdown_executor, ex, name="asyncflow-shutdown")
         self._functions.clear()
+        self._scratch.close()
 
     def _stop_outstanding(self) -> None:
         """Cancel what has not started and kill the commands that have; pool

@@ -22,6 +22,7 @@ from .errors import (
     DependencyFailureError,
     EngineClosedError,
     ExecutableFailedError,
+    OutputDecodeError,
     ResourceUnavailableError,
     SerializationError,
     TaskDefinitionError,
@@ -30,6 +31,7 @@ from .errors import (
     WorkerLostError,
 )
 from .future import TaskFuture, TaskState
+from .output import StdoutFile
 from .protocol import (
     BackendInfo,
     Capabilities,
@@ -69,6 +71,7 @@ __all__ = [
     "InputFile",
     "LocalExecutionBackend",
     "NoopExecutionBackend",
+    "OutputDecodeError",
     "OutputFile",
     "ParslExecutionBackend",
     "RadicalExecutionBackend",
@@ -77,6 +80,7 @@ __all__ = [
     "ResourceUnavailableError",
     "Resources",
     "SerializationError",
+    "StdoutFile",
     "TaskDefinitionError",
     "TaskFuture",
     "TaskInterruptedError",

@@ -35,6 +35,8 @@ RESOURCE_KEYS = {
 }
 #: the other portable keys
 OTHER_KEYS = ("mem_per_rank", "environment", "cwd")
+#: radical.pilot's output paths, which every backend honours (asyncflow.output)
+STREAM_KEYS = ("stdout", "stderr")
 
 #: runtime (``info.runtime``) -> the ``options=`` key its adapter reads
 NATIVE_OPTIONS = {"radical.pilot": "radical", "ray": "ray"}
@@ -81,6 +83,7 @@ def translate(
         options = _with_native(dict(options or {}), native, task, backend)
     return {
         **base,
+        **{k: description[k] for k in STREAM_KEYS if k in description},
         "resources": resources or None,
         "env": env or None,
         "cwd": cwd,
@@ -104,7 +107,7 @@ def _portable(
             env.update(value or {})
         elif key == "cwd":
             cwd = value
-        elif key != "mem_per_rank":
+        elif key not in STREAM_KEYS and key != "mem_per_rank":
             native[key] = value
     if "mem_per_rank" in description:
         ranks = resources.get("ranks", 1)
@@ -149,7 +152,7 @@ def _with_native(
 ) -> dict[str, Any]:
     key = NATIVE_OPTIONS.get(backend.info.runtime)
     if key is None:
-        portable = sorted([*RESOURCE_KEYS, *OTHER_KEYS])
+        portable = sorted([*RESOURCE_KEYS, *OTHER_KEYS, *STREAM_KEYS])
         raise TaskDefinitionError(
             f"task {task!r}: task_description key(s) {sorted(native)} mean nothing "
             f"on backend {backend.info.name!r} ({backend.info.runtime}); every "

@@ -114,7 +114,7 @@ class Dispatch:
         decl = fut._decl
         opts = decl.opts
         try:
-            cmd = Command.coerce(command, decl.name, opts.env, opts.cwd)
+            cmd = Command.coerce(command, decl.name, opts.env, opts.cwd, opts.capture)
         except TaskDefinitionError as exc:
             self._scheduler.finish_error(fut, exc, retry=False)
             return

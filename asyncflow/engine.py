@@ -25,6 +25,7 @@ from .errors import (
     TaskDefinitionError,
 )
 from .events import EventStream, Subscriber, TraceRecorder
+from .output import DEFAULT
 from .protocol import Capability, ExecutionBackend
 from .scheduler import Scheduler
 from .services import Services
@@ -196,6 +197,11 @@ class WorkflowEngine:
                 )
             if options.service:
                 check_service(name, kind, backend)
+            if kind is not TaskKind.EXECUTABLE and options.capture != DEFAULT:
+                raise TaskDefinitionError(
+                    f"task {name!r}: stdout=, stderr=, text= and output_limit= "
+                    "are for executable tasks; a function returns its value"
+                )
             decl = TaskDecl(self, f, kind, options, backend)
             decl.described = (description, dict(opts))
             return decl

@@ -16,7 +16,8 @@ classes below describe what asyncflow itself has to say::
     ├── TaskTimeoutError(AsyncflowError, TimeoutError)   ``timeout=`` ran out
     ├── TaskInterruptedError(AsyncflowError)             SystemExit/Ctrl-C in a task
     ├── DependencyFailureError(AsyncflowError)           an upstream task failed
-    └── ExecutableFailedError(AsyncflowError, RuntimeError)  a command exited non-zero
+    ├── ExecutableFailedError(AsyncflowError, RuntimeError)  a command exited non-zero
+    └── OutputDecodeError(AsyncflowError, ValueError)    stdout is not UTF-8 text
 
 Cancellation is plain :class:`asyncio.CancelledError`, as everywhere in asyncio.
 
@@ -36,6 +37,7 @@ __all__ = [
     "DependencyFailureError",
     "EngineClosedError",
     "ExecutableFailedError",
+    "OutputDecodeError",
     "ResourceUnavailableError",
     "SerializationError",
     "TaskDefinitionError",
@@ -142,8 +144,9 @@ class ExecutableFailedError(AsyncflowError, RuntimeError):
 
     A ``RuntimeError`` too, as in radical.asyncflow, whose scripts catch it so.
 
-    Carries the whole ``stdout`` and ``stderr`` and the ``exit_code`` (negative for a
-    signal, as in :mod:`subprocess`).
+    Carries ``stdout`` and ``stderr`` (their last ``output_limit=`` bytes, see
+    :mod:`asyncflow.output`) and the ``exit_code`` (negative for a signal, as in
+    :mod:`subprocess`).
     """
 
     def __init__(
@@ -173,3 +176,19 @@ class ExecutableFailedError(AsyncflowError, RuntimeError):
             type(self),
             (self.task, self.exit_code, self.stdout, self.stderr, self.command),
         )
+
+
+class OutputDecodeError(AsyncflowError, ValueError):
+    """A command succeeded but its stdout is not UTF-8, and ``text=False`` was not
+    given: decoding it with replacement characters would lose bytes silently."""
+
+    def __init__(self, task: str, stream: str, reason: object):
+        self.task, self.stream, self.reason = task, stream, str(reason)
+        super().__init__(
+            f"executable task {task!r}: its {stream} is not UTF-8 text "
+            f"({reason}); declare the task with text=False to get bytes, or "
+            f"{stream}='PATH' to keep the output in a file"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.task, self.stream, self.reason))

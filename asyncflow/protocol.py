@@ -53,7 +53,8 @@ Each is a :mod:`asyncflow.errors` class given to ``sink.set_exception`` with a
 message that names the task and says what to do:
 
 * the task's own exception, as its own type: run tasks through
-  :func:`asyncflow.worker.run_spec` (or ``call_function``/``run_command``),
+  :func:`asyncflow.worker.run_spec` (or ``call_function`` and
+  :func:`asyncflow.commands.run_command`),
   which also attach the worker's traceback and raise
   ``ExecutableFailedError`` for a command that exited non-zero;
 * ``ResourceUnavailableError``, from ``submit`` at once, for ``resources=`` the

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import TaskDefinitionError
+from .output import DEFAULT, Capture
 
 __all__ = ["Command", "Resources", "TaskSpec"]
 
@@ -79,6 +80,8 @@ class Command:
     argv: str | tuple[str, ...]
     env: Mapping[str, str] | None = None
     cwd: str | None = None
+    #: where and how its output is kept (:mod:`asyncflow.output`)
+    capture: Capture = DEFAULT
 
     @property
     def shell(self) -> bool:
@@ -91,6 +94,7 @@ class Command:
         task: str,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        capture: Capture = DEFAULT,
     ) -> Command:
         """Validate what an executable body returned, naming the task on error."""
         if isinstance(value, Command):
@@ -101,7 +105,7 @@ class Command:
         check_env(env, task)
         if cwd is not None:
             cwd = os.fspath(cwd)
-        return cls(argv, env, cwd)
+        return cls(argv, env, cwd, capture)
 
 
 def _argv(value: object, task: str) -> str | tuple[str, ...]:

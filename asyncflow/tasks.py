@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import TaskDefinitionError
 from .future import TaskFuture
+from .output import DEFAULT, Capture
 from .spec import Resources, check_env
 from .walk import find, replace
 
@@ -86,6 +87,8 @@ class TaskOptions:
     service: bool = False
     #: whether the backend may run calls several to one runtime call
     chunk: bool = True
+    #: an executable's ``stdout=``/``stderr=``/``text=``/``output_limit=``
+    capture: Capture = DEFAULT
 
     @classmethod
     def build(
@@ -101,6 +104,10 @@ class TaskOptions:
         options: Mapping[str, Any] | None = None,
         service: bool = False,
         chunk: bool = True,
+        stdout: Any = None,
+        stderr: Any = None,
+        text: Any = True,
+        output_limit: Any = None,
     ) -> TaskOptions:
         _check(name, "retries", retries)
         _check(name, "timeout", timeout)
@@ -118,6 +125,7 @@ class TaskOptions:
             dict(options or {}),
             service,
             chunk,
+            Capture.build(name, stdout, stderr, text, output_limit),
         )
 
 

@@ -13,29 +13,16 @@ Running a task
     non-zero, :class:`~asyncflow.errors.TaskInterruptedError` for a task that
     raised ``SystemExit`` or ``KeyboardInterrupt``.
 
-Killing a command that runs in another process
-    :func:`run_command` starts each command in a session of its own, so killing
-    its process group kills whatever it spawned too.  In the worker process that
-    runs it, :func:`kill_command` does that by task uid; an adapter calls it
-    there (through the runtime's own way of running code on a worker) when the
-    engine cancels the task.  A command whose worker died is out of that reach,
-    as nothing stops a command when its parent dies.  For that, an adapter that
-    owns its workers gives each worker's environment
-    ``COMMAND_PIDS_ENV=pid_dir_under(a temp dir it owns)``: every command is then
-    listed there while it runs, and once the workers are gone, at shutdown,
-    :func:`kill_listed` kills whatever is still listed.
+Killing a command
+    See :mod:`asyncflow.commands`, which runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import pickle
-import signal
-import subprocess
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -43,55 +30,22 @@ from typing import Any
 
 import cloudpickle
 
+from .commands import run_command
 from .errors import (
-    ExecutableFailedError,
     SerializationError,
-    TaskDefinitionError,
     TaskInterruptedError,
 )
-from .spec import Command, TaskSpec
+from .spec import TaskSpec
 from .walk import replace
 
 __all__ = [
-    "COMMAND_PIDS_ENV",
     "WORKER_ENV",
     "call_function",
     "call_pickled",
     "dumps_function",
-    "kill_command",
-    "kill_listed",
-    "pid_dir_under",
     "run_chunk",
-    "run_command",
     "run_spec",
 ]
-
-#: Held by anything in this process that forks without exec (a process pool
-#: starting its workers), and, once such a thing exists (:func:`guard_forks`),
-#: while a command's Popen has its pipes open: a worker forked inside Popen
-#: would inherit the write ends of the command's pipes and keep its caller
-#: waiting until that worker exits.
-FORK_LOCK = threading.Lock()
-_popen_guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-
-
-def guard_forks() -> None:
-    """From now on, a command's Popen and FORK_LOCK's holders exclude each other
-    (until then, commands started from threads do not wait for each other)."""
-    global _popen_guard
-    _popen_guard = FORK_LOCK
-
-
-#: A backend that owns its workers names a directory here, in their environment.
-#: Each running command is listed in it (a file named by its pid), so that the
-#: driver can kill it at shutdown (:func:`kill_listed`) even when the worker that
-#: started it was SIGKILLed: a command has a session of its own, and nothing else
-#: stops it when its parent dies.
-COMMAND_PIDS_ENV = "ASYNCFLOW_COMMAND_PIDS"
-
-_RUNNING: dict[str, subprocess.Popen[str] | None] = {}
-_RUNNING_LOCK = threading.Lock()
-_CANCELLED: set[str] = set()
 
 
 def call_function(
@@ -284,128 +238,10 @@ def raise_error(exc: BaseException) -> None:
     raise exc
 
 
-def run_command(command: Command, uid: str, name: str) -> str:
-    """Run a command in its own process group; return stdout or raise.
-
-    The process group lets :func:`kill_command` (or anyone holding the pid) kill
-    the command together with whatever it spawned.
-    """
-    if command.cwd is not None and not os.path.isdir(command.cwd):
-        raise TaskDefinitionError(
-            f"executable task {name!r}: cwd {command.cwd!r} does not exist on the "
-            "worker; create the directory first or fix the path"
-        )
-    env = None
-    if command.env:
-        env = {**os.environ, **command.env}
-    with _RUNNING_LOCK:
-        _RUNNING[uid] = None  # starting: a kill now is remembered until Popen returns
-    try:
-        with _popen_guard:
-            proc = subprocess.Popen(
-                command.argv,
-                shell=command.shell,
-                cwd=command.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",
-                start_new_session=True,
-            )
-    except (FileNotFoundError, PermissionError) as exc:
-        with _RUNNING_LOCK:
-            _RUNNING.pop(uid, None)
-            _CANCELLED.discard(uid)
-        # The list form bypasses the shell; report it the way sh would.
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        raise ExecutableFailedError(
-            name, code, "", f"{command.argv[0]}: {exc.strerror}", command.argv
-        ) from None
-    with _RUNNING_LOCK:
-        _RUNNING[uid] = proc
-        if uid in _CANCELLED:
-            _CANCELLED.discard(uid)
-            _killpg(proc)
-    listed = _list_pid(proc.pid)
-    try:
-        out, err = proc.communicate()
-    finally:
-        with _RUNNING_LOCK:
-            _RUNNING.pop(uid, None)
-        if listed is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(listed)
-    if proc.returncode != 0:
-        raise ExecutableFailedError(name, proc.returncode, out, err, command.argv)
-    return out
-
-
-def kill_command(uid: str) -> bool:
-    """Kill the process group of command ``uid`` if it runs in this process.
-
-    Returns whether a command by that uid was running (or starting) here.
-    """
-    with _RUNNING_LOCK:
-        if uid not in _RUNNING:
-            return False
-        proc = _RUNNING[uid]
-        if proc is None:
-            _CANCELLED.add(uid)
-            return True
-    _killpg(proc)
-    return True
-
-
-def _list_pid(pid: int) -> str | None:
-    pid_dir = os.environ.get(COMMAND_PIDS_ENV)
-    if not pid_dir:
-        return None
-    path = os.path.join(pid_dir, str(pid))
-    try:
-        open(path, "x").close()
-    except OSError:  # not listed: the worker's own clean-up still applies
-        return None
-    return path
-
-
-def pid_dir_under(root: str) -> str:
-    """Where a backend lists its workers' commands, under a temp dir it owns.
-
-    The backend creates it before its first worker starts; a command started
-    while it is missing is not listed (and so not killed by :func:`kill_listed`).
-    """
-    return os.path.join(root, "commands")
-
-
-def kill_listed(pid_dir: str) -> int:
-    """SIGKILL the process group of every command listed in ``pid_dir``.
-
-    The driver calls it after its workers are gone, so whatever is still listed
-    lost its worker without being killed.
-    """
-    killed = 0
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(pid_dir):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    os.killpg(int(entry), signal.SIGKILL)
-                    killed += 1
-    return killed
-
-
-def _killpg(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_spec(spec: TaskSpec) -> Any:
+def run_spec(spec: TaskSpec, spill_dir: str | None = None) -> Any:
     """Run a whole spec in this process: the simplest possible worker entry."""
     if spec.command is not None:
-        return run_command(spec.command, spec.uid, spec.name)
+        return run_command(spec.command, spec.uid, spec.name, spill_dir)
     assert spec.function is not None
     return call_function(
         spec.function, spec.args, spec.kwargs, spec.is_async, spec.name

@@ -13,8 +13,10 @@ import pytest
 
 from .. import (
     ExecutableFailedError,
+    OutputDecodeError,
     ResourceUnavailableError,
     SerializationError,
+    StdoutFile,
     TaskTimeoutError,
 )
 from ..engine import WorkflowEngine
@@ -85,6 +87,48 @@ class ExecutableTests:
         lines = flow.executable_task(lambda: "seq 1 20000")
         out = await lines()
         assert out.splitlines() == [str(i) for i in range(1, 20001)]
+
+    @scenario(C.EXECUTABLES)
+    async def test_binary_output_is_bytes_never_replaced(
+        self, flow: WorkflowEngine
+    ) -> None:
+        raw = flow.executable_task(text=False)(lambda: ["printf", "\\377\\000ok"])
+        assert await raw() == b"\xff\x00ok"
+        text = flow.executable_task(lambda: ["printf", "\\377"])
+        with pytest.raises(OutputDecodeError) as info:
+            await text()
+        assert "text=False" in str(info.value)
+
+    @scenario(C.EXECUTABLES)
+    async def test_output_over_the_limit_stays_in_a_file(
+        self, flow: WorkflowEngine
+    ) -> None:
+        numbers = "".join(f"{i}\n" for i in range(1, 20001))
+        lines = flow.executable_task(output_limit=1000)(lambda: "seq 1 20000")
+        out = await lines()
+        assert isinstance(out, StdoutFile), out
+        assert (out.size, out.read_text()) == (len(numbers), numbers)
+        fail = flow.executable_task(output_limit=100)(
+            lambda: "seq 1 20000; seq 1 20000 >&2; exit 4"
+        )
+        with pytest.raises(ExecutableFailedError) as info:
+            await fail()
+        err = info.value
+        assert err.exit_code == 4 and err.stderr.endswith("19999\n20000\n")
+        note, kept = err.stdout.split("\n", 1)
+        assert "earlier bytes are in" in note and len(kept) == 100
+
+    @scenario(C.EXECUTABLES)
+    async def test_stdout_and_stderr_paths(
+        self, flow: WorkflowEngine, tmp_path: Path
+    ) -> None:
+        out, err = tmp_path / "o.txt", tmp_path / "e.txt"
+        both = flow.executable_task(stdout=out, stderr=str(err))(
+            lambda: "echo to-out; echo to-err >&2"
+        )
+        got = await both()
+        assert isinstance(got, StdoutFile) and os.fspath(got) == str(out)
+        assert (out.read_text(), err.read_text()) == ("to-out\n", "to-err\n")
 
 
 class TimeoutTests:

@@ -23,6 +23,7 @@ from asyncflow.adapters.toolkit import (
     pack,
     portable,
 )
+from asyncflow.commands import COMMAND_PIDS_ENV
 from asyncflow.errors import (
     BackendStartError,
     EngineClosedError,
@@ -30,7 +31,6 @@ from asyncflow.errors import (
     WorkerLostError,
 )
 from asyncflow.spec import TaskSpec
-from asyncflow.worker import COMMAND_PIDS_ENV
 
 pytestmark = pytest.mark.timeout(30)
 log = logging.getLogger("test.toolkit")

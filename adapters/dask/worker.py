@@ -14,8 +14,10 @@ from typing import Any
 
 from distributed import WorkerPlugin, get_worker
 
+from ...commands import kill_command, run_command
+from ...output import StdoutFile
 from ...spec import Command
-from ...worker import Call, call_pickled, kill_command, run_chunk, run_command
+from ...worker import Call, call_pickled, run_chunk
 from .values import SMALL, size_of, thaw
 
 # Results up to this size (pickled) come back with the completion.
@@ -87,11 +89,13 @@ def _deep(tb: Any, limit: int = 200) -> bool:
 
 def run_command_task(
     topic: str | None, key: str, command: Command, uid: str, name: str
-) -> str:
-    started = _COMMANDS.setdefault(get_worker().id, set())
+) -> str | bytes | StdoutFile:
+    worker = get_worker()
+    started = _COMMANDS.setdefault(worker.id, set())
     started.add(uid)
     try:
-        value = run_command(command, uid, name)
+        # Output spills into the worker's own directory, which goes with it.
+        value = run_command(command, uid, name, worker.local_directory)
     finally:
         started.discard(uid)
     push(topic, key, value)

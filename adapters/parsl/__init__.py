@@ -23,7 +23,7 @@ Why the adapter looks the way it does:
   therefore arranged by the adapter on the same host: a marker file per
   cancelled task (checked by the worker before it starts anything) and a
   datagram to every worker process of this DFK, whose listener thread calls
-  :func:`asyncflow.worker.kill_command` for a running executable or kills its
+  :func:`asyncflow.commands.kill_command` for a running executable or kills its
   own process for a running function (HTEX restarts lost workers).  Workers on
   other hosts are out of reach, and the capabilities say so.
 * The default configuration is a loopback-only HighThroughputExecutor whose run

@@ -4,7 +4,7 @@
 The driver's :class:`Control` writes a marker file per cancelled task (checked
 by the worker before it starts anything) and sends a datagram to every worker
 process of this DFK.  In each worker process a listener thread, started by the
-first task it runs (see ``worker``), calls :func:`asyncflow.worker.kill_command`
+first task it runs (see ``worker``), calls :func:`asyncflow.commands.kill_command`
 for a running executable or kills its own process for a running function (HTEX
 restarts lost workers).  Workers on other hosts are out of reach, and the
 capabilities say so.  Executors in the driver process (Parsl's
@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from ...worker import kill_command
+from ...commands import kill_command
 
 if TYPE_CHECKING:
     from .state import State

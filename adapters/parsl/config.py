@@ -25,7 +25,7 @@ from parsl.executors.base import ParslExecutor
 from parsl.logconfigs.base import LogConfig
 from parsl.providers import LocalProvider
 
-from ...worker import COMMAND_PIDS_ENV
+from ...commands import COMMAND_PIDS_ENV
 
 
 class QuietFileLogging(LogConfig):
@@ -81,7 +81,7 @@ def local_htex_config(
     multiprocessing manager leaves a ``pymp-*`` directory there when its block
     is stopped, so the default backend points it into the temp dir it removes.
     ``command_pids`` is where the workers list their running commands (see
-    :data:`asyncflow.worker.COMMAND_PIDS_ENV`), so that shutdown can kill those
+    :data:`asyncflow.commands.COMMAND_PIDS_ENV`), so that shutdown can kill those
     whose worker died.
     """
     lines = driver_python_lines()

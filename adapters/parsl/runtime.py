@@ -30,9 +30,9 @@ from parsl.executors import HighThroughputExecutor
 from parsl.executors.base import ParslExecutor
 from parsl.providers import LocalProvider
 
+from ...commands import COMMAND_PIDS_ENV
 from ...errors import BackendStartError, EngineClosedError, TaskDefinitionError
 from ...hpc import is_allocation
-from ...worker import COMMAND_PIDS_ENV
 from ..toolkit import Scratch
 from .cancel import Control
 from .config import fix_path, local_htex_config

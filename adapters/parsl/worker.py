@@ -17,8 +17,10 @@ from typing import Any
 
 import cloudpickle
 
+from ...commands import run_command
 from ...errors import SerializationError
-from ...worker import call_function, call_pickled, run_chunk, run_command
+from ...output import StdoutFile
+from ...worker import call_function, call_pickled, run_chunk
 from ..toolkit import portable
 from .cancel import INPROC, Cancelled, command_slot, function_slot, is_cancelled
 
@@ -29,7 +31,7 @@ def command_task(
     name: str,
     ctl: str | None,
     parsl_resource_specification: Any = None,
-) -> str:
+) -> str | bytes | StdoutFile:
     with command_slot(ctl, key):
         return run_command(command, key, name)
 

@@ -21,10 +21,12 @@ from ...errors import (
     BackendError,
     EngineClosedError,
     ExecutableFailedError,
+    OutputDecodeError,
     ResourceUnavailableError,
     TaskDefinitionError,
     WorkerLostError,
 )
+from ...output import Capture, collect, tail
 from ...protocol import BackendInfo, Capabilities, Capability, CompletionSink
 from ...spec import Resources, TaskSpec
 from .._awaitable import AwaitableBackend
@@ -255,13 +257,17 @@ class RadicalExecutionBackend(AwaitableBackend):
         if state == rp.CANCELED or code is None:
             sink.set_exception(rec.uid, self._lost(rec.name, task, state))
             return
-        try:
-            sbox = ru.Url(task.sandbox).path
-        except Exception:
-            sbox = ""
-        out = _read(os.path.join(sbox, f"{task.uid}.out"), task.stdout)
+        assert rec.command is not None
+        capture = rec.command.capture
+        out, err = _streams(task, capture)
         if state == rp.DONE and code == 0:
-            sink.set_result(rec.uid, out)
+            if out is None:  # no sandbox to read: what radical.pilot kept
+                sink.set_result(rec.uid, task.stdout or "")
+                return
+            try:
+                sink.set_result(rec.uid, collect(out, capture, rec.name, own=False))
+            except OutputDecodeError as exc:
+                sink.set_exception(rec.uid, exc)
             return
         # killed by a signal: by Slurm, if the pilot's job reached its walltime?
         gone = self._runtime.job_gone() if code < 0 or code > 128 else None
@@ -271,11 +277,15 @@ class RadicalExecutionBackend(AwaitableBackend):
                 WorkerLostError(f"executable task {rec.name!r} was killed: {gone}"),
             )
             return
-        err = _read(os.path.join(sbox, f"{task.uid}.err"), task.stderr)
-        assert rec.command is not None
+        texts = [
+            tail(path, capture.limit) if path else (kept or "")
+            for path, kept in ((out, task.stdout), (err, task.stderr))
+        ]
         sink.set_exception(
             rec.uid,
-            ExecutableFailedError(rec.name, int(code), out, err, rec.command.argv),
+            ExecutableFailedError(
+                rec.name, int(code), texts[0], texts[1], rec.command.argv
+            ),
         )
 
     # -- cancel and shutdown -----------------------------------------------------------
@@ -374,9 +384,15 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _read(path: str, fallback: str | None) -> str:
+def _streams(task: Any, capture: Capture) -> tuple[str | None, str | None]:
+    """The files a command's stdout and stderr went to (``None``: unknown, when
+    radical.pilot gave no sandbox)."""
     try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return fallback or ""
+        sbox = ru.Url(task.sandbox).path
+    except Exception:
+        sbox = ""
+    paths = []
+    for given, suffix in ((capture.stdout, "out"), (capture.stderr, "err")):
+        path = given or os.path.join(sbox, f"{task.uid}.{suffix}")
+        paths.append(path if os.path.isfile(path) else None)
+    return paths[0], paths[1]

@@ -260,6 +260,11 @@ class Dispatcher:
         td.update(_user_keys(spec))
         if spec.command is not None:
             td["executable"] = command_line(spec.command)
+            capture = spec.command.capture
+            if capture.stdout is not None:
+                td["stdout"] = capture.stdout
+            if capture.stderr is not None:
+                td["stderr"] = capture.stderr
             td["ranks"] = res.ranks
             td["cores_per_rank"] = res.cores
             td["gpus_per_rank"] = float(res.gpus)

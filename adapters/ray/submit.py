@@ -22,6 +22,7 @@ from ...errors import (
     TaskDefinitionError,
     WorkerLostError,
 )
+from ...output import DEFAULT
 from ...protocol import ExecutionBackend, UpstreamRef
 from ...spec import Resources, TaskSpec
 from ...walk import replace
@@ -122,7 +123,9 @@ class Submitter:
             cmd = spec.command
             argv = cmd.argv if isinstance(cmd.argv, str) else list(cmd.argv)
             env = {**(cmd.env or {}), MARKER: f"{self._state.token}/{spec.uid}"}
-            return remote.remote(argv, env, cmd.cwd, spec.uid, spec.name)
+            if cmd.capture == DEFAULT:
+                return remote.remote(argv, env, cmd.cwd, spec.uid, spec.name)
+            return remote.remote(argv, env, cmd.cwd, spec.uid, spec.name, cmd.capture)
         if spec.has_remote_args:
             args, kwargs = self._native_args(spec)
             remote = self._remote_for(spec, NESTED in kwargs)

@@ -20,9 +20,11 @@ import ray
 
 import psutil  # isort: skip  (after ray, which can provide a vendored copy)
 
+from ...commands import run_command
+from ...output import DEFAULT, Capture, StdoutFile
 from ...spec import Command
 from ...walk import replace
-from ...worker import call_function, run_command
+from ...worker import call_function
 
 __all__ = ["EXEC", "MARKER", "NESTED", "Slot", "function_runner", "sweep"]
 
@@ -87,10 +89,13 @@ def _run_command(
     cwd: str | None,
     uid: str,
     name: str,
-) -> str:
+    capture: Capture = DEFAULT,
+) -> str | bytes | StdoutFile:
     """Plain arguments, not a Command: Ray sends them through msgpack, which
-    costs the driver a fraction of pickling a dataclass per call."""
-    command = Command(argv if isinstance(argv, str) else tuple(argv), env, cwd)
+    costs the driver a fraction of pickling a dataclass per call (``capture``
+    only when a task sets its output options)."""
+    line = argv if isinstance(argv, str) else tuple(argv)
+    command = Command(line, env, cwd, capture)
     return run_command(command, uid, name)
 
 

@@ -22,7 +22,7 @@ an exception that must survive the trip back from a worker) lands once:
   and the rule for which tasks of a batch go that way.
 
 The command-killing primitives themselves run in workers and live in
-:mod:`asyncflow.worker` (``kill_command``, ``COMMAND_PIDS_ENV``).
+:mod:`asyncflow.commands` (``kill_command``, ``COMMAND_PIDS_ENV``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A temp dir a backend owns, and the commands its workers list there.
 
 A worker process lists the pid of each command it runs in a folder named by
-:data:`asyncflow.worker.COMMAND_PIDS_ENV`, so that a command whose worker was
+:data:`asyncflow.commands.COMMAND_PIDS_ENV`, so that a command whose worker was
 killed (a nanny's SIGKILL, a driver stopped by Ctrl-C) is still found and
 killed at shutdown.  Keeping that folder inside the backend's own temp dir
 means one ``close()`` kills the strays and removes everything.
@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 
-from ...worker import COMMAND_PIDS_ENV, kill_listed, pid_dir_under
+from ...commands import COMMAND_PIDS_ENV, kill_listed, pid_dir_under
 
 
 class Scratch:

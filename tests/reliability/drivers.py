@@ -426,6 +426,33 @@ async def soak_scenario(name: str, total: int) -> dict[str, Any]:
         }
 
 
+async def big_output_scenario(name: str, mib: int) -> dict[str, Any]:
+    """A command printing ``mib`` MiB: how much it raises the driver's peak RSS
+    (the figure a machine's memory limit cares about)."""
+    import resource
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    async with WorkflowEngine(owned(name)) as flow:
+        small = flow.executable_task(lambda: "echo ok")
+        shout = flow.executable_task(
+            lambda: f"head -c {mib * 2**20} /dev/zero | tr '\\0' x"
+        )
+        assert await small() == "ok\n"  # warm: workers and their connections
+        gc.collect()
+        before = peak_mb()
+        out = await shout()
+        grown = peak_mb() - before
+        return {
+            "backend": name,
+            "printed_mb": mib,
+            "value": type(out).__name__,
+            "size": getattr(out, "size", None),
+            "peak_growth_mb": round(grown, 1),
+        }
+
+
 def main(argv: list[str]) -> None:
     scenario, name, *rest = argv
     if os.environ.get("AFR_DUMP_AFTER"):  # debugging a hang: where is everyone?
@@ -445,6 +472,8 @@ def main(argv: list[str]) -> None:
         result = asyncio.run(runtime_loss_scenario(name, rest[0]))
     elif scenario == "soak":
         result = asyncio.run(soak_scenario(name, int(rest[0])))
+    elif scenario == "big-output":
+        result = asyncio.run(big_output_scenario(name, int(rest[0])))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     emit(result)

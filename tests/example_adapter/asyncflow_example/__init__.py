@@ -19,7 +19,8 @@ from asyncflow import (
     ResourceUnavailableError,
     TaskSpec,
 )
-from asyncflow.worker import kill_command, run_spec
+from asyncflow.commands import kill_command
+from asyncflow.worker import run_spec
 
 C = Capability
 
