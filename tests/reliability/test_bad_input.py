@@ -99,3 +99,24 @@ async def test_dead_process_worker_is_worker_lost_and_pool_recovers(
         assert await flow.function_task(t.inc)(1) == 2, "the workflow goes on"
         retried = flow.function_task(retries=1)(die)
         assert await retried(str(tmp_path / "twice")) == "survived"
+
+
+def shout() -> str:
+    return "echo hi"
+
+
+async def test_output_options_are_checked_where_declared(tmp_path: Path) -> None:
+    async with WorkflowEngine() as flow:
+        for bad, says in (
+            ({"text": "yes"}, "text= must be True"),
+            ({"output_limit": -1}, "output_limit= must be"),
+            ({"stdout": 3}, "stdout= must be a file path"),
+        ):
+            with pytest.raises(TaskDefinitionError, match=f"'shout'.*{says}"):
+                flow.executable_task(**bad)(shout)
+        with pytest.raises(TaskDefinitionError, match="'inc'.*for executable tasks"):
+            flow.function_task(stdout="out.txt")(t.inc)
+        lost = tmp_path / "no-such-dir" / "out.txt"
+        lost_task = flow.executable_task(stdout=lost)(shout)
+        with pytest.raises(TaskDefinitionError, match="'shout'.*cannot write stdout="):
+            await lost_task()
