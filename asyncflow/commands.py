@@ -195,6 +195,8 @@ def _run(command: Command, uid: str, name: str, out: int, err: int) -> int:
     try:
         return proc.wait()
     finally:
+        # What it left running in its session (a daemon it forked) goes with it.
+        _killpg(proc)
         with _RUNNING_LOCK:
             _RUNNING.pop(uid, None)
         if listed is not None:

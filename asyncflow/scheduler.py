@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
@@ -70,10 +71,7 @@ class Scheduler:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise TaskDefinitionError(
-                f"task {decl.name!r} was called outside a running event loop; call "
-                "tasks from async code (inside asyncio.run(...))"
-            ) from None
+            raise self._outside_loop(decl.name) from None
         state = self._state
         if loop is not state.loop or state.closed:
             self._bind(loop)
@@ -98,6 +96,21 @@ class Scheduler:
             return fut
         self.ready(fut)
         return fut
+
+    def _outside_loop(self, name: str) -> TaskDefinitionError:
+        loop = self._state.loop
+        if loop is not None and loop.is_running():
+            return TaskDefinitionError(
+                f"task {name!r} was called from thread "
+                f"{threading.current_thread().name!r} while the engine runs in "
+                "another (is a task body calling tasks?); compose tasks in a "
+                "@flow.block, or hand the call to the engine's loop with "
+                "asyncio.run_coroutine_threadsafe"
+            )
+        return TaskDefinitionError(
+            f"task {name!r} was called outside a running event loop; call "
+            "tasks from async code (inside asyncio.run(...))"
+        )
 
     def _wait_for(
         self, fut: TaskFuture, deps: Sequence[TaskFuture], piping: bool

@@ -453,6 +453,30 @@ async def big_output_scenario(name: str, mib: int) -> dict[str, Any]:
         }
 
 
+async def failing_chain_scenario(name: str, depth: int) -> dict[str, Any]:
+    """A chain ``depth`` deep whose root fails: every hop must fail with the
+    root's error, in time linear in the depth (no recursion, no rescans)."""
+    from asyncflow import DependencyFailureError
+
+    async with WorkflowEngine(owned(name)) as flow:
+        boom = flow.function_task(t.boom)
+        inc = flow.function_task(t.inc)
+        begin = time.monotonic()
+        futs = [boom("root")]
+        for _ in range(depth - 1):
+            futs.append(inc(futs[-1]))
+        outcomes = await asyncio.gather(*futs, return_exceptions=True)
+        took = time.monotonic() - begin
+        dependents = sum(isinstance(o, DependencyFailureError) for o in outcomes)
+        return {
+            "backend": name,
+            "depth": depth,
+            "root": type(outcomes[0]).__name__,
+            "dependents_failed": dependents,
+            "seconds": round(took, 2),
+        }
+
+
 def main(argv: list[str]) -> None:
     scenario, name, *rest = argv
     if os.environ.get("AFR_DUMP_AFTER"):  # debugging a hang: where is everyone?
@@ -472,6 +496,8 @@ def main(argv: list[str]) -> None:
         result = asyncio.run(runtime_loss_scenario(name, rest[0]))
     elif scenario == "soak":
         result = asyncio.run(soak_scenario(name, int(rest[0])))
+    elif scenario == "failing-chain":
+        result = asyncio.run(failing_chain_scenario(name, int(rest[0])))
     elif scenario == "big-output":
         result = asyncio.run(big_output_scenario(name, int(rest[0])))
     else:

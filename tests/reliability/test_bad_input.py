@@ -120,3 +120,42 @@ async def test_output_options_are_checked_where_declared(tmp_path: Path) -> None
         lost_task = flow.executable_task(stdout=lost)(shout)
         with pytest.raises(TaskDefinitionError, match="'shout'.*cannot write stdout="):
             await lost_task()
+
+
+async def test_round_two(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Metacharacters and non-ASCII stay literal in list form; env values must
+    be strings; a generator or an open file cannot travel to a process; a
+    daemon a command forks goes when the command ends."""
+    import psutil
+
+    async with WorkflowEngine(backend=backend) as flow:
+        words = ["a;b", "$HOME", "`id`", "ü€", "*", "'q'"]
+        literal = flow.executable_task(lambda: ["printf", "%s|", *words])
+        assert await literal() == "|".join(words) + "|"
+        with pytest.raises(TaskDefinitionError, match="'shout'.*env"):
+            flow.executable_task(env={"N": 1})(shout)
+        ident = flow.function_task(t.pack)
+        if backend.info.name.endswith("processes"):
+            with pytest.raises(SerializationError, match="pack"):
+                await ident(i for i in range(3))
+            with (
+                open(tmp_path / "f", "w") as handle,
+                pytest.raises(SerializationError, match="pack"),
+            ):
+                await ident(handle)
+        daemon = flow.executable_task(lambda: "sleep 300 & echo $!")
+        pid = int(await daemon())
+        with pytest.raises(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(10)  # killed with its command, then reaped
+            raise psutil.NoSuchProcess(pid)
+
+
+async def test_a_task_body_calling_tasks_is_told_what_to_do() -> None:
+    async with WorkflowEngine() as flow:
+        inc = flow.function_task(t.inc)
+
+        def calls_back(x: int) -> object:
+            return inc(x)
+
+        with pytest.raises(TaskDefinitionError, match="'inc'.*@flow.block"):
+            await flow.function_task(calls_back)(1)
