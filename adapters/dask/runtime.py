@@ -17,6 +17,7 @@ from distributed import Client, LocalCluster
 
 from .allocation import SlurmAllocation
 from .config import CLOSE_TIMEOUT, CONNECT_TIMEOUT, Settings, address_of
+from .healing import KeepWorkers
 from .state import DaskState
 from .worker import CommandReaper
 
@@ -60,6 +61,7 @@ class Runtime:
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
             cluster = state.cluster = LocalCluster(asynchronous=True, **opts)
             await cluster
+        cluster.scheduler.add_plugin(KeepWorkers(cluster))
         state.client = await Client(cluster, asynchronous=True, set_as_default=False)
         await state.client.register_plugin(CommandReaper())
 
