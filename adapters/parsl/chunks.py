@@ -33,6 +33,7 @@ from typing import Any
 
 from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
+from parsl.jobs.errors import TooManyJobFailuresError
 
 from ...protocol import CompletionSink
 from ...spec import TaskSpec
@@ -204,6 +205,11 @@ def _lost(exc: BaseException) -> str | None:
         return (
             f"the Parsl worker running its chunk was lost ({exc}); use retries= "
             "to re-run such tasks"
+        )
+    if isinstance(exc, TooManyJobFailuresError):
+        return (
+            "the block holding the Parsl workers failed, and Parsl gave the "
+            f"executor up ({exc})"
         )
     log.debug("a chunk failed in Parsl: %r", exc)
     return None

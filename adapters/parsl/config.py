@@ -100,7 +100,7 @@ def local_htex_config(
         cores_per_worker=1,
         heartbeat_period=heartbeat_period,
         heartbeat_threshold=max(30, 10 * heartbeat_period),
-        interchange_launch_cmd=interchange_command(),
+        interchange_launch_cmd=interchange_command(worker_tmpdir),
         provider=LocalProvider(
             init_blocks=1, min_blocks=1, max_blocks=1, worker_init=worker_init
         ),
@@ -119,10 +119,13 @@ def driver_python_lines() -> list[str]:
     ]
 
 
-def interchange_command() -> list[str]:
-    """The interchange of this interpreter's venv, used or not activated."""
+def interchange_command(tmpdir: str | None = None) -> list[str]:
+    """The interchange of this interpreter's venv, used or not activated; with
+    ``tmpdir`` as its ``TMPDIR``, so that what a killed interchange leaves there
+    (its multiprocessing ``pymp-*`` directory) goes with the backend's temp dir."""
     bindir = os.path.dirname(sys.executable)
-    return [sys.executable, os.path.join(bindir, "interchange.py")]
+    command = [sys.executable, os.path.join(bindir, "interchange.py")]
+    return command if tmpdir is None else ["env", f"TMPDIR={tmpdir}", *command]
 
 
 def one_block_config(

@@ -23,7 +23,8 @@ from typing import Any
 
 from parsl.executors import HighThroughputExecutor
 from parsl.executors.errors import BadStateException, InvalidResourceSpecification
-from parsl.executors.high_throughput.errors import WorkerLost
+from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
+from parsl.jobs.errors import TooManyJobFailuresError
 from parsl.serialize.errors import DeserializationError
 from parsl.serialize.errors import SerializationError as ParslSerializationError
 
@@ -82,9 +83,14 @@ class Completions:
 
 def translate(exc: BaseException, task: Task) -> BaseException:
     """Parsl's failure of ``task`` as the error asyncflow reports for it."""
-    if isinstance(exc, WorkerLost):
+    if isinstance(exc, WorkerLost | ManagerLost):
         return WorkerLostError(
             f"task {task.name!r}: the Parsl worker running it died ({exc})"
+        )
+    if isinstance(exc, TooManyJobFailuresError):
+        return WorkerLostError(
+            f"task {task.name!r}: the block of Parsl executor {task.label!r} "
+            f"holding its workers failed, and Parsl gave the executor up ({exc})"
         )
     if isinstance(exc, InvalidResourceSpecification):
         return ResourceUnavailableError(

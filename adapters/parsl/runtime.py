@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -220,8 +221,12 @@ def _default_runtime(max_workers: int, wait_for_workers: float | None) -> Runtim
     """A local HTEX whose run dir, worker temp dir and command list live in one
     scratch dir that the runtime removes."""
     scratch = Scratch()
-    tmpdir = scratch.make("asyncflow-parsl-")
+    # The workers' TMPDIR holds unix sockets, whose paths must stay under 108
+    # bytes: under a deep TMPDIR the scratch dir goes to /tmp instead.
+    deep = len(tempfile.gettempdir()) > 30
+    tmpdir = scratch.make("asyncflow-parsl-", "/tmp" if deep else None)
     worker_tmp = os.path.join(tmpdir, "tmp")
+    os.makedirs(worker_tmp)  # before the interchange, which starts first
     try:
         cfg = local_htex_config(
             os.path.join(tmpdir, "runinfo"),

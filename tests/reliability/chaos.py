@@ -1,0 +1,282 @@
+"""Chaos driver: a mixed workflow of at least 5,000 tasks while workers die.
+
+``python chaos.py BACKEND TASKS SEED`` prints one JSON line (see ``drivers.py``
+for the conventions).  The workflow is groups of fan-outs with a fan-in, chains,
+diamonds and executables; about one task in a hundred fails on purpose, and half
+the groups ask for ``retries=2``.  While it runs, a controller SIGKILLs a random
+worker process every 0.3 to 1.5 s, and on runtimes whose central process is
+not the driver itself (Ray's head, Parsl's interchange) kills that once, when
+three quarters of the tasks have ended.
+
+Every task must end in one of the allowed ways: its right value, its own planned
+error, ``WorkerLostError``, or ``DependencyFailureError`` with an upstream that
+did not succeed.  Anything else is counted as ``wrong``; a future still pending
+after the drain deadline as ``pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from asyncflow import (
+    DependencyFailureError,
+    ExecutableFailedError,
+    TaskFuture,
+    WorkerLostError,
+    WorkflowEngine,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from drivers import (
+    _left_files,
+    describe,
+    emit,
+    left_after,
+    note,
+    owned,
+    runtime_processes,
+)
+
+FAIL_EVERY = 97  # task numbers divisible by this raise on purpose
+NAP = 0.004  # seconds of work per function task: long enough to be hit
+DRAIN = 240.0  # seconds the workflow may take to end after it is submitted
+
+
+def mix(i: int, *ups: int) -> int:
+    time.sleep(NAP)
+    if i % FAIL_EVERY == 0:
+        raise ValueError(f"planned failure {i}")
+    return i + sum(ups)
+
+
+@dataclass
+class Planned:
+    fut: TaskFuture
+    value: Any  # what it returns, or the exception type it raises on purpose
+    deps: list[Planned] = field(default_factory=list)
+
+
+class Workflow:
+    """Builds the groups and knows every task's right ending."""
+
+    def __init__(self, flow: WorkflowEngine) -> None:
+        self.plain = flow.function_task(mix)
+        self.retried = flow.function_task(retries=2)(mix)
+        self.echo = flow.executable_task(lambda n: ["echo", str(n)])
+        self.fail = flow.executable_task(lambda n: f"echo {n}; exit 3")
+        self.tasks: list[Planned] = []
+
+    def call(self, retry: bool, i: int, *deps: Planned) -> Planned:
+        fn = self.retried if retry else self.plain
+        fut = fn(i, *(d.fut for d in deps))
+        if i % FAIL_EVERY == 0:
+            value: Any = ValueError
+        elif any(isinstance(d.value, type) for d in deps):
+            value = DependencyFailureError
+        else:
+            value = i + sum(d.value for d in deps)
+        planned = Planned(fut, value, list(deps))
+        self.tasks.append(planned)
+        return planned
+
+    def group(self, g: int) -> None:
+        base, retry = g * 100, g % 2 == 1
+        fans = [self.call(retry, base + k) for k in range(1, 21)]
+        self.call(retry, base + 21, *fans)
+        link = self.call(retry, base + 30)
+        for k in range(31, 40):
+            link = self.call(retry, base + k, link)
+        top = self.call(retry, base + 50)
+        left, right = self.call(retry, base + 51, top), self.call(retry, base + 52, top)
+        self.call(retry, base + 53, left, right)
+        self.tasks.append(Planned(self.echo(base + 60), f"{base + 60}\n"))
+        if g % 5 == 0:
+            self.tasks.append(Planned(self.fail(base + 61), ExecutableFailedError))
+
+
+def ending(p: Planned) -> str:
+    """How ``p`` ended: ``ok``, ``own``, ``lost``, ``dependency`` or ``wrong``."""
+    fut = p.fut
+    if not fut.done():
+        return "pending"
+    if fut.cancelled():
+        return "wrong"
+    exc = fut.exception()
+    if exc is None:
+        return "ok" if fut.result() == p.value else "wrong"
+    if isinstance(exc, WorkerLostError):
+        return "lost"
+    if isinstance(exc, DependencyFailureError):
+        upstream_failed = any(d.fut.done() and ending(d) != "ok" for d in p.deps)
+        return "dependency" if upstream_failed or not p.deps else "wrong"
+    if isinstance(p.value, type) and isinstance(exc, p.value):
+        return "own"
+    return "wrong"
+
+
+# -- what to kill, per backend ------------------------------------------------------
+def _cmd(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(p.cmdline())
+    return ""
+
+
+def workers(name: str) -> list[psutil.Process]:
+    """The worker processes of the runtime this driver started."""
+    procs = runtime_processes()
+    if name == "processes":
+        me = _cmd(psutil.Process())
+        return [p for p in procs if p.ppid() == os.getpid() and _cmd(p) == me]
+    if name == "dask":
+        return [p for p in procs if _cmd(p).startswith("dask worker")]
+    if name == "ray":
+        # ray::IDLE or ray::<task>; not the raylet's agents, whose loss is the
+        # raylet's (a head kill, below)
+        return [
+            p
+            for p in procs
+            if p.name().startswith("ray::") and not p.name().endswith("Agent")
+        ]
+    if name == "parsl":
+        # A whole worker pool (a node's manager with its workers), not one
+        # worker process: a worker killed while it holds the pool's shared
+        # queue or counter lock hangs every other worker of the pool, which
+        # Parsl cannot notice (see the reliability notes).
+        return [p for p in procs if "process_worker_pool" in _cmd(p)]
+    return []
+
+
+def head(name: str, backend: Any) -> Callable[[], list[psutil.Process]] | None:
+    """The runtime's central process(es), if they are not this driver."""
+    if name == "ray":
+        names = {"gcs_server", "raylet"}
+        return lambda: [p for p in runtime_processes() if p.name() in names]
+    if name == "parsl":
+
+        def interchange() -> list[psutil.Process]:
+            (htex,) = [e for e in backend.dfk.executors.values() if e.label == "htex"]
+            return [psutil.Process(htex.interchange_proc.pid)]
+
+        return interchange
+    return None
+
+
+def kill_one(victims: list[psutil.Process], rng: random.Random) -> str | None:
+    if not victims:
+        return None
+    victim = rng.choice(victims)
+    (said,) = describe([victim]) or ["?"]
+    with contextlib.suppress(psutil.Error):
+        family = victim.children(recursive=True)
+        victim.kill()
+        for child in family:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        return said
+    return None
+
+
+async def controller(
+    name: str, wf: Workflow, rng: random.Random, kills: list[str], heads: Any
+) -> None:
+    """Kill a random worker now and then; the head once, late in the run."""
+    head_done = heads is None
+    while True:
+        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        ended = sum(p.fut.done() for p in wf.tasks)
+        note(f"{ended} of {len(wf.tasks)} ended, {len(kills)} kills")
+        if ended == len(wf.tasks):
+            return
+        if not head_done and ended >= 0.75 * len(wf.tasks):
+            head_done = True
+            gone = await asyncio.to_thread(lambda: describe(heads()))
+            for p in await asyncio.to_thread(heads):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            kills.extend(f"HEAD {g}" for g in gone)
+            note(f"killed the head: {gone}")
+            continue
+        said = await asyncio.to_thread(lambda: kill_one(workers(name), rng))
+        if said:
+            kills.append(said)
+
+
+def own(path: str) -> bool:
+    """Whether ``path`` is this interpreter's own multiprocessing temp dir
+    (``pymp-*``, made for the first listener a process opens and removed when
+    the interpreter exits), which belongs to no backend."""
+    import multiprocessing.process
+
+    mine = multiprocessing.process.current_process()._config.get("tempdir")
+    return bool(mine) and path.split("/")[0] == Path(mine).name
+
+
+def _example(p: Planned) -> str:
+    fut = p.fut
+    if fut.done() and not fut.cancelled() and fut.exception() is not None:
+        return f"{fut!r}: {fut.exception()!r}"[:300]
+    return repr(fut)
+
+
+async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    backend = owned(name)
+    kills: list[str] = []
+    flow = WorkflowEngine(backend)
+    await asyncio.wait_for(flow.start(), 120)
+    wf = Workflow(flow)
+    g = 0
+    while len(wf.tasks) < total:
+        wf.group(g)
+        g += 1
+    begin = time.monotonic()
+    heads = head(name, backend)
+    killer = asyncio.ensure_future(controller(name, wf, rng, kills, heads))
+    await asyncio.wait([p.fut for p in wf.tasks], timeout=DRAIN)
+    drained = time.monotonic() - begin
+    killer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await killer
+    outcomes = Counter(ending(p) for p in wf.tasks)
+    wrong = [_example(p) for p in wf.tasks if ending(p) in ("wrong", "pending")]
+    shut = time.monotonic()
+    await asyncio.wait_for(flow.shutdown(), 120)
+    return {
+        "backend": name,
+        "tasks": len(wf.tasks),
+        "kills": len(kills),
+        "head_killed": any(k.startswith("HEAD") for k in kills),
+        "outcomes": dict(outcomes),
+        "drain_s": round(drained, 1),
+        "shutdown_s": round(time.monotonic() - shut, 1),
+        "wrong_examples": wrong[:5],
+        "processes_left": left_after(15.0),
+        "files_left": [
+            f for f in _left_files(Path(tempfile.gettempdir())) if not own(f)
+        ],
+    }
+
+
+def main() -> None:
+    name, total, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    emit(asyncio.run(chaos(name, total, seed)))
+    note("done")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
