@@ -127,7 +127,8 @@ class RayProcess:
 
     def _start_local(self) -> None:
         base = tempfile.gettempdir()
-        if len(base) > 40:  # Ray's unix sockets live below it (107-byte limit)
+        # Ray's unix sockets live 85 bytes below it, within a 107-byte limit.
+        if len(base) > 20:
             base = "/tmp"
         tmpdir = self.scratch.make("asyncflow-ray-", base)
         self._set_env(tmpdir)
