@@ -190,12 +190,17 @@ def kill_one(victims: list[psutil.Process], rng: random.Random) -> str | None:
 
 
 async def controller(
-    name: str, wf: Workflow, rng: random.Random, kills: list[str], heads: Any
+    pick: Callable[[], list[psutil.Process]],
+    wf: Workflow,
+    rng: random.Random,
+    kills: list[str],
+    heads: Any,
+    every: tuple[float, float] = (0.3, 1.5),
 ) -> None:
-    """Kill a random worker now and then; the head once, late in the run."""
+    """Kill a random worker ``every`` so many seconds; the head once, late."""
     head_done = heads is None
     while True:
-        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        await asyncio.sleep(rng.uniform(*every))
         ended = sum(p.fut.done() for p in wf.tasks)
         note(f"{ended} of {len(wf.tasks)} ended, {len(kills)} kills")
         if ended == len(wf.tasks):
@@ -209,7 +214,7 @@ async def controller(
             kills.extend(f"HEAD {g}" for g in gone)
             note(f"killed the head: {gone}")
             continue
-        said = await asyncio.to_thread(lambda: kill_one(workers(name), rng))
+        said = await asyncio.to_thread(lambda: kill_one(pick(), rng))
         if said:
             kills.append(said)
 
@@ -244,7 +249,9 @@ async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
         g += 1
     begin = time.monotonic()
     heads = head(name, backend)
-    killer = asyncio.ensure_future(controller(name, wf, rng, kills, heads))
+    killer = asyncio.ensure_future(
+        controller(lambda: workers(name), wf, rng, kills, heads)
+    )
     await asyncio.wait([p.fut for p in wf.tasks], timeout=DRAIN)
     drained = time.monotonic() - begin
     killer.cancel()
