@@ -186,7 +186,22 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .plot import gantt
 
-    out = gantt(ns.trace, ns.output)
+    try:
+        out = gantt(ns.trace, ns.output)
+    except FileNotFoundError:
+        print(
+            f"asyncflow plot: no trace file {ns.trace!r}; write one with "
+            "`asyncflow run --trace FILE wf.py`",
+            file=sys.stderr,
+        )
+        return 2
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"asyncflow plot: {ns.trace!r} is not a trace asyncflow wrote "
+            f"({type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
+        return 2
     print(f"asyncflow: Gantt chart written to {out}", file=sys.stderr)
     return 0
 
@@ -195,6 +210,26 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(ns.bench_args)
+
+
+#: ``asyncflow run``'s own options, which after the script name would go to the
+#: script without a word
+_RUN_OPTIONS = ("--backend", "--backend-option", "--hpc", "--trace", "--progress")
+
+
+def _script_args(
+    parser: argparse.ArgumentParser, script: str, args: list[str]
+) -> list[str]:
+    """The script's arguments before any ``--``: asyncflow's own options among
+    them are a mistake (after ``--`` they are the script's)."""
+    for arg in args:
+        if arg.split("=", 1)[0] in _RUN_OPTIONS:
+            parser.error(
+                f"{arg} comes after the script, so it would go to {script}, not to "
+                f"asyncflow; put it first (asyncflow run {arg} ... {script}), or "
+                f"write `asyncflow run {script} -- {arg}` to pass it to the script"
+            )
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(args[1:])
-    ns = build_parser().parse_args(args)
+    parser = build_parser()
+    passed: list[str] = []
+    if args[:1] == ["run"] and "--" in args:  # argparse would drop the "--"
+        cut = args.index("--")
+        args, passed = args[:cut], args[cut + 1 :]
+    ns = parser.parse_args(args)
+    if ns.command == "run":
+        ns.args = [*_script_args(parser, ns.script, ns.args), *passed]
     _configure_logging(ns.log_level)
     result: int = ns.func(ns)
     return result

@@ -264,3 +264,24 @@ def test_run_on_dask_with_the_flag_only(script: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "backend: dask" in result.stdout
     assert "result: 285" in result.stdout
+
+
+def test_asyncflow_options_after_the_script_are_an_error(tmp_path: Path) -> None:
+    echo = tmp_path / "echo_args.py"
+    echo.write_text("import sys\nprint(sys.argv[1:])\n")
+    late = asyncflow("run", str(echo), "--backend", "ray")
+    assert late.returncode == 2
+    assert "put it first" in late.stderr and "--backend" in late.stderr
+    passed = asyncflow("run", str(echo), "--n", "3", "--", "--backend", "ray")
+    assert passed.returncode == 0, passed.stderr
+    assert passed.stdout.strip() == "['--n', '3', '--backend', 'ray']"
+
+
+def test_plot_names_a_missing_or_foreign_trace(tmp_path: Path) -> None:
+    missing = asyncflow("plot", str(tmp_path / "missing.json"))
+    assert missing.returncode == 2 and "no trace file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"x": 1}')
+    bad = asyncflow("plot", str(foreign))
+    assert bad.returncode == 2 and "is not a trace" in bad.stderr
