@@ -25,6 +25,7 @@ from .events import EventKind
 from .future import TaskFuture, TaskState
 from .protocol import ExecutionBackend
 from .spec import Command, TaskSpec
+from .store import MISS
 from .tasks import TaskKind
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class Dispatch:
             except Exception as exc:
                 self._scheduler.finish_error(fut, exc, retry=False)
                 return
-            self._submit_command(fut, command)
+            self._submit_command(fut, command, args, kwargs)
         else:
             fut._job = asyncio.ensure_future(self._run_block(fut, args, kwargs))
 
@@ -108,9 +109,15 @@ class Dispatch:
             self._scheduler.finish_error(fut, exc, retry=False)
             return
         fut._job = None
-        self._submit_command(fut, command)
+        self._submit_command(fut, command, args, kwargs)
 
-    def _submit_command(self, fut: TaskFuture, command: Any) -> None:
+    def _submit_command(
+        self,
+        fut: TaskFuture,
+        command: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         decl = fut._decl
         opts = decl.opts
         try:
@@ -118,6 +125,12 @@ class Dispatch:
         except TaskDefinitionError as exc:
             self._scheduler.finish_error(fut, exc, retry=False)
             return
+        caching = self._state.caching
+        if caching is not None:
+            found = caching.key_command(fut, cmd, args, kwargs)
+            if found is not MISS:
+                self._scheduler.cached(fut, found)
+                return
         assert decl.backend is not None
         spec = TaskSpec(
             fut.uid,

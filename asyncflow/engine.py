@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 from . import _signals
+from .caching import Caching
 from .checks import Backends, check_service, named_backends, protocol_gaps, require
 from .data import FileLinks
 from .description import declared_default, merge, translate
@@ -31,6 +33,7 @@ from .scheduler import Scheduler
 from .services import Services
 from .sink import Sink
 from .state import EngineState, EventHub
+from .store import ResultStore
 from .tasks import TaskDecl, TaskKind, TaskOptions
 
 __all__ = ["WorkflowEngine"]
@@ -80,6 +83,8 @@ class WorkflowEngine:
         dry_run: bool = False,
         implicit_data: bool = True,
         chunking: bool = True,
+        store: str | os.PathLike[str] | ResultStore | None = None,
+        refresh: bool = False,
     ):
         backends = named_backends(backend, dry_run)
         self.dry_run = dry_run
@@ -101,6 +106,7 @@ class WorkflowEngine:
         )
         state = self._state = EngineState(hub, FileLinks() if implicit_data else None)
         state.chunking = bool(chunking)
+        state.caching = _caching(store, refresh)
         #: the DAG machinery; task calls go straight to it
         self.scheduler = Scheduler(state, self._bind)
         state.services = Services(state, self.scheduler)
@@ -111,6 +117,12 @@ class WorkflowEngine:
         self._recorder: TraceRecorder | None = None
         for hook in creation_hooks:
             hook(self)
+
+    @property
+    def store(self) -> ResultStore | None:
+        """The result store given as ``store=`` (or ``$ASYNCFLOW_STORE``)."""
+        caching = self._state.caching
+        return None if caching is None else caching.store
 
     # -- construction helpers ------------------------------------------------
     @classmethod
@@ -310,7 +322,15 @@ class WorkflowEngine:
 
     def summary(self) -> dict[str, Any]:
         """Task counts by state and by backend, total and critical-path time
-        (the times need :meth:`record_trace`)."""
+        (the times need :meth:`record_trace`); with a result store, how many
+        tasks it answered (``cached``) and how many results it took."""
+        found = self._summary()
+        caching = self._state.caching
+        if caching is not None:
+            found["cached"], found["stored"] = caching.hits, caching.stored
+        return found
+
+    def _summary(self) -> dict[str, Any]:
         if self._recorder is not None:
             return self._recorder.summary()
         return {
@@ -369,3 +389,16 @@ class WorkflowEngine:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def _caching(store: Any, refresh: bool) -> Caching | None:
+    """``store=`` (a path or a :class:`ResultStore`), else ``$ASYNCFLOW_STORE``
+    (set by ``asyncflow run --store``, with ``$ASYNCFLOW_REFRESH``)."""
+    if store is None:
+        store = os.environ.get("ASYNCFLOW_STORE") or None
+        refresh = refresh or os.environ.get("ASYNCFLOW_REFRESH") == "1"
+    if store is None:
+        return None
+    if not isinstance(store, ResultStore):
+        store = ResultStore(store)
+    return Caching(store, refresh)

@@ -29,6 +29,8 @@ class EventKind(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     RETRIED = "retried"
+    CACHED = "cached"
+    """Found in the result store: the task ends DONE without running."""
     BACKEND = "backend"
     """Not a task's: what a backend's runtime is doing (``name`` is ``queued``,
     ``running`` or ``ended``, ``detail`` says which batch job and why), so a

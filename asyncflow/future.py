@@ -52,6 +52,7 @@ class TaskFuture(asyncio.Future):
         "_args",
         "_attempt",
         "_backend",
+        "_cache_key",
         "_decl",
         "_dependents",
         "_deps",
@@ -81,6 +82,7 @@ class TaskFuture(asyncio.Future):
         self.uid = uid
         self.name = decl.name
         self._tstate = TaskState.WAITING
+        self._cache_key: str | None = None  # its result-store key, once ready
         self._dependents: list[TaskFuture] | None = None
         self._pending = 0
         # piped tasks (Capability.PIPELINE): upstreams still to report, and an

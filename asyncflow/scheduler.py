@@ -29,6 +29,7 @@ from .future import FINAL, LIVE, TaskFuture, TaskState
 from .piping import Piping
 from .protocol import ExecutionBackend, RemoteValue, UpstreamRef
 from .state import EngineState
+from .store import MISS
 from .tasks import TaskDecl, TaskKind, collect_futures, substitute
 
 __all__ = ["Scheduler"]
@@ -195,12 +196,24 @@ class Scheduler:
                     return
                 remote = any(d._remote is not None for d in deps)
                 args, kwargs = substitute((args, kwargs), _value_of)
+        caching = self._state.caching
+        if caching is not None:
+            found = caching.key_function(fut, remote or bool(fut._after))
+            if found is not MISS:
+                self.cached(fut, found)
+                return
         if fut._after:
             remote = True  # kept: see _unpipe
         else:
             fut._args = fut._kwargs = None  # type: ignore[assignment]
             fut._deps = ()
         self.dispatch.launch(fut, args, kwargs, remote)
+
+    def cached(self, fut: TaskFuture, value: Any) -> None:
+        """``fut``'s result came from the result store: done, without running."""
+        if self._hub.subscribers:
+            self._hub.task(EventKind.CACHED, fut)
+        self.finish_ok(fut, value, stored=True)
 
     async def _fetch_then_ready(self, fut: TaskFuture, deps: list[TaskFuture]) -> None:
         try:
@@ -229,13 +242,17 @@ class Scheduler:
         if self._hub.subscribers:
             self._hub.task(kind, fut)
 
-    def finish_ok(self, fut: TaskFuture, value: Any) -> None:
+    def finish_ok(self, fut: TaskFuture, value: Any, stored: bool = False) -> None:
         if fut._tstate in FINAL:
             return
         if fut._after:  # piped, and an upstream's report is still to come
             fut._early = (True, value)
             return
         self._settle(fut, TaskState.DONE, EventKind.DONE)
+        if fut._cache_key is not None and not stored:
+            caching = self._state.caching
+            if caching is not None:
+                caching.record(fut, value)
         if isinstance(value, RemoteValue):
             fut._remote = value
             if fut._callbacks:  # somebody already waits: fetch now

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from .events import EventKind, Subscriber, TaskEvent
 
 if TYPE_CHECKING:
+    from .caching import Caching
     from .data import FileLinks
     from .future import TaskFuture
     from .protocol import ExecutionBackend
@@ -97,6 +98,7 @@ class EngineState:
     """The tables every part of one engine reads and writes."""
 
     __slots__ = (
+        "caching",
         "chunking",
         "closed",
         "files",
@@ -116,6 +118,8 @@ class EngineState:
         self.closed = False
         #: the engine's ``chunking=``: False keeps every task out of chunks
         self.chunking = True
+        #: the result store's side (``store=``), or None: nothing is looked up
+        self.caching: Caching | None = None
         #: spec uid -> future, for every spec a backend holds or is about to
         self.inflight: dict[str, TaskFuture] = {}
         #: task uid -> future, for every unfinished task

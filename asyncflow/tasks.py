@@ -66,6 +66,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, bool),
         "chunk= must be True or False, got {!r}",
     ),
+    "cache": (
+        lambda v: isinstance(v, bool),
+        "cache= must be True or False (False: never reuse a stored result), got {!r}",
+    ),
+    "version": (
+        lambda v: v is None or isinstance(v, str | int),
+        "version= must be a string or a number, got {!r}",
+    ),
 }
 
 
@@ -89,6 +97,11 @@ class TaskOptions:
     chunk: bool = True
     #: an executable's ``stdout=``/``stderr=``/``text=``/``output_limit=``
     capture: Capture = DEFAULT
+    #: with a result store: whether this task's results are stored and reused
+    #: (``False`` for a task that must run every time), and a version that
+    #: invalidates them without a change to the code
+    cache: bool = True
+    version: str | None = None
 
     @classmethod
     def build(
@@ -108,6 +121,8 @@ class TaskOptions:
         stderr: Any = None,
         text: Any = True,
         output_limit: Any = None,
+        cache: bool = True,
+        version: Any = None,
     ) -> TaskOptions:
         _check(name, "retries", retries)
         _check(name, "timeout", timeout)
@@ -115,6 +130,8 @@ class TaskOptions:
         _check(name, "options", options)
         _check(name, "service", service)
         _check(name, "chunk", chunk)
+        _check(name, "cache", cache)
+        _check(name, "version", version)
         return cls(
             retries,
             None if timeout is None else float(timeout),
@@ -126,6 +143,8 @@ class TaskOptions:
             service,
             chunk,
             Capture.build(name, stdout, stderr, text, output_limit),
+            cache,
+            None if version is None else str(version),
         )
 
 

@@ -1,0 +1,220 @@
+"""A result store: finished tasks' values, kept across runs and crashes.
+
+With ``WorkflowEngine(store=PATH)``, a task whose key (see :mod:`asyncflow.keys`)
+is already stored resolves from the store without running, and every task that
+succeeds is stored.  Without a store nothing changes and nothing is written.
+
+The store is a folder: ``index.sqlite`` (one row per result: key, task name,
+time, size, SHA-256 of the pickled value, and the value itself when small) and
+``values/`` for values over :data:`INLINE` bytes.  SQLite in WAL mode makes
+each write atomic and lets several drivers share one store, on a local disk or
+a cluster's shared filesystem (one that supports POSIX locks).
+
+Crash safety, in the order of a write: a large value is written to a temporary
+file, flushed to disk and renamed into ``values/``; only then is its row
+committed.  A SIGKILL at any moment leaves either no row (the task runs again;
+an orphan value file is removed by :meth:`ResultStore.prune`) or a whole one.
+A row whose value no longer matches its checksum (a truncated or edited file)
+is reported with a warning, dropped, and the task recomputed.
+
+Failures, cancellations and timeouts are never stored: only successes reach
+:meth:`ResultStore.put`.  A value that cannot be pickled is reported once per
+task name and simply not stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["INLINE", "MISS", "ResultStore", "StoredResult"]
+
+log = logging.getLogger("asyncflow.store")
+
+#: values up to this many pickled bytes live in the index itself
+INLINE = 256 * 1024
+#: what :meth:`ResultStore.get` returns for a key it does not hold
+MISS: Any = object()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    data BLOB
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """One row of ``asyncflow store ls``."""
+
+    key: str
+    task: str
+    created: float
+    size: int
+
+
+class ResultStore:
+    """The store at ``path`` (created if missing).
+
+    Safe to use from several threads: each gets its own SQLite connection.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).absolute()
+        self.values = self.path / "values"
+        self.values.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._unpicklable: set[str] = set()
+        self._db().execute(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                self.path / "index.sqlite", timeout=60, isolation_level=None
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    # -- reading ---------------------------------------------------------------------
+    def get(self, key: str) -> Any:
+        """The value stored under ``key``, or :data:`MISS`."""
+        row = (
+            self._db()
+            .execute("SELECT task, sha256, data FROM results WHERE key = ?", (key,))
+            .fetchone()
+        )
+        if row is None:
+            return MISS
+        task, digest, data = row
+        if data is None:
+            try:
+                data = (self.values / key).read_bytes()
+            except OSError:
+                data = b""
+        if hashlib.sha256(data).hexdigest() != digest:
+            self._corrupt(key, task, "its value does not match its checksum")
+            return MISS
+        try:
+            return cloudpickle.loads(data)
+        except Exception as exc:
+            self._corrupt(key, task, f"its value cannot be unpickled ({exc})")
+            return MISS
+
+    def _corrupt(self, key: str, task: str, why: str) -> None:
+        warnings.warn(
+            f"result store {self.path}: the stored result of task {task!r} is "
+            f"damaged ({why}); it is dropped and the task runs again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.delete([key])
+
+    # -- writing ---------------------------------------------------------------------
+    def put(self, key: str, task: str, value: Any) -> bool:
+        """Store ``value`` under ``key``; whether it was stored."""
+        try:
+            data = cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            if task not in self._unpicklable:
+                self._unpicklable.add(task)
+                warnings.warn(
+                    f"result store {self.path}: results of task {task!r} cannot "
+                    f"be pickled ({type(exc).__name__}: {exc}), so they are not "
+                    "stored and the task runs every time",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return False
+        digest = hashlib.sha256(data).hexdigest()
+        inline: bytes | None = data
+        if len(data) > INLINE:
+            self._write_value(key, data)
+            inline = None
+        self._db().execute(
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+            (key, task, time.time(), len(data), digest, inline),
+        )
+        return True
+
+    def _write_value(self, key: str, data: bytes) -> None:
+        """Write, flush and rename: the file is whole or absent."""
+        tmp = self.values / f".{key}.{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.values / key)
+
+    # -- housekeeping ----------------------------------------------------------------
+    def __iter__(self) -> Iterator[StoredResult]:
+        rows = self._db().execute(
+            "SELECT key, task, created, size FROM results ORDER BY created"
+        )
+        for key, task, created, size in rows.fetchall():
+            yield StoredResult(key, task, created, size)
+
+    def __len__(self) -> int:
+        (count,) = self._db().execute("SELECT COUNT(*) FROM results").fetchone()
+        return int(count)
+
+    def size(self) -> int:
+        """Bytes on disk: the index and every value file."""
+        files = [self.path / n for n in os.listdir(self.path) if n.startswith("index")]
+        files += list(self.values.iterdir())
+        return sum(f.stat().st_size for f in files if f.is_file())
+
+    def delete(self, keys: list[str]) -> None:
+        db = self._db()
+        for key in keys:
+            db.execute("DELETE FROM results WHERE key = ?", (key,))
+            with contextlib.suppress(OSError):
+                (self.values / key).unlink()
+
+    def prune(self, older_than: float | None = None, task: str | None = None) -> int:
+        """Drop results older than ``older_than`` seconds and/or of task names
+        ``task``, and value files no row names (left by a crash); how many
+        results were dropped."""
+        query, params = "SELECT key FROM results WHERE 1", list[Any]()
+        if older_than is not None:
+            query += " AND created < ?"
+            params.append(time.time() - older_than)
+        if task is not None:
+            query += " AND task = ?"
+            params.append(task)
+        keys = [k for (k,) in self._db().execute(query, params).fetchall()]
+        if older_than is not None or task is not None:
+            self.delete(keys)
+        else:
+            keys = []
+        named = {k for (k,) in self._db().execute("SELECT key FROM results")}
+        for entry in self.values.iterdir():
+            if entry.name not in named:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        return len(keys)
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

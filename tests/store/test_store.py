@@ -1,0 +1,187 @@
+"""The result store (issue: durable runs), on the thread and process pools.
+
+What a store promises: a stored task resolves without running, keys change
+with the code and the inputs (and a dependent's with its upstream's), failures
+are never stored, damage is detected and recomputed, and a driver SIGKILLed
+halfway leaves a consistent store from which a re-run runs only what had not
+finished and gives the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncflow import InputFile, OutputFile, WorkflowEngine
+from asyncflow.store import MISS, ResultStore
+
+pytestmark = pytest.mark.timeout(120)
+
+DRIVER = Path(__file__).with_name("resume_driver.py")
+
+
+def body(source: str) -> Callable[..., Any]:
+    """A function named ``step`` from ``source``: one name, new bodies."""
+    space: dict[str, Any] = {}
+    exec(textwrap.dedent(source), space)
+    fn: Callable[..., Any] = space["step"]
+    return fn
+
+
+def test_values_round_trip_inline_and_in_files(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    big = b"x" * (300 * 1024)
+    assert store.put("a", "small", {"v": 1}) and store.put("b", "big", big)
+    assert store.get("a") == {"v": 1} and store.get("b") == big
+    assert store.get("nope") is MISS
+    assert len(store) == 2 and (tmp_path / "values" / "b").exists()
+    assert [r.task for r in store] == ["small", "big"]
+    assert store.size() > len(big)
+
+
+def test_damage_is_detected_and_recomputed(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.put("b", "big", b"y" * (300 * 1024))
+    (tmp_path / "values" / "b").write_bytes(b"truncated")
+    with pytest.warns(RuntimeWarning, match="'big' is damaged"):
+        assert store.get("b") is MISS
+    assert len(store) == 0
+
+
+def test_unpicklable_values_are_reported_once_and_not_stored(tmp_path: Path) -> None:
+    import threading
+
+    store = ResultStore(tmp_path)
+    with pytest.warns(RuntimeWarning, match="'locky'.*cannot be pickled"):
+        assert not store.put("k", "locky", threading.Lock())
+    assert not store.put("k2", "locky", threading.Lock())  # no second warning
+    assert len(store) == 0
+
+
+def test_prune_by_task_and_age_and_orphans(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.put("a", "keep", 1)
+    store.put("b", "drop", 2)
+    (tmp_path / "values" / "orphan").write_bytes(b"left by a crash")
+    assert store.prune(task="drop") == 1
+    assert [r.task for r in store] == ["keep"]
+    assert not (tmp_path / "values" / "orphan").exists()
+    assert store.prune(older_than=0) == 1 and len(store) == 0
+
+
+async def run(store: Path, fn: Callable[..., Any], other: Callable[..., Any]) -> Any:
+    async with WorkflowEngine(store=store) as flow:
+        first, then = flow.function_task(fn), flow.function_task(other)
+        values = await asyncio.gather(then(first(1)), then(5))
+        return values, flow.summary()
+
+
+async def test_a_stored_task_runs_once_and_a_changed_body_only_its_dependents(
+    tmp_path: Path,
+) -> None:
+    plus_one = body("def step(x):\n    return x + 1\n")
+    plus_two = body("def step(x):\n    return x + 2\n")
+    double = body("def step(x):\n    return 2 * x\n")
+    values, summary = await run(tmp_path, plus_one, double)
+    assert values == [4, 10] and summary["stored"] == 3 and summary["cached"] == 0
+    values, summary = await run(tmp_path, plus_one, double)
+    assert values == [4, 10] and summary["cached"] == 3 and summary["stored"] == 0
+    values, summary = await run(tmp_path, plus_two, double)
+    # the changed task and its dependent run; double(5) does not
+    assert values == [6, 10] and summary["cached"] == 1 and summary["stored"] == 2
+
+
+async def test_failures_are_never_stored_and_cache_false_always_runs(
+    tmp_path: Path,
+) -> None:
+    ran: list[int] = []
+
+    def flaky(x: int) -> int:
+        ran.append(x)
+        if len(ran) == 1:
+            raise ValueError("first time")
+        return x
+
+    for expect_error in (True, False, False):
+        async with WorkflowEngine(store=tmp_path) as flow:
+            task = flow.function_task(flaky)
+            if expect_error:
+                with pytest.raises(ValueError):
+                    await task(7)
+            else:
+                assert await task(7) == 7
+    assert ran == [7, 7]  # failed, then ran and stored, then from the store
+    async with WorkflowEngine(store=tmp_path) as flow:
+        never = flow.function_task(cache=False)(flaky)
+        assert await never(7) == 7 and ran == [7, 7, 7]
+
+
+async def test_executables_key_on_inputs_and_check_their_outputs(
+    tmp_path: Path,
+) -> None:
+    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("one\n")
+
+    async def copy() -> tuple[str, dict[str, Any]]:
+        async with WorkflowEngine(store=tmp_path / "store") as flow:
+            cp = flow.executable_task(lambda a, b: f"cat {a} > {b}; cat {a}")
+            out = await cp(InputFile(src), OutputFile(dst))
+            return out, flow.summary()
+
+    assert (await copy())[1]["stored"] == 1
+    assert (await copy())[1]["cached"] == 1
+    dst.unlink()  # a declared output gone: not a hit
+    out, summary = await copy()
+    assert summary["cached"] == 0 and dst.read_text() == "one\n"
+    src.write_text("two\n")  # new input content: a new key
+    out, summary = await copy()
+    assert out == "two\n" and summary["cached"] == 0
+
+
+@pytest.mark.parametrize("backend", ["threads", "processes"])
+def test_a_driver_killed_halfway_resumes_where_it_stopped(
+    backend: str, tmp_path: Path
+) -> None:
+    store, marks = tmp_path / "store", tmp_path / "marks"
+    marks.mkdir()
+    cmd = [sys.executable, str(DRIVER), backend, str(store), str(marks)]
+    # The driver's whole process group, pool processes too, as when a batch job
+    # is killed: a pool process left alive would go on taking queued tasks.
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True
+    ) as first:
+        assert first.stdout is not None
+        for line in first.stdout:
+            if line.startswith("done") and int(line.split()[1]) >= 100:
+                os.killpg(first.pid, signal.SIGKILL)
+                break
+        first.wait(30)
+    with sqlite3.connect(store / "index.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    stored = len(ResultStore(store))
+    assert 100 <= stored < 200, stored
+    before = len(os.listdir(marks))
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert second.returncode == 0, second.stderr
+    assert len(os.listdir(marks)) - before == 200 - stored  # only the rest ran
+    fresh = tmp_path / "fresh"
+    fresh_marks = tmp_path / "fresh-marks"
+    fresh_marks.mkdir()
+    whole = subprocess.run(
+        [sys.executable, str(DRIVER), backend, str(fresh), str(fresh_marks)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert second.stdout.splitlines()[-1] == whole.stdout.splitlines()[-1]
+    assert len(ResultStore(store)) == 200
