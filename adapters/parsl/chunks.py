@@ -108,8 +108,8 @@ class ParslChunks:
         if state.life.closed or dfk is None or dfk.cleanup_called:
             cancel_future(stand_in)  # the queue reports the DFK shut down
             return
-        executor = dfk.executors.get(state.label)
-        if executor is not None and executor.bad_state_is_set:
+        executor: Any = dfk.executors.get(state.label)
+        if getattr(executor, "bad_state_is_set", False):
             # its interchange or job is gone: fail now, not after a DFK launch
             stand_in.set_exception(executor.executor_exception)
             return
