@@ -95,6 +95,10 @@ def _export_backend_choice(ns: argparse.Namespace) -> None:
     creates reads; options add to those the environment already held."""
     if ns.backend:
         os.environ["ASYNCFLOW_BACKEND"] = ns.backend
+    if ns.store:
+        os.environ["ASYNCFLOW_STORE"] = os.path.abspath(ns.store)
+    if ns.refresh:
+        os.environ["ASYNCFLOW_REFRESH"] = "1"
     if ns.hpc:
         text = ns.hpc if ns.hpc.lstrip().startswith("{") else Path(ns.hpc).read_text()
         os.environ["ASYNCFLOW_HPC"] = text
@@ -183,6 +187,34 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
+def cmd_store(ns: argparse.Namespace) -> int:
+    from .store import ResultStore
+
+    if not Path(ns.path, "index.sqlite").exists():
+        print(f"asyncflow store: no result store at {ns.path!r}", file=sys.stderr)
+        return 2
+    store = ResultStore(ns.path)
+    if ns.action == "ls":
+        counts: dict[str, list[int]] = {}
+        for row in store:
+            entry = counts.setdefault(row.task, [0, 0])
+            entry[0] += 1
+            entry[1] += row.size
+        for task, (n, size) in sorted(counts.items()):
+            print(f"{task:<40} {n:>8} results {size / 2**20:>10.1f} MiB")
+        print(f"{len(store)} results, {store.size() / 2**20:.1f} MiB on disk")
+        return 0
+    if ns.task is None and ns.older_than is None:
+        print(
+            "asyncflow store prune: say what: --task NAME and/or --older-than DAYS",
+            file=sys.stderr,
+        )
+        return 2
+    age = None if ns.older_than is None else ns.older_than * 86400
+    print(f"pruned {store.prune(older_than=age, task=ns.task)} results")
+    return 0
+
+
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .plot import gantt
 
@@ -214,7 +246,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 #: ``asyncflow run``'s own options, which after the script name would go to the
 #: script without a word
-_RUN_OPTIONS = ("--backend", "--backend-option", "--hpc", "--trace", "--progress")
+_RUN_OPTIONS = (
+    "--backend",
+    "--backend-option",
+    "--hpc",
+    "--trace",
+    "--progress",
+    "--store",
+    "--refresh",
+)
 
 
 def _script_args(
@@ -267,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--trace", metavar="FILE", help="write a Chrome trace-event JSON of every task"
     )
     run.add_argument(
+        "--store",
+        metavar="PATH",
+        help="result store: tasks stored there do not run again, and every task "
+        "that succeeds is stored (see asyncflow store)",
+    )
+    run.add_argument(
+        "--refresh",
+        action="store_true",
+        help="with --store: run every task, and store the results again",
+    )
+    run.add_argument(
         "--progress",
         action="store_true",
         help="live progress bar (only when stdout is a terminal)",
@@ -274,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script")
     run.add_argument("args", nargs=argparse.REMAINDER)
     run.set_defaults(func=cmd_run)
+
+    store = sub.add_parser("store", help="list or prune a result store")
+    store.add_argument("action", choices=["ls", "prune"])
+    store.add_argument("path", metavar="PATH")
+    store.add_argument("--task", help="prune: only the results of this task name")
+    store.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="prune: only results stored more than DAYS days ago",
+    )
+    store.set_defaults(func=cmd_store)
 
     backends = sub.add_parser("backends", help="list backends, installed or not")
     backends.set_defaults(func=cmd_backends)

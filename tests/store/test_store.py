@@ -185,3 +185,44 @@ def test_a_driver_killed_halfway_resumes_where_it_stopped(
     )
     assert second.stdout.splitlines()[-1] == whole.stdout.splitlines()[-1]
     assert len(ResultStore(store)) == 200
+
+
+def test_cli_store_refresh_ls_and_prune(tmp_path: Path) -> None:
+    script = tmp_path / "wf.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            from asyncflow import WorkflowEngine
+
+            def square(x):
+                return x * x
+
+            async def main():
+                async with WorkflowEngine() as flow:
+                    task = flow.function_task(square)
+                    total = sum(await asyncio.gather(*(task(i) for i in range(20))))
+                    print(total, flow.summary()["cached"])
+
+            asyncio.run(main())
+            """
+        )
+    )
+    store = tmp_path / "store"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "asyncflow", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert cli("run", "--store", str(store), str(script)).stdout.split() == ["2470", "0"]
+    assert cli("run", "--store", str(store), str(script)).stdout.split() == ["2470", "20"]
+    again = cli("run", "--store", str(store), "--refresh", str(script))
+    assert again.stdout.split() == ["2470", "0"]
+    listing = cli("store", "ls", str(store)).stdout
+    assert "square" in listing and "20 results" in listing
+    assert "pruned 20" in cli("store", "prune", str(store), "--task", "square").stdout
+    assert cli("store", "ls", str(tmp_path / "none")).returncode == 2
