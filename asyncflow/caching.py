@@ -10,8 +10,8 @@ A piped task (one handed to its runtime before its upstream finished) is keyed,
 so that its result is stored, but not looked up: its upstream is still running,
 so this run did not find that upstream in the store either.
 
-Values a backend left in its runtime (a ``RemoteValue``) are not stored: they
-would have to be fetched into the driver just for that.
+A value a backend left in its runtime (a ``RemoteValue``) is fetched as soon as
+its task ends, and stored once it is in the driver.
 """
 
 from __future__ import annotations

@@ -273,7 +273,6 @@ def _script_args(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .registry import batch_names
 
     parser = argparse.ArgumentParser(
         prog="asyncflow", description=__doc__.split("\n\n")[0]
@@ -284,8 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
         "(DEBUG, INFO, ...); the root logger is never touched",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub.add_parser("run", help="run a workflow script on a chosen backend"))
+    _add_store(sub.add_parser("store", help="list or prune a result store"))
 
-    run = sub.add_parser("run", help="run a workflow script on a chosen backend")
+    backends = sub.add_parser("backends", help="list backends, installed or not")
+    backends.set_defaults(func=cmd_backends)
+
+    plot = sub.add_parser("plot", help="draw a Gantt chart from a trace file")
+    plot.add_argument("trace")
+    plot.add_argument("-o", "--output", default="gantt.png")
+    plot.set_defaults(func=cmd_plot)
+
+    bench = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="compare runtimes on the same workloads (asyncflow bench --help)",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
+    from .registry import batch_names
+
     run.add_argument("--backend", help="backend name, see `asyncflow backends`")
     run.add_argument(
         "--backend-option",
@@ -326,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs=argparse.REMAINDER)
     run.set_defaults(func=cmd_run)
 
-    store = sub.add_parser("store", help="list or prune a result store")
+
+def _add_store(store: argparse.ArgumentParser) -> None:
     store.add_argument("action", choices=["ls", "prune"])
     store.add_argument("path", metavar="PATH")
     store.add_argument("--task", help="prune: only the results of this task name")
@@ -337,23 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune: only results stored more than DAYS days ago",
     )
     store.set_defaults(func=cmd_store)
-
-    backends = sub.add_parser("backends", help="list backends, installed or not")
-    backends.set_defaults(func=cmd_backends)
-
-    plot = sub.add_parser("plot", help="draw a Gantt chart from a trace file")
-    plot.add_argument("trace")
-    plot.add_argument("-o", "--output", default="gantt.png")
-    plot.set_defaults(func=cmd_plot)
-
-    bench = sub.add_parser(
-        "bench",
-        add_help=False,
-        help="compare runtimes on the same workloads (asyncflow bench --help)",
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

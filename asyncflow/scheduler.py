@@ -249,15 +249,14 @@ class Scheduler:
             fut._early = (True, value)
             return
         self._settle(fut, TaskState.DONE, EventKind.DONE)
-        if fut._cache_key is not None and not stored:
-            caching = self._state.caching
-            if caching is not None:
-                caching.record(fut, value)
+        caching = None if stored or fut._cache_key is None else self._state.caching
         if isinstance(value, RemoteValue):
             fut._remote = value
-            if fut._callbacks:  # somebody already waits: fetch now
+            if fut._callbacks or caching:  # somebody waits, or the store does
                 self.fetch(fut)
         else:
+            if caching is not None:
+                caching.record(fut, value)
             _set_result(fut, value)
         dependents = fut._dependents
         if dependents is not None:
@@ -398,6 +397,9 @@ class Scheduler:
             return
         fut._remote = None
         fut._job = None
+        caching = self._state.caching
+        if caching is not None and fut._cache_key is not None:
+            caching.record(fut, value)
         _set_result(fut, value)
 
 

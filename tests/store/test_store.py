@@ -2,17 +2,13 @@
 
 What a store promises: a stored task resolves without running, keys change
 with the code and the inputs (and a dependent's with its upstream's), failures
-are never stored, damage is detected and recomputed, and a driver SIGKILLed
-halfway leaves a consistent store from which a re-run runs only what had not
-finished and gives the same answer.
+are never stored, and damage is detected and recomputed.  A driver SIGKILLed
+halfway, on every backend: ``tests/reliability/test_store_resume.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -26,8 +22,6 @@ from asyncflow import InputFile, OutputFile, WorkflowEngine
 from asyncflow.store import MISS, ResultStore
 
 pytestmark = pytest.mark.timeout(120)
-
-DRIVER = Path(__file__).with_name("resume_driver.py")
 
 
 def body(source: str) -> Callable[..., Any]:
@@ -148,45 +142,6 @@ async def test_executables_key_on_inputs_and_check_their_outputs(
     assert out == "two\n" and summary["cached"] == 0
 
 
-@pytest.mark.parametrize("backend", ["threads", "processes"])
-def test_a_driver_killed_halfway_resumes_where_it_stopped(
-    backend: str, tmp_path: Path
-) -> None:
-    store, marks = tmp_path / "store", tmp_path / "marks"
-    marks.mkdir()
-    cmd = [sys.executable, str(DRIVER), backend, str(store), str(marks)]
-    # The driver's whole process group, pool processes too, as when a batch job
-    # is killed: a pool process left alive would go on taking queued tasks.
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True
-    ) as first:
-        assert first.stdout is not None
-        for line in first.stdout:
-            if line.startswith("done") and int(line.split()[1]) >= 100:
-                os.killpg(first.pid, signal.SIGKILL)
-                break
-        first.wait(30)
-    with sqlite3.connect(store / "index.sqlite") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    stored = len(ResultStore(store))
-    assert 100 <= stored < 200, stored
-    before = len(os.listdir(marks))
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
-    assert second.returncode == 0, second.stderr
-    assert len(os.listdir(marks)) - before == 200 - stored  # only the rest ran
-    fresh = tmp_path / "fresh"
-    fresh_marks = tmp_path / "fresh-marks"
-    fresh_marks.mkdir()
-    whole = subprocess.run(
-        [sys.executable, str(DRIVER), backend, str(fresh), str(fresh_marks)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert second.stdout.splitlines()[-1] == whole.stdout.splitlines()[-1]
-    assert len(ResultStore(store)) == 200
-
-
 def test_cli_store_refresh_ls_and_prune(tmp_path: Path) -> None:
     script = tmp_path / "wf.py"
     script.write_text(
@@ -218,8 +173,14 @@ def test_cli_store_refresh_ls_and_prune(tmp_path: Path) -> None:
             timeout=60,
         )
 
-    assert cli("run", "--store", str(store), str(script)).stdout.split() == ["2470", "0"]
-    assert cli("run", "--store", str(store), str(script)).stdout.split() == ["2470", "20"]
+    assert cli("run", "--store", str(store), str(script)).stdout.split() == [
+        "2470",
+        "0",
+    ]
+    assert cli("run", "--store", str(store), str(script)).stdout.split() == [
+        "2470",
+        "20",
+    ]
     again = cli("run", "--store", str(store), "--refresh", str(script))
     assert again.stdout.split() == ["2470", "0"]
     listing = cli("store", "ls", str(store)).stdout

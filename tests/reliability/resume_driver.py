@@ -1,4 +1,4 @@
-"""A 200-task workflow on a result store, for the resume test.
+"""A 200-task workflow on a result store, for ``test_store_resume.py``.
 
 ``python resume_driver.py BACKEND STORE MARKS`` runs 40 chains of 5 tasks
 (each hop's value depends on the one before), writes one file in MARKS per
@@ -14,9 +14,12 @@ import os
 import sys
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
-from asyncflow import ConcurrentExecutionBackend, WorkflowEngine
+from asyncflow import WorkflowEngine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from drivers import owned
 
 
 def hop(marks: str, chain: int, step: int, before: int) -> int:
@@ -26,8 +29,7 @@ def hop(marks: str, chain: int, step: int, before: int) -> int:
 
 
 async def main(backend: str, store: str, marks: str) -> None:
-    pool = ThreadPoolExecutor(2) if backend == "threads" else ProcessPoolExecutor(2)
-    async with WorkflowEngine(ConcurrentExecutionBackend(pool), store=store) as flow:
+    async with WorkflowEngine(owned(backend), store=store) as flow:
         task = flow.function_task(chunk=False)(hop)
         ends = []
         for chain in range(40):
@@ -45,3 +47,5 @@ async def main(backend: str, store: str, marks: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(main(*sys.argv[1:4]))
+    sys.stdout.flush()
+    os._exit(0)  # whatever the runtime left must not keep the driver alive
