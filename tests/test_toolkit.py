@@ -184,3 +184,30 @@ def _queue_sizes(chunk: bool) -> list[int]:
 def test_chunk_false_travels_alone() -> None:
     assert max(_queue_sizes(True)) > 1, "short calls share chunks"
     assert set(_queue_sizes(False)) == {1}, "chunk=False: one task per call"
+
+
+def test_a_function_that_returned_a_large_value_keeps_the_runtime_path() -> None:
+    from concurrent.futures import Future
+
+    from asyncflow.adapters.toolkit.chunks import ChunkQueue
+    from asyncflow.adapters.toolkit.routing import route
+
+    sent: list[Future] = []
+
+    def send(calls):
+        sent.append(Future())
+        return sent[-1]
+
+    queue = ChunkQueue(send, lambda exc: None, 1, _Recorder(), lambda s: b"f", "test")
+    specs = [
+        TaskSpec(uid=f"t.{i}", name="t", function=len, args=("x",)) for i in range(20)
+    ]
+    rest, _ = route(queue, specs, 16, lambda s: True)
+    assert rest == [] and sent  # a burst of one function: chunked
+    big = pickle.dumps(b"x" * (100 * 1024))
+    sent[0].set_result(([(True, big, True)], [(0.0, 1e-4)], "w"))
+    again = [
+        TaskSpec(uid=f"u.{i}", name="t", function=len, args=("x",)) for i in range(20)
+    ]
+    rest, _ = route(queue, again, 16, lambda s: True)
+    assert rest == again  # it returned a large value: the runtime's own path

@@ -53,6 +53,9 @@ Send = Callable[[list[Call]], "Future[Any]"]
 Lost = Callable[[BaseException], "str | None"]
 
 _CHUNK_SECONDS = 0.005  # the work one chunk aims at
+#: pickled bytes from which an outcome is large: a function that returned one
+#: keeps the runtime's own path from then on (see ``returns_large``)
+LARGE_OUTCOME = 64 * 1024
 MAX_CHUNK = 64
 _SMOOTHING = 0.3  # weight of a slower newest run in the per-task time estimate
 _RAISE = dumps_function(raise_error)
@@ -105,6 +108,8 @@ class ChunkQueue:
         self._chunks: set[_Chunk] = set()
         self._times: dict[bytes, float] = {}  # seconds per call, by function
         self._alone: set[str] = set()  # queued with chunk=False
+        #: functions (pickled) that returned a large outcome
+        self.large: set[bytes] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -157,6 +162,16 @@ class ChunkQueue:
             self._queued.clear()
         self.pipes.clear()
         return [c.future for c in list(self._chunks) if c.future is not None]
+
+    def returns_large(self, spec: TaskSpec) -> bool:
+        """Whether ``spec``'s function has returned a large value here.  Its
+        calls then keep the runtime's own path, where a runtime that keeps
+        values on its workers (Dask, Ray) passes them to the next task there,
+        instead of through the driver in a chunk's outcome."""
+        try:
+            return self._pickle_function(spec) in self.large
+        except SerializationError:
+            return False
 
     # -- either side ---------------------------------------------------------------
     def _enqueue(self, spec: TaskSpec, last: bool) -> None:
@@ -304,6 +319,8 @@ class ChunkQueue:
                 continue
             if ran is not None:
                 ran(uid, began, began + took, worker)
+            if ok and _size(data, pickled) > LARGE_OUTCOME:
+                self.large.add(call[0])
             try:
                 value = pickle.loads(data) if pickled else data
             except Exception as exc:
@@ -355,6 +372,13 @@ class ChunkQueue:
                 times[blob] = took
             else:
                 times[blob] = old + _SMOOTHING * (took - old)
+
+
+def _size(data: Any, pickled: bool) -> int:
+    """An outcome's bytes: its pickle's, or a plain value's own."""
+    if pickled or type(data) in (bytes, str):
+        return len(data)
+    return int(getattr(data, "nbytes", 0))
 
 
 def cancel_future(f: Future[Any]) -> bool:

@@ -45,11 +45,15 @@ def route(
     calls = [(s, eligible(s)) for s in specs]
     keys = [_function_key(s) if ok else None for s, ok in calls]
     counts = Counter(k for k in keys if k is not None)
+    if queue.large:  # functions that return large values keep the runtime's path
+        for i, (spec, ok) in enumerate(calls):
+            if ok and queue.returns_large(spec):
+                keys[i] = None
     live = queue.pipes.live  # not copied: a batch's own chunked uids go in taken
     taken: set[str] = set()
     buckets: tuple[list[TaskSpec], list[TaskSpec], list[TaskSpec]] = ([], [], [])
     for (spec, ok), key in zip(calls, keys, strict=True):
-        many = ok and counts[key] >= burst
+        many = key is not None and counts[key] >= burst
         where = _bucket(spec, ok, many, (live, taken), native_pipes)
         buckets[where].append(spec)
         if where == _CHUNK:
