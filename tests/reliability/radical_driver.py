@@ -129,75 +129,6 @@ async def task_killed(flow: WorkflowEngine) -> dict[str, Any]:
     return res
 
 
-# -- chaos and big output ------------------------------------------------------------
-CHAOS_TASKS = 5000
-
-
-async def chaos_step(flow: WorkflowEngine, sandbox: str) -> dict[str, Any]:
-    """``chaos.py``'s mixed workflow on the pilot while raptor workers and the
-    function tasks they run are SIGKILLed every 3 to 10 s (the pilot's own
-    loss is step 3)."""
-    import random
-
-    from chaos import Workflow, controller, ending
-
-    from asyncflow.adapters.radical.reaper import working_under
-
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-
-    def raptor_workers() -> list[psutil.Process]:
-        out = []
-        for pid in working_under([sandbox], me):
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                if "raptor-worker" in " ".join(proc.cmdline()):
-                    out.append(proc)
-        return out
-
-    wf = Workflow(flow)
-    group = 0
-    while len(wf.tasks) < CHAOS_TASKS:
-        wf.group(group)
-        group += 1
-    kills: list[str] = []
-    rng = random.Random(7)
-    begin = time.monotonic()
-    killer = asyncio.ensure_future(
-        controller(raptor_workers, wf, rng, kills, None, every=(3.0, 10.0))
-    )
-    await asyncio.wait([p.fut for p in wf.tasks], timeout=900)
-    killer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await killer
-    endings: dict[str, int] = {}
-    for planned in wf.tasks:
-        kind = ending(planned)
-        endings[kind] = endings.get(kind, 0) + 1
-    return {
-        "tasks": len(wf.tasks),
-        "kills": len(kills),
-        "outcomes": endings,
-        "drain_s": round(time.monotonic() - begin, 1),
-    }
-
-
-async def big_output(flow: WorkflowEngine) -> dict[str, Any]:
-    """A command printing 1 GiB: the growth of the driver's peak RSS."""
-    import resource
-
-    def peak_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    shout = flow.executable_task(lambda: f"head -c {2**30} /dev/zero | tr '\\0' x")
-    before = peak_mb()
-    out = await shout()
-    return {
-        "value": type(out).__name__,
-        "size": getattr(out, "size", None),
-        "peak_growth_mb": round(peak_mb() - before, 1),
-    }
-
-
 # -- 2. shutdown under load ------------------------------------------------------------
 async def shutdown_load(runtime: Any) -> dict[str, Any]:
     from asyncflow.adapters.radical import RadicalExecutionBackend
@@ -395,8 +326,6 @@ async def radical_scenario() -> dict[str, Any]:
         note(f"pilot up and warm after {result['warm_in']:.1f} s")
         await _step(result, "task_killed", 300, lambda: task_killed(flow))
         await _step(result, "shutdown_load", 400, lambda: shutdown_load(rt))
-        await _step(result, "big_output", 300, lambda: big_output(flow))
-        await _step(result, "chaos", 1000, lambda: chaos_step(flow, str(rt.base)))
         await _step(result, "pilot_killed", 300, lambda: pilot_killed(flow, owner))
     finally:
         result["final_shutdown_in"] = await _bounded(flow.shutdown(), 60)
