@@ -21,7 +21,7 @@ import pytest
 
 from asyncflow.store import MISS, ResultStore
 
-from .conftest import BACKENDS, MARK, kill_all, marked_processes, require
+from .conftest import BACKENDS, MARK, Tracker, kill_all, require
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,7 +34,7 @@ def run(cmd: list[str], env: dict[str, str]) -> str:
     return done.stdout.splitlines()[-1]
 
 
-def kill_halfway(cmd: list[str], env: dict[str, str], token: str) -> None:
+def kill_halfway(cmd: list[str], env: dict[str, str], found: Tracker) -> None:
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
     ) as first:
@@ -44,7 +44,7 @@ def kill_halfway(cmd: list[str], env: dict[str, str], token: str) -> None:
                 os.killpg(first.pid, signal.SIGKILL)
                 break
         first.wait(30)
-    kill_all(marked_processes(token))  # what left the group: pool workers, heads
+    kill_all(found.processes())  # what left the group: pool workers, heads
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -53,12 +53,15 @@ def test_a_driver_killed_halfway_resumes_where_it_stopped(
 ) -> None:
     require(name)
     token = uuid.uuid4().hex
+    # only what this test starts: this process's own children (a session's
+    # runtimes) are not to be killed
+    found = Tracker(token)
     env = {**os.environ, MARK: token, "RAY_USAGE_STATS_ENABLED": "0"}
     store, marks = tmp_path / "store", tmp_path / "marks"
     marks.mkdir()
     cmd = [sys.executable, str(DRIVER), name, str(store), str(marks)]
     try:
-        kill_halfway(cmd, env, token)
+        kill_halfway(cmd, env, found)
         with sqlite3.connect(store / "index.sqlite") as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         kept = ResultStore(store)
@@ -80,4 +83,4 @@ def test_a_driver_killed_halfway_resumes_where_it_stopped(
         ]
         assert resumed == run(whole, env)
     finally:
-        kill_all(marked_processes(token))
+        kill_all(found.processes())
