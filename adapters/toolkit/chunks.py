@@ -319,7 +319,16 @@ class ChunkQueue:
                 continue
             if ran is not None:
                 ran(uid, began, began + took, worker)
-            if ok and _size(data, pickled) > LARGE_OUTCOME:
+            # an int or a short str costs a length or a missing attribute here
+            if (
+                ok
+                and (
+                    len(data)
+                    if pickled or type(data) in _SIZED
+                    else getattr(data, "nbytes", 0)
+                )
+                > LARGE_OUTCOME
+            ):
                 self.large.add(call[0])
             try:
                 value = pickle.loads(data) if pickled else data
@@ -374,11 +383,8 @@ class ChunkQueue:
                 times[blob] = old + _SMOOTHING * (took - old)
 
 
-def _size(data: Any, pickled: bool) -> int:
-    """An outcome's bytes: its pickle's, or a plain value's own."""
-    if pickled or type(data) in (bytes, str):
-        return len(data)
-    return int(getattr(data, "nbytes", 0))
+#: plain outcomes measured by their length (the rest by ``nbytes``, if any)
+_SIZED = frozenset({bytes, str})
 
 
 def cancel_future(f: Future[Any]) -> bool:
