@@ -34,7 +34,7 @@ from .walk import find, replace
 __all__ = ["command_key", "function_key", "identity"]
 
 _VERSION = b"asyncflow-key-1\0"
-_FILES = (InputFile, OutputFile)
+_MARKERS = frozenset({TaskFuture, InputFile, OutputFile})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -92,17 +92,19 @@ class _NoKey(Exception):
     pass
 
 
-def _upstream(fut: TaskFuture) -> tuple[str, str]:
-    key = fut._cache_key
-    if key is None:
-        raise _NoKey
-    return ("asyncflow-upstream", key)
+def _stand_in(marker: Any) -> tuple[str, str]:
+    """An upstream by its key, a declared file by its path."""
+    if type(marker) is TaskFuture:
+        key = marker._cache_key
+        if key is None:
+            raise _NoKey
+        return ("asyncflow-upstream", key)
+    return ("asyncflow-file", marker.filepath)
 
 
 def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes | None:
     try:
-        plain = replace((args, sorted(kwargs.items())), TaskFuture, _upstream)
-        plain = replace(plain, _FILES, lambda f: ("asyncflow-file", f.filepath))
+        plain = replace((args, sorted(kwargs.items())), _MARKERS, _stand_in)
         return hashlib.sha256(cloudpickle.dumps(plain, protocol=5)).digest()
     except _NoKey:
         return None
