@@ -16,8 +16,9 @@ Killing a command that runs in another process
     as nothing stops a command when its parent dies.  For that, an adapter that
     owns its workers gives each worker's environment
     ``COMMAND_PIDS_ENV=pid_dir_under(a temp dir it owns)``: every command is then
-    listed there while it runs, and once the workers are gone, at shutdown,
-    :func:`kill_listed` kills whatever is still listed.
+    listed there while it runs (and carries that variable), and once the workers
+    are gone, at shutdown, :func:`kill_listed` kills whatever is still listed or
+    carries it.
 """
 
 from __future__ import annotations
@@ -245,16 +246,45 @@ def kill_listed(pid_dir: str) -> int:
     """SIGKILL the process group of every command listed in ``pid_dir``.
 
     The driver calls it after its workers are gone, so whatever is still listed
-    lost its worker without being killed.
+    lost its worker without being killed.  A worker killed between starting a
+    command and listing it leaves the command unlisted; on Linux such a command
+    is still found, as a session leader whose environment names ``pid_dir``
+    (it inherited the worker's).
     """
-    killed = 0
+    pids = _marked(pid_dir)
     with contextlib.suppress(OSError):
-        for entry in os.listdir(pid_dir):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    os.killpg(int(entry), signal.SIGKILL)
-                    killed += 1
+        pids.update(int(entry) for entry in os.listdir(pid_dir) if entry.isdigit())
+    killed = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+            killed += 1
     return killed
+
+
+def _marked(pid_dir: str) -> set[int]:
+    """Session leaders (commands: each has a session of its own) whose
+    environment says they were started by a worker listing in ``pid_dir``."""
+    marker = f"\0{COMMAND_PIDS_ENV}={pid_dir}\0".encode()
+    found: set[int] = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # not Linux: the list is all there is
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            if os.getsid(pid) != pid:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = b"\0" + f.read()
+        except OSError:
+            continue
+        if marker in environ:
+            found.add(pid)
+    return found
 
 
 def _killpg(proc: subprocess.Popen[bytes]) -> None:

@@ -152,6 +152,23 @@ def test_scratch_kills_listed_commands_and_removes_itself():
     assert not os.path.exists(path) and scratch.close() == 0
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="found by environment on Linux")
+def test_scratch_kills_a_command_its_worker_had_no_time_to_list():
+    scratch = Scratch()
+    scratch.make("asyncflow-test-")
+    env = {**os.environ, **scratch.command_env()}
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True, env=env)
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert scratch.close() == 1
+        assert proc.wait(timeout=10) == -9
+        assert bystander.poll() is None
+    finally:
+        for p in (proc, bystander):
+            p.kill()
+            p.wait()
+
+
 class _Recorder:
     def set_result(self, uid, value):
         pass
