@@ -46,6 +46,7 @@ class TaskEvent:
     backend: str
     attempt: int
     deps: tuple[str, ...] = ()
+    #: FAILED: the exception as ``Type: message``; BACKEND: what the runtime does
     detail: str = ""
     #: RUNNING measured where the task ran: when it ended there, and the worker
     until: float | None = None
@@ -90,6 +91,7 @@ class _Record:
     attempts: int = 1
     ran_until: float | None = None  # the end of its run, measured where it ran
     worker: str = ""
+    error: str = ""  # a failure as ``Type: message``
 
 
 @dataclass
@@ -122,6 +124,8 @@ class TraceRecorder:
             rec.running = rec.ran_until = None
         elif kind in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED):
             rec.end = ev.time
+            if kind is EventKind.FAILED:
+                rec.error = ev.detail
 
     # -- summary ---------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

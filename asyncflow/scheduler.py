@@ -227,7 +227,9 @@ class Scheduler:
             self.ready(fut)
 
     # -- completion -------------------------------------------------------------
-    def _settle(self, fut: TaskFuture, state: TaskState, kind: EventKind) -> None:
+    def _settle(
+        self, fut: TaskFuture, state: TaskState, kind: EventKind, error: Any = None
+    ) -> None:
         """What every end of a task shares, whichever end it is: no timer, no
         longer open, nothing kept for a run that will not happen, observers
         told.  The future itself is resolved by the caller."""
@@ -240,7 +242,7 @@ class Scheduler:
         fut._args = fut._kwargs = None  # type: ignore[assignment]
         fut._deps = ()
         if self._hub.subscribers:
-            self._hub.task(kind, fut)
+            self._hub.task(kind, fut, error=error)
 
     def finish_ok(self, fut: TaskFuture, value: Any, stored: bool = False) -> None:
         if fut._tstate in FINAL:
@@ -280,7 +282,7 @@ class Scheduler:
             fut._timer = None
         if retry and self._retry(fut, exc):
             return
-        self._settle(fut, TaskState.FAILED, EventKind.FAILED)
+        self._settle(fut, TaskState.FAILED, EventKind.FAILED, exc)
         _set_exception(fut, exc)
         if fut._dependents:
             self.fail_dependents(fut, fut._dependents)
@@ -323,7 +325,7 @@ class Scheduler:
             err = DependencyFailureError(dep.uid, [upstream.uid], root_name, cause)
             err.__cause__ = root
             dep._scheduler._drop(dep)
-            dep._scheduler._settle(dep, TaskState.FAILED, EventKind.FAILED)
+            dep._scheduler._settle(dep, TaskState.FAILED, EventKind.FAILED, err)
             _set_exception(dep, err)
             if dep._dependents:
                 dep._log_traceback = False

@@ -56,12 +56,20 @@ class EventHub:
         return self.labels.get(id(backend), default)
 
     def task(
-        self, kind: EventKind, fut: TaskFuture, deps: tuple[str, ...] = ()
+        self,
+        kind: EventKind,
+        fut: TaskFuture,
+        deps: tuple[str, ...] = (),
+        error: BaseException | None = None,
     ) -> None:
+        """``error``, a failure's exception, goes out as the event's ``detail``."""
         backend = fut._backend or fut._decl.backend
         label = self.labels.get(id(backend), "engine") if backend else "engine"
+        detail = "" if error is None else f"{type(error).__name__}: {error}"
         self.publish(
-            TaskEvent(time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps)
+            TaskEvent(
+                time.time(), kind, fut.uid, fut.name, label, fut._attempt, deps, detail
+            )
         )
 
     def ran(self, fut: TaskFuture, start: float, end: float, worker: str) -> None:

@@ -41,6 +41,9 @@ async def test_every_state_change_is_an_event(tmp_path: Path) -> None:
     for kind in ("created", "waiting", "submitted", "running", "done"):
         assert ("inc", EventKind(kind)) in kinds
     assert ("boom", EventKind.FAILED) in kinds
+    failures = {e.name: e.detail for e in seen if e.kind is EventKind.FAILED}
+    assert failures["boom"] == "ValueError: boom"
+    assert failures["inc"].startswith("DependencyFailureError: ")
     assert ("flaky", EventKind.RETRIED) in kinds
     assert all(e.backend == "concurrent-threads" for e in seen if e.kind == "submitted")
     assert all(e.time > 0 and e.uid for e in seen)
