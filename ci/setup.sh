@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install asyncflow with every runtime and the test
-# tools, plus the out-of-tree example adapter the tests exercise.  As root, also
+# tools and the documentation site's (tests/test_docs_site.py builds it), plus the
+# out-of-tree example adapter the tests exercise.  As root, also
 # install the Debian packages of the Slurm test cluster (tests/hpc), if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,4 @@ toml = tomllib.load(open("pyproject.toml", "rb"))
 print(*toml["build-system"]["requires"], sep="\n")')
 .venv/bin/python -m pip install -q --disable-pip-version-check "${build_requires[@]}"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    -e '.[all,test]' -e tests/example_adapter
+    -e '.[all,test,docs]' -e tests/example_adapter
