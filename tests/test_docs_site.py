@@ -291,3 +291,15 @@ def test_the_adapter_page_shows_the_example_adapters_entry_point() -> None:
     real = tomllib.loads((ROOT / "tests/example_adapter/pyproject.toml").read_text())
     group = shown["project"]["entry-points"]["asyncflow.backends"]
     assert group == real["project"]["entry-points"]["asyncflow.backends"]
+
+
+def test_the_benchmark_tables_are_the_runs() -> None:
+    """``docs/choosing.md`` holds exactly ``docs/bench/bench.md``, as
+    ``benchmarks/bench_readme.py`` splices it: a hand edit of a figure fails."""
+    check = subprocess.run(
+        [sys.executable, ROOT / "benchmarks" / "bench_readme.py", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
