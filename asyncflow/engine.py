@@ -313,22 +313,34 @@ class WorkflowEngine:
 
     def export_trace(self, path: str) -> str:
         """Write a Chrome trace-event JSON file (Perfetto, chrome://tracing)."""
+        return str(self._recorded("--trace").export(path))
+
+    def export_report(self, path: str) -> str:
+        """Write the run so far as one HTML file that opens offline: the DAG,
+        a timeline per backend slot, the critical path, utilisation, failures
+        with their root causes (see :mod:`asyncflow.report_html`)."""
+        from .report_html import write_report
+
+        recorder = self._recorded("--report")
+        return str(write_report(path, [recorder], extra=self._store_counts()))
+
+    def _recorded(self, option: str) -> TraceRecorder:
         if self._recorder is None:
             raise AsyncflowError(
                 "no trace was recorded: call flow.record_trace() before running "
-                "tasks (or use `asyncflow run --trace FILE`)"
+                f"tasks (or use `asyncflow run {option} FILE`)"
             )
-        return str(self._recorder.export(path))
+        return self._recorder
+
+    def _store_counts(self) -> dict[str, int]:
+        c = self._state.caching
+        return {} if c is None else {"cached": c.hits, "stored": c.stored}
 
     def summary(self) -> dict[str, Any]:
         """Task counts by state and by backend, total and critical-path time
         (the times need :meth:`record_trace`); with a result store, how many
         tasks it answered (``cached``) and how many results it took."""
-        found = self._summary()
-        caching = self._state.caching
-        if caching is not None:
-            found["cached"], found["stored"] = caching.hits, caching.stored
-        return found
+        return {**self._summary(), **self._store_counts()}
 
     def _summary(self) -> dict[str, Any]:
         if self._recorder is not None:
