@@ -70,7 +70,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     def attach(engine: WorkflowEngine) -> None:
         engines.append(engine)
-        if ns.trace:
+        if ns.trace or ns.report:
             engine.record_trace()
         if progress is not None:
             engine.subscribe(progress)
@@ -79,8 +79,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm_handler(engines))
     sys.argv = [ns.script, *ns.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
+    code = None
     try:
-        return _run_script(ns.script, progress)
+        code = _run_script(ns.script, progress)
+        return code
     finally:
         signal.signal(signal.SIGTERM, previous)
         creation_hooks.remove(attach)
@@ -88,6 +90,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
             progress.stop()
         if ns.trace:
             _write_trace(engines, ns.trace)
+        if ns.report:
+            _write_report(engines, ns.report, code)
 
 
 def _export_backend_choice(ns: argparse.Namespace) -> None:
@@ -156,6 +160,23 @@ def _write_trace(engines: Sequence[Any], path: str) -> None:
         json.dump(merge_traces(recorders), f)
     print(
         f"asyncflow: trace of {len(recorders)} engine(s) written to {path}",
+        file=sys.stderr,
+    )
+
+
+def _write_report(engines: Sequence[Any], path: str, code: int | None) -> None:
+    """Written however the script ended; a report that cannot be written is
+    said so on stderr, never raised over the script's own exception."""
+    from .report_html import engines_report, outcome
+
+    note = outcome(code, sys.exception())
+    try:
+        engines_report(path, engines, note)
+    except OSError as exc:
+        print(f"asyncflow: report not written: {exc}", file=sys.stderr)
+        return
+    print(
+        f"asyncflow: report of {len(engines)} engine(s) written to {path}",
         file=sys.stderr,
     )
 
@@ -251,6 +272,7 @@ _RUN_OPTIONS = (
     "--backend-option",
     "--hpc",
     "--trace",
+    "--report",
     "--progress",
     "--store",
     "--refresh",
@@ -326,6 +348,12 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--trace", metavar="FILE", help="write a Chrome trace-event JSON of every task"
+    )
+    run.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write a self-contained HTML report (DAG, timeline, critical path, "
+        "utilisation, failures), also when the run fails or is interrupted",
     )
     run.add_argument(
         "--store",
