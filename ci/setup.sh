@@ -2,11 +2,13 @@
 # Create .venv (if missing) and install asyncflow with every runtime and the test
 # tools and the documentation site's (tests/test_docs_site.py builds it), plus the
 # out-of-tree example adapter the tests exercise.  As root, also
-# install the Debian packages of the Slurm test cluster (tests/hpc), if missing.
+# install the Debian packages of the Slurm test cluster (tests/hpc) and the
+# Chromium the report tests open pages in (tests/browser.py), if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in slurmctld:slurm-wlm munged:munge nsenter:util-linux ip:iproute2 ss:iproute2; do
+for tool in slurmctld:slurm-wlm munged:munge nsenter:util-linux ip:iproute2 ss:iproute2 \
+    chromium:chromium; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -15,7 +17,7 @@ if [ "${#need[@]}" -gt 0 ]; then
         apt-get update -qq
         apt-get install -y -qq "${need[@]}" >/dev/null
     else
-        echo "ci/setup.sh: the Slurm tests need ${need[*]} (apt-get install as root)" >&2
+        echo "ci/setup.sh: the Slurm and browser tests need ${need[*]} (apt-get install as root)" >&2
     fi
 fi
 if [ ! -x .venv/bin/python ]; then
