@@ -303,3 +303,23 @@ def test_the_benchmark_tables_are_the_runs() -> None:
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_readme_is_a_front_page_into_the_site() -> None:
+    """README.md keeps the two commands CI and a new user run, as the site's
+    getting-started page has them, and every link it has leads to a file."""
+    readme = (ROOT / "README.md").read_text()
+    started = (DOCS / "getting-started.md").read_text()
+    for command in (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[all]' && "
+        ".venv/bin/python examples/page_workflow.py",
+        "bash ci/test.sh",
+        "asyncflow run --backend ray wf.py",
+    ):
+        assert f"\n{command}" in readme and f"\n{command}" in started, command
+    assert "exec bash ci/test.sh" in (ROOT / ".ci" / "run").read_text()
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 8
+    for link in local:
+        assert (ROOT / link).exists(), f"README.md links to a missing {link}"
