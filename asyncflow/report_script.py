@@ -196,7 +196,8 @@ function layout(g, w, h) {
 }
 
 function dag() {
-  const grouped = N > DETAIL_LIMIT, layer = layers();
+  const edges = T.deps.reduce((a, d) => a + d.length, 0);
+  const grouped = N > DETAIL_LIMIT || edges > 10 * DETAIL_LIMIT, layer = layers();
   const g = grouped ? groupGraph(layer) : taskGraph(layer);
   const [w, h] = grouped ? [180, 36] : [120, 22];
   const [width, height] = N ? layout(g, w, h) : [10, 10];
