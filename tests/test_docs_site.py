@@ -323,3 +323,30 @@ def test_the_readme_is_a_front_page_into_the_site() -> None:
     assert len(local) >= 8
     for link in local:
         assert (ROOT / link).exists(), f"README.md links to a missing {link}"
+
+
+@pytest.mark.timeout(120)
+def test_the_front_page_in_chromium(site: Path, tmp_path: Path) -> None:
+    """The built site's front page in a real headless Chromium, opened from
+    disk with no network: no console error, nothing fetched from outside, the
+    navigation and the example there, and a screenshot that is not blank."""
+    from .browser import Browser, distinct_colours, need_browser
+
+    need_browser()
+    with Browser(width=1400, height=900) as browser:
+        page = browser.open(
+            site / "index.html", ready="document.querySelector('.md-content h1')"
+        )
+        assert not page.errors, page.errors
+        assert not page.blocked, page.blocked
+        assert page.evaluate("document.title") == "asyncflow"
+        nav = page.evaluate(
+            "[...document.querySelectorAll('.md-nav--primary .md-nav__link')]"
+            ".map(a => a.textContent.trim())"
+        )
+        for title in ("Getting started", "Semantics", "Backends", "API reference"):
+            assert title in nav, nav
+        code = page.evaluate("document.querySelector('pre code').textContent")
+        assert "WorkflowEngine()" in code
+        png = page.screenshot(tmp_path / "front.png")
+    assert distinct_colours(png) > 16
