@@ -172,8 +172,8 @@ def _write_report(engines: Sequence[Any], path: str, code: int | None) -> None:
     note = outcome(code, sys.exception())
     try:
         engines_report(path, engines, note)
-    except OSError as exc:
-        print(f"asyncflow: report not written: {exc}", file=sys.stderr)
+    except Exception as exc:
+        print(f"asyncflow: report not written: {exc!r}", file=sys.stderr)
         return
     print(
         f"asyncflow: report of {len(engines)} engine(s) written to {path}",

@@ -265,9 +265,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def asyncflow_run(tmp_path: Path, ending: str) -> tuple[int, str, Path]:
+def asyncflow_run(
+    tmp_path: Path, ending: str, report: Path | None = None
+) -> tuple[int, str, Path]:
     (tmp_path / "wf.py").write_text(SCRIPT)
-    report = tmp_path / f"{ending}.html"
+    report = report or tmp_path / f"{ending}.html"
     done = subprocess.run(
         [
             sys.executable,
@@ -312,3 +314,14 @@ def test_asyncflow_run_writes_the_report_however_the_script_ends(
     assert page.raw.get_by_text("KeyError: 'no such sample'").first.is_visible()
     assert summary["failed"] == "3"  # boom and its two dependents
     assert summary["cancelled"] == "2"  # by the engine's shutdown, or by the script
+
+
+@pytest.mark.timeout(60)
+def test_a_report_that_cannot_be_written_leaves_the_exit_status_alone(
+    tmp_path: Path,
+) -> None:
+    nowhere = tmp_path / "missing" / "run.html"
+    returncode, stderr, _ = asyncflow_run(tmp_path, "raise", nowhere)
+    assert returncode == 1
+    assert "RuntimeError: the script gave up" in stderr
+    assert "asyncflow: report not written: FileNotFoundError" in stderr
