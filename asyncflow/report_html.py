@@ -114,10 +114,9 @@ def outcome(code: int | None, exc: BaseException | None) -> str:
 def render(data: Mapping[str, Any]) -> str:
     """The page with ``data`` inlined; ``<`` is escaped inside the JSON so
     that no string in it (a task name, an error message) can close the
-    script element."""
+    script element (the JSON is ASCII, so nothing else needs escaping)."""
     blob = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    blob = blob.replace("<", "\\u003c").replace("\u2028", "\\u2028")
-    blob = blob.replace("\u2029", "\\u2029")
+    blob = blob.replace("<", "\\u003c")
     title = html.escape(str(data.get("title", "asyncflow run")))
     head, tail = PAGE.split("%%DATA%%")
     return head.replace("%%TITLE%%", title) + blob + tail
