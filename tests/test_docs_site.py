@@ -62,6 +62,7 @@ PRINTS = {
     "backends/concurrent.md": ["2262"],
     "store.md": ["(1799994, 0)", "(1799994, 8)"],
     "migration.md": ["HELLO WORLD"],
+    "cli.md": ["run.html"],
 }
 
 pytestmark = pytest.mark.timeout(120)
