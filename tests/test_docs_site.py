@@ -351,3 +351,21 @@ def test_the_front_page_in_chromium(site: Path, tmp_path: Path) -> None:
         assert "WorkflowEngine()" in code
         png = page.screenshot(tmp_path / "front.png")
     assert distinct_colours(png) > 16
+
+
+@pytest.mark.timeout(60)
+def test_the_main_job_runs(tmp_path: Path) -> None:
+    """The script the front page's first command ends with: the reference
+    page's five workflows, on the embedded default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCFLOW_")}
+    done = subprocess.run(
+        [sys.executable, ROOT / "examples" / "page_workflow.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("completed at") == 5, done.stdout
+    assert "Total time running asynchronously is" in done.stdout
