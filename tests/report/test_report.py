@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -229,8 +230,11 @@ class _Recorder:
 
 
 SCRIPT = textwrap.dedent("""
-    import asyncio, sys
+    import asyncio, signal, sys
     from asyncflow import WorkflowEngine
+
+    # as in a terminal, even if the test runs where SIGINT is ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     async def main():
         flow = WorkflowEngine()
@@ -252,9 +256,10 @@ SCRIPT = textwrap.dedent("""
         stuck = [square(failed) for _ in range(2)]
         held = square(sleeper())  # still running or waiting when the script ends
         await asyncio.sleep(0.2)
+        print("ready", flush=True)
         ending = sys.argv[1]
         if ending == "interrupt":
-            raise KeyboardInterrupt
+            await asyncio.sleep(60)  # where Ctrl-C finds it
         if ending == "raise":
             raise RuntimeError("the script gave up")
         await asyncio.gather(*stuck, return_exceptions=True)
@@ -268,26 +273,25 @@ SCRIPT = textwrap.dedent("""
 def asyncflow_run(
     tmp_path: Path, ending: str, report: Path | None = None
 ) -> tuple[int, str, Path]:
+    """Run the script to its ``ending``; "interrupt" is a real SIGINT, sent
+    once the script's tasks are under way."""
     (tmp_path / "wf.py").write_text(SCRIPT)
     report = report or tmp_path / f"{ending}.html"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "asyncflow",
-            "run",
-            "--report",
-            str(report),
-            "wf.py",
-            ending,
-        ],
-        capture_output=True,
+    argv = ["-m", "asyncflow", "run", "--report", str(report), "wf.py", ending]
+    with subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
         cwd=tmp_path,
         env={**os.environ, "ASYNCFLOW_BACKEND": "threads"},
-    )
-    return done.returncode, done.stderr, report
+    ) as proc:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        if ending == "interrupt" and ready == "ready\n":
+            proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr, report
 
 
 @pytest.mark.timeout(150)
