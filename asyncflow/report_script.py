@@ -270,7 +270,7 @@ function timeline() {
   window.addEventListener("resize", tl.draw);
   tl.draw();
 }
-const LEFT = 170, AXIS = 22;
+const LEFT = 250, AXIS = 22;
 
 function drawTimeline(tl) {
   const {canvas, byLane, rowH, x} = tl, dpr = window.devicePixelRatio || 1;
@@ -308,19 +308,33 @@ function axis(tl, c, height) {
   c.strokeStyle = "#e4e7eb";
   for (let t = Math.ceil(view[0] / step) * step; t <= view[1]; t += step) {
     c.beginPath(); c.moveTo(x(t), AXIS - 4); c.lineTo(x(t), height); c.stroke();
-    if (x(t) >= LEFT) c.fillText(fmt(t), x(t) + 2, 12);
+    const label = fmt(t), room = tl.width - x(t) - 2;
+    if (x(t) < LEFT || c.measureText(label).width > room) continue;
+    c.fillText(label, x(t) + 2, 12);
   }
   D.lanes.forEach((lane, k) => {
     const y = AXIS + k * rowH, first = !k || D.lanes[k - 1].backend !== lane.backend;
+    const base = y + Math.min(rowH, 14) - 3;
     if (first && k) {
       c.strokeStyle = "#1f2933";
       c.beginPath(); c.moveTo(0, y); c.lineTo(tl.width, y); c.stroke();
     }
-    if (rowH < 10 && !first) return;
-    c.fillStyle = first ? "#1f2933" : "#616e7c";
-    const label = first ? D.backends[lane.backend] + " · " + lane.name : lane.name;
-    c.fillText(label.slice(0, 28), first ? 4 : 14, y + Math.min(rowH, 14) - 3);
+    if (first) {
+      c.fillStyle = "#1f2933";
+      c.fillText(fit(c, D.backends[lane.backend], 128), 4, base);
+    }
+    if (rowH >= 10) {
+      c.fillStyle = "#616e7c";
+      c.fillText(fit(c, lane.name, LEFT - 146), 138, base);
+    }
   });
+}
+
+function fit(c, text, width) {
+  if (c.measureText(text).width <= width) return text;
+  let n = text.length;
+  while (n > 1 && c.measureText(text.slice(0, n) + "…").width > width) n--;
+  return text.slice(0, n) + "…";
 }
 
 function hit(tl, ev) {

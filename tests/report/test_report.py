@@ -130,6 +130,9 @@ def test_report_shows_every_task_and_what_failed(
     assert 0 < utilisation <= 1
     png = page.screenshot(tmp_path / "run.png", full_page=True)
     assert distinct_colours(png) > 64
+    page.raw.click("#dag .node[data-uid^='after.']")
+    details = page.raw.locator("#details").inner_text()
+    assert re.search(r"root cause\s+bad\.\d+: ValueError: bad input 0", details)
 
 
 @pytest.mark.timeout(180)
