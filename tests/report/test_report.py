@@ -155,17 +155,21 @@ def test_report_of_a_run_stopped_halfway_shows_pending_tasks(
     browser: Browser, tmp_path: Path
 ) -> None:
     path = tmp_path / "halfway.html"
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
+
+    def slow() -> bool:
+        started.set()
+        return gate.wait(30)
 
     async def main() -> None:
         flow = WorkflowEngine(backend=threads())
         flow.record_trace()
-        slow = flow.function_task(lambda: gate.wait(30))
         ok = flow.function_task(lambda x=None: 1)
         await ok()
-        waiting = ok(slow())
+        waiting = ok(flow.function_task(slow)())
         try:
-            await asyncio.sleep(0.2)
+            await asyncio.to_thread(started.wait, 30)
+            await asyncio.sleep(0.1)  # its RUNNING event reaches the loop
             raise RuntimeError("the workflow gave up")
         finally:
             flow.export_report(str(path))
