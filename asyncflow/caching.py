@@ -12,13 +12,21 @@ so this run did not find that upstream in the store either.
 
 A value a backend left in its runtime (a ``RemoteValue``) is fetched as soon as
 its task ends, and stored once it is in the driver.
+
+A task looked up and not found is claimed first (:mod:`asyncflow.claims`), so
+that a second driver sharing the store waits for its result rather than
+computing it too; a task another driver has claimed waits (:meth:`Caching.wait`)
+and is then made ready again, to find the result or claim the key itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .claims import TTL, ClaimResult, new_owner
 from .data import OutputFile
 from .keys import command_key, function_key, output_digests, outputs_unchanged
 from .protocol import RemoteValue
@@ -30,7 +38,12 @@ if TYPE_CHECKING:
     from .future import TaskFuture
     from .spec import Command
 
-__all__ = ["Caching"]
+__all__ = ["WAIT", "Caching"]
+
+#: what a lookup returns for a key another driver is computing
+WAIT: Any = object()
+
+Again = Callable[["TaskFuture"], None]
 
 log = logging.getLogger("asyncflow.store")
 
@@ -45,11 +58,15 @@ class Caching:
         self.refresh = refresh  # look nothing up, store everything again
         self.hits = 0
         self.stored = 0
+        self.claims = store.claims(new_owner())
+        self._renewal: asyncio.TimerHandle | None = None
         #: uid -> the output files an executable declared, hashed once it succeeds
         self._outputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
-    def key_function(self, fut: TaskFuture, piped: bool) -> Any:
-        """Key a ready function task; its stored value, or :data:`MISS`."""
+    def key_function(self, fut: TaskFuture, piped: bool, again: Again) -> Any:
+        """Key a ready function task; its stored value, :data:`MISS` (run it),
+        or :data:`WAIT` (another driver runs it: ``again(fut)`` follows once it
+        is stored or abandoned)."""
         decl = fut._decl
         if decl.kind is not TaskKind.FUNCTION or not decl.opts.cache:
             return MISS
@@ -57,7 +74,7 @@ class Caching:
         fut._cache_key = key
         if key is None or piped or self.refresh:
             return MISS
-        return self._hit(key)
+        return self._hit(fut, key, again)
 
     def key_command(
         self,
@@ -65,11 +82,13 @@ class Caching:
         command: Command,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        again: Again,
     ) -> Any:
-        """Key an executable task's command; its stored stdout, or :data:`MISS`.
+        """Key an executable task's command; its stored stdout, :data:`MISS`
+        or :data:`WAIT`.
 
         A stored command counts only if the output files it declared are still
-        there, unchanged."""
+        there, unchanged; otherwise its entry is dropped and it runs again."""
         decl = fut._decl
         if not decl.opts.cache:
             return MISS
@@ -82,21 +101,51 @@ class Caching:
         if self.refresh:
             return MISS
         found = self.store.get(key)
-        if (
-            type(found) is tuple
-            and len(found) == 3
-            and found[0] == _EXEC
-            and outputs_unchanged(found[2])
-        ):
-            self.hits += 1
-            return found[1]
-        return MISS
+        if found is not MISS:
+            if (
+                type(found) is tuple
+                and len(found) == 3
+                and found[0] == _EXEC
+                and outputs_unchanged(found[2])
+            ):
+                self.hits += 1
+                return found[1]
+            self.store.delete([key])
+        return self._claim(fut, key, again)
 
-    def _hit(self, key: str) -> Any:
+    def _hit(self, fut: TaskFuture, key: str, again: Again) -> Any:
         found = self.store.get(key)
         if found is not MISS:
             self.hits += 1
-        return found
+            return found
+        return self._claim(fut, key, again)
+
+    def _claim(self, fut: TaskFuture, key: str, again: Again) -> Any:
+        """Claim ``key`` for this driver: :data:`MISS`; or wait for the other
+        driver that holds it (or has just stored it): :data:`WAIT`."""
+        if self.claims.claim(key) is not ClaimResult.MINE:
+            fut._job = asyncio.ensure_future(self._wait(fut, again))
+            return WAIT
+        if self._renewal is None:
+            self._renew()
+        return MISS
+
+    def _renew(self) -> None:
+        """Keep this driver's claims alive while it runs (see asyncflow.claims)."""
+        self.claims.renew()
+        loop = asyncio.get_running_loop()
+        self._renewal = loop.call_later(TTL / 3, self._renew)
+
+    async def _wait(self, fut: TaskFuture, again: Again) -> None:
+        """Wait while another driver holds ``fut``'s key, then look it up again
+        (``again``): it is stored, or free for this driver to claim."""
+        key, delay = fut._cache_key, 0.05
+        assert key is not None
+        while self.claims.held(key):
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+        fut._job = None
+        again(fut)
 
     def record(self, fut: TaskFuture, value: Any) -> None:
         """Store a success (called only for successes)."""
@@ -111,8 +160,19 @@ class Caching:
             stored = self.store.put(key, fut.name, value)
         except Exception:  # a full disk must not fail a task that succeeded
             log.warning("could not store the result of %s", fut.uid, exc_info=True)
-            return
+            stored = False
         self.stored += stored
+        if not stored:
+            self.claims.release(key)
 
     def forget(self, fut: TaskFuture) -> None:
+        """``fut`` ended without a result: another driver may compute it now."""
         self._outputs.pop(fut.uid, None)
+        if fut._cache_key is not None:
+            self.claims.release(fut._cache_key)
+
+    def close(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        self.claims.release_all()

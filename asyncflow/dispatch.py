@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .caching import WAIT
 from .errors import (
     DependencyFailureError,
     ResourceUnavailableError,
@@ -127,9 +128,16 @@ class Dispatch:
             return
         caching = self._state.caching
         if caching is not None:
-            found = caching.key_command(fut, cmd, args, kwargs)
+            found = caching.key_command(
+                fut,
+                cmd,
+                args,
+                kwargs,
+                lambda f: self._submit_command(f, command, args, kwargs),
+            )
             if found is not MISS:
-                self._scheduler.cached(fut, found)
+                if found is not WAIT:  # WAIT: submitted again once it may run
+                    self._scheduler.cached(fut, found)
                 return
         assert decl.backend is not None
         spec = TaskSpec(

@@ -376,6 +376,8 @@ class WorkflowEngine:
         await asyncio.gather(*self._starting.values(), return_exceptions=True)
         if self._guard is not None:
             self._guard.cancel()
+        if self._state.caching is not None:
+            self._state.caching.close()
         if not skip_backends:
             await self._shutdown_backends()
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .caching import WAIT
 from .data import File
 from .dispatch import NOT_RETRIED, Dispatch
 from .errors import DependencyFailureError, TaskDefinitionError
@@ -198,9 +199,10 @@ class Scheduler:
                 args, kwargs = substitute((args, kwargs), _value_of)
         caching = self._state.caching
         if caching is not None:
-            found = caching.key_function(fut, remote or bool(fut._after))
+            found = caching.key_function(fut, remote or bool(fut._after), self.ready)
             if found is not MISS:
-                self.cached(fut, found)
+                if found is not WAIT:  # WAIT: made ready again once it may run
+                    self.cached(fut, found)
                 return
         if fut._after:
             remote = True  # kept: see _unpipe
@@ -237,6 +239,8 @@ class Scheduler:
             fut._timer.cancel()
             fut._timer = None
         self._open.pop(fut.uid, None)
+        if fut._cache_key is not None and state is not TaskState.DONE:
+            self._state.caching.forget(fut)  # type: ignore[union-attr]
         fut._tstate = state
         fut._spec = fut._early = None
         fut._args = fut._kwargs = None  # type: ignore[assignment]

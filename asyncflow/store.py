@@ -8,7 +8,8 @@ The store is a folder: ``index.sqlite`` (one row per result: key, task name,
 time, size, SHA-256 of the pickled value, and the value itself when small) and
 ``values/`` for values over :data:`INLINE` bytes.  SQLite in WAL mode makes
 each write atomic and lets several drivers share one store, on a local disk or
-a cluster's shared filesystem (one that supports POSIX locks).
+a cluster's shared filesystem (one that supports POSIX locks); a task that no
+driver has stored yet is computed by one of them (see :mod:`asyncflow.claims`).
 
 Crash safety, in the order of a write: a large value is written to a temporary
 file, flushed to disk and renamed into ``values/``; only then is its row
@@ -38,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+
+from .claims import SCHEMA as _CLAIMS
+from .claims import Claims
 
 __all__ = ["INLINE", "MISS", "ResultStore", "StoredResult"]
 
@@ -83,6 +87,7 @@ class ResultStore:
         self._local = threading.local()
         self._unpicklable: set[str] = set()
         self._db().execute(_SCHEMA)
+        self._db().execute(_CLAIMS)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -150,11 +155,23 @@ class ResultStore:
         if len(data) > INLINE:
             self._write_value(key, data)
             inline = None
-        self._db().execute(
-            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-            (key, task, time.time(), len(data), digest, inline),
-        )
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                (key, task, time.time(), len(data), digest, inline),
+            )
+            db.execute("DELETE FROM claims WHERE key = ?", (key,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
         return True
+
+    def claims(self, owner: str) -> Claims:
+        """Claims in this store's index, as ``owner`` (see :mod:`asyncflow.claims`)."""
+        return Claims(self._db, owner)
 
     def _write_value(self, key: str, data: bytes) -> None:
         """Write, flush and rename: the file is whole or absent."""
