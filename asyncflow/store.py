@@ -7,9 +7,12 @@ succeeds is stored.  Without a store nothing changes and nothing is written.
 The store is a folder: ``index.sqlite`` (one row per result: key, task name,
 time, size, SHA-256 of the pickled value, and the value itself when small) and
 ``values/`` for values over :data:`INLINE` bytes.  SQLite in WAL mode makes
-each write atomic and lets several drivers share one store, on a local disk or
-a cluster's shared filesystem (one that supports POSIX locks); a task that no
-driver has stored yet is computed by one of them (see :mod:`asyncflow.claims`).
+each write atomic and lets several drivers share one store on a local disk.  On
+a cluster's shared filesystem (NFS, Lustre, GPFS, ...; see :func:`journal_mode`)
+the index uses a rollback journal and POSIX locks instead, as WAL needs memory
+shared by every process using it; drivers on several hosts can then share it.
+A task that no driver has stored yet is computed by one of them (see
+:mod:`asyncflow.claims`).
 
 Crash safety, in the order of a write: a large value is written to a temporary
 file, flushed to disk and renamed into ``values/``; only then is its row
@@ -64,6 +67,49 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
+#: filesystems shared between hosts: SQLite's WAL keeps its index in shared
+#: memory, which processes on two hosts do not share, so a store there uses a
+#: rollback journal and the filesystem's POSIX locks instead
+NETWORK_FS = frozenset(
+    [
+        "nfs",
+        "nfs4",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "cifs",
+        "smb3",
+        "ceph",
+        "fuse.glusterfs",
+        "panfs",
+        "9p",
+    ]
+)
+
+
+def journal_mode(path: Path, mounts: str) -> str:
+    """WAL on a local disk; a rollback journal (``DELETE``) on a filesystem
+    named in :data:`NETWORK_FS`, going by the longest mount point in ``mounts``
+    (the text of ``/proc/mounts``) that holds ``path``."""
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ").rstrip("/") + "/"
+        if f"{path}/".startswith(mount) and len(mount) > len(best):
+            best, kind = mount, parts[2]
+    return "DELETE" if kind in NETWORK_FS else "WAL"
+
+
+def _mounts() -> str:
+    try:
+        with open("/proc/mounts") as f:
+            return f.read()
+    except OSError:  # not Linux: a local disk is the likely case
+        return ""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResult:
     """One row of ``asyncflow store ls``."""
@@ -85,6 +131,7 @@ class ResultStore:
         self.values = self.path / "values"
         self.values.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._journal = journal_mode(self.path, _mounts())
         self._unpicklable: set[str] = set()
         self._db().execute(_SCHEMA)
         self._db().execute(_CLAIMS)
@@ -95,7 +142,7 @@ class ResultStore:
             db = sqlite3.connect(
                 self.path / "index.sqlite", timeout=60, isolation_level=None
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_mode={self._journal}")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
