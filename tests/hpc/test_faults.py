@@ -88,7 +88,10 @@ def test_no_job_survives_the_driver(
         os.killpg(proc.pid, sig)
         left = slurm.wait_no_jobs(BOUND)
         took = time.monotonic() - t0
-        assert not left, f"{sig.name}: still queued after {took:.1f} s: {left}"
+        assert not left, (
+            f"{sig.name}: still queued after {took:.1f} s: {left}\n"
+            f"{slurm.log_tail(40)}\n{_rest(proc)}"
+        )
         proc.wait(BOUND)
     finally:
         if proc.poll() is None:
