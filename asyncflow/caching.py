@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .claims import TTL, ClaimResult, new_owner
 from .data import OutputFile
+from .future import FINAL
 from .keys import command_key, function_key, output_digests, outputs_unchanged
 from .protocol import RemoteValue
 from .store import MISS, ResultStore
@@ -60,6 +61,11 @@ class Caching:
         self.stored = 0
         self.claims = store.claims(new_owner())
         self._renewal: asyncio.TimerHandle | None = None
+        #: written once per turn of the loop: keys to claim, results to store
+        self._to_claim: list[tuple[TaskFuture, str, Again]] = []
+        self._to_store: list[tuple[str, str, Any]] = []
+        #: uids whose key this driver claimed: run them without a new lookup
+        self._granted: set[str] = set()
         #: uid -> the output files an executable declared, hashed once it succeeds
         self._outputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
@@ -69,6 +75,9 @@ class Caching:
         is stored or abandoned)."""
         decl = fut._decl
         if decl.kind is not TaskKind.FUNCTION or not decl.opts.cache:
+            return MISS
+        if fut.uid in self._granted:
+            self._granted.discard(fut.uid)
             return MISS
         key = function_key(decl.fn, decl.opts.version, fut._args, fut._kwargs)
         fut._cache_key = key
@@ -91,6 +100,9 @@ class Caching:
         there, unchanged; otherwise its entry is dropped and it runs again."""
         decl = fut._decl
         if not decl.opts.cache:
+            return MISS
+        if fut.uid in self._granted:
+            self._granted.discard(fut.uid)
             return MISS
         key = command_key(decl.fn, decl.opts.version, command, args, kwargs)
         fut._cache_key = key
@@ -121,14 +133,30 @@ class Caching:
         return self._claim(fut, key, again)
 
     def _claim(self, fut: TaskFuture, key: str, again: Again) -> Any:
-        """Claim ``key`` for this driver: :data:`MISS`; or wait for the other
-        driver that holds it (or has just stored it): :data:`WAIT`."""
-        if self.claims.claim(key) is not ClaimResult.MINE:
-            fut._job = asyncio.ensure_future(self._wait(fut, again))
-            return WAIT
-        if self._renewal is None:
+        """Queue ``key`` to be claimed with the others missed in this turn of
+        the loop; :data:`WAIT` until then."""
+        self._to_claim.append((fut, key, again))
+        if len(self._to_claim) == 1:
+            asyncio.get_running_loop().call_soon(self._claim_queued)
+        return WAIT
+
+    def _claim_queued(self) -> None:
+        """Claim the queued keys in one transaction: run the tasks whose key
+        this driver got (``again``, which finds it granted), and make the
+        others wait for the driver holding theirs (or look up what it stored)."""
+        queued, self._to_claim = self._to_claim, []
+        found = self.claims.claim_many([key for _, key, _ in queued])
+        for (fut, key, again), result in zip(queued, found, strict=True):
+            if fut._tstate in FINAL:  # cancelled while queued
+                if result is ClaimResult.MINE:
+                    self.claims.release(key)
+            elif result is ClaimResult.MINE:
+                self._granted.add(fut.uid)
+                again(fut)
+            else:
+                fut._job = asyncio.ensure_future(self._wait(fut, again))
+        if self._renewal is None and queued:
             self._renew()
-        return MISS
 
     def _renew(self) -> None:
         """Keep this driver's claims alive while it runs (see asyncflow.claims)."""
@@ -156,13 +184,22 @@ class Caching:
             declared = self._outputs.pop(fut.uid, None)
             outputs = output_digests(*declared) if declared else {}
             value = (_EXEC, value, outputs)
+        self._to_store.append((key, fut.name, value))
+        if len(self._to_store) == 1:
+            asyncio.get_running_loop().call_soon(self._store_queued)
+
+    def _store_queued(self) -> None:
+        """Store the results of this turn of the loop in one transaction."""
+        queued, self._to_store = self._to_store, []
+        if not queued:
+            return
         try:
-            stored = self.store.put(key, fut.name, value)
-        except Exception:  # a full disk must not fail a task that succeeded
-            log.warning("could not store the result of %s", fut.uid, exc_info=True)
-            stored = False
-        self.stored += stored
-        if not stored:
+            missed = self.store.put_many(queued)
+        except Exception:  # a full disk must not fail tasks that succeeded
+            log.warning("could not store %d results", len(queued), exc_info=True)
+            missed = [key for key, _, _ in queued]
+        self.stored += len(queued) - len(missed)
+        for key in missed:
             self.claims.release(key)
 
     def forget(self, fut: TaskFuture) -> None:
@@ -172,6 +209,9 @@ class Caching:
             self.claims.release(fut._cache_key)
 
     def close(self) -> None:
+        """Write what is queued, and give up this driver's claims."""
+        self._store_queued()
+        self._claim_queued()
         if self._renewal is not None:
             self._renewal.cancel()
             self._renewal = None

@@ -7,13 +7,15 @@ claims its key in the store's index; a driver that finds the key claimed by
 another live driver waits for that result instead of computing it.
 
 A claim is a lease: its owner renews all of its claims every :data:`TTL` / 3
-seconds and deletes each one when the task's result is stored (in the same
-transaction) or when the task fails or is cancelled.  A driver that dies
-without cleaning up leaves claims that other drivers ignore once they expire,
-or at once when the owner ran on the same host and its pid is gone (a
-SIGKILLed driver, the common case on one login node).
+seconds, and deletes one when its task fails or is cancelled; storing the
+result deletes it in the same statement (a trigger on the results table).  A
+driver that dies without cleaning up leaves claims that other drivers ignore
+once they expire, or at once when the owner ran on the same host and its pid is
+gone (a SIGKILLed driver, the common case on one login node).
 
-Waiting reads the index every 50 ms to 1 s: SQLite has no change notification,
+Claims and results are written in batches, one transaction per turn of the
+event loop (see :class:`asyncflow.caching.Caching`).  Waiting reads the index
+every 50 ms to 1 s: SQLite has no change notification,
 and on a cluster's shared filesystem the other driver may be on another host,
 so there is nothing to wait on but the file itself.
 """
@@ -38,7 +40,17 @@ CREATE TABLE IF NOT EXISTS claims (
     key TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     expires REAL NOT NULL
-)
+);
+CREATE TRIGGER IF NOT EXISTS stored_clears_claim AFTER INSERT ON results BEGIN
+    DELETE FROM claims WHERE key = NEW.key;
+END;
+"""
+
+_CLAIM = """
+INSERT INTO claims (key, owner, expires)
+SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM results WHERE key = ?1)
+ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires = excluded.expires
+WHERE claims.owner = excluded.owner OR claims.expires < ?4
 """
 
 _HOST = socket.gethostname()
@@ -84,30 +96,42 @@ class Claims:
         self._db = connect
         self.owner = owner
         self._renewed = time.time()
-        connect().execute(SCHEMA)
 
     def claim(self, key: str) -> ClaimResult:
         """Claim ``key`` unless it is stored or another live driver holds it."""
+        return self.claim_many([key])[0]
+
+    def claim_many(self, keys: list[str]) -> list[ClaimResult]:
+        """:meth:`claim` for each of ``keys``, in one transaction."""
+        if not keys:
+            return []
         db = self._db()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone():
-                return ClaimResult.STORED
-            row = db.execute(
-                "SELECT owner, expires FROM claims WHERE key = ?", (key,)
-            ).fetchone()
-            if row is not None:
-                owner, expires = row
-                if owner != self.owner and expires > now and _owner_alive(owner):
-                    return ClaimResult.HELD
-            db.execute(
-                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?)",
-                (key, self.owner, now + TTL),
-            )
+            found = [self._claim(db, key, now) for key in keys]
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return found
+
+    def _claim(self, db: sqlite3.Connection, key: str, now: float) -> ClaimResult:
+        # the common case in one statement: not stored, and free or expired
+        if db.execute(_CLAIM, (key, self.owner, now + TTL, now)).rowcount == 1:
             return ClaimResult.MINE
-        finally:
-            db.execute("COMMIT")
+        if db.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone():
+            return ClaimResult.STORED
+        (owner,) = db.execute(
+            "SELECT owner FROM claims WHERE key = ?", (key,)
+        ).fetchone()
+        if _owner_alive(owner):
+            return ClaimResult.HELD
+        db.execute(  # its driver is gone: take it over
+            "UPDATE claims SET owner = ?, expires = ? WHERE key = ?",
+            (self.owner, now + TTL, key),
+        )
+        return ClaimResult.MINE
 
     def held(self, key: str) -> bool:
         """Whether another live driver still holds ``key`` (and has not stored it)."""

@@ -134,7 +134,7 @@ class ResultStore:
         self._journal = journal_mode(self.path, _mounts())
         self._unpicklable: set[str] = set()
         self._db().execute(_SCHEMA)
-        self._db().execute(_CLAIMS)
+        self._db().executescript(_CLAIMS)
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -184,8 +184,34 @@ class ResultStore:
     # -- writing ---------------------------------------------------------------------
     def put(self, key: str, task: str, value: Any) -> bool:
         """Store ``value`` under ``key``; whether it was stored."""
+        return not self.put_many([(key, task, value)])
+
+    def put_many(self, items: list[tuple[str, str, Any]]) -> list[str]:
+        """Store each ``(key, task, value)`` in one transaction; the keys of the
+        values that could not be pickled, which are not stored."""
+        rows, missed = [], []
+        for key, task, value in items:
+            data = self._pickle(task, value)
+            if data is None:
+                missed.append(key)
+                continue
+            inline: bytes | None = data
+            if len(data) > INLINE:
+                self._write_value(key, data)
+                inline = None
+            digest = hashlib.sha256(data).hexdigest()
+            rows.append((key, task, time.time(), len(data), digest, inline))
+        if rows:  # each row clears its claim (a trigger: asyncflow.claims)
+            with self._db() as db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)", rows
+                )
+        return missed
+
+    def _pickle(self, task: str, value: Any) -> bytes | None:
         try:
-            data = cloudpickle.dumps(value, protocol=5)
+            return cloudpickle.dumps(value, protocol=5)
         except Exception as exc:
             if task not in self._unpicklable:
                 self._unpicklable.add(task)
@@ -194,27 +220,9 @@ class ResultStore:
                     f"be pickled ({type(exc).__name__}: {exc}), so they are not "
                     "stored and the task runs every time",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
-            return False
-        digest = hashlib.sha256(data).hexdigest()
-        inline: bytes | None = data
-        if len(data) > INLINE:
-            self._write_value(key, data)
-            inline = None
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                (key, task, time.time(), len(data), digest, inline),
-            )
-            db.execute("DELETE FROM claims WHERE key = ?", (key,))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return True
+            return None
 
     def claims(self, owner: str) -> Claims:
         """Claims in this store's index, as ``owner`` (see :mod:`asyncflow.claims`)."""
