@@ -52,6 +52,13 @@ def inproc_task(
 
 _PLAIN = frozenset({type(None), bool, int, float, str})
 
+#: the largest pickled result a function task sends back through Parsl.  A
+#: result goes from the worker to its manager, the interchange and the driver,
+#: whole and in memory at each hop (a 512 MiB value peaks the driver at 3.6 GB);
+#: at 2 GiB the manager, busy sending it, misses its heartbeats and is declared
+#: lost.  Past the limit the task fails with a clear error instead.
+RESULT_LIMIT = 512 * 2**20
+
 
 def packed_task(packed: bytes, parsl_resource_specification: Any = None) -> Any:
     """Run a function task out of process; in and out travel as one bytes object.
@@ -70,6 +77,23 @@ def packed_task(packed: bytes, parsl_resource_specification: Any = None) -> Any:
             raise portable(exc, name)  # noqa: B904 - keeps the cause chain
     if type(result) in _PLAIN:
         return result  # Parsl ships these faster than the bytes of their pickle
+    data = _pickled(result, name)
+    if len(data) > RESULT_LIMIT:
+        raise _too_large(name, len(data))
+    return data
+
+
+def _too_large(name: str, size: int) -> SerializationError:
+    return SerializationError(
+        f"task {name!r}: its result is {size / 2**20:.0f} MiB pickled, more "
+        f"than Parsl carries back ({RESULT_LIMIT // 2**20} MiB: each hop holds "
+        "it whole in memory); write it to a file and return the path (declare "
+        "it with asyncflow.OutputFile), or use Dask or Ray, which keep large "
+        "values on the workers"
+    )
+
+
+def _pickled(result: Any, name: str) -> bytes:
     try:
         return pickle.dumps(result, protocol=5)
     except Exception:
@@ -93,5 +117,10 @@ def chunk_task(packed: bytes, parsl_resource_specification: Any = None) -> bytes
     """
     calls, key, ctl = pickle.loads(packed)
     with function_slot(ctl, key):
-        out = run_chunk(calls)
-    return pickle.dumps(out, protocol=5)
+        outcomes, spans, worker = run_chunk(calls)
+    for i, (ok, value, pickled) in enumerate(outcomes):
+        size = len(value) if pickled or isinstance(value, bytes | str) else 0
+        # a later call may hold the value already (a chain run on in the chunk)
+        if ok and size > RESULT_LIMIT and not any(c[4] for c in calls[i + 1 :]):
+            outcomes[i] = (False, pickle.dumps(_too_large(calls[i][3], size)), True)
+    return pickle.dumps((outcomes, spans, worker), protocol=5)
