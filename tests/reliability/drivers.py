@@ -453,6 +453,36 @@ async def big_output_scenario(name: str, mib: int) -> dict[str, Any]:
         }
 
 
+async def big_value_scenario(name: str, mib: int) -> dict[str, Any]:
+    """A function returning ``mib`` MiB, awaited in the driver and passed to a
+    dependent: what each backend does with it, and how long it takes."""
+    import resource
+
+    async with WorkflowEngine(owned(name)) as flow:
+        make = flow.function_task(t.make_bytes)
+        size = flow.function_task(t.nbytes)
+        assert await size(await make(1)) == 1  # warm: workers, connections
+        begin = time.monotonic()
+        try:
+            big = make(mib * 2**20)
+            measured = await size(big)
+            downstream = time.monotonic() - begin
+            value = await big
+        except Exception as exc:
+            return {"backend": name, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "backend": name,
+            "mib": mib,
+            "dependent_saw": measured,
+            "driver_got": len(value),
+            "to_dependent_s": round(downstream, 1),
+            "total_s": round(time.monotonic() - begin, 1),
+            "driver_peak_mb": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            ),
+        }
+
+
 async def failing_chain_scenario(name: str, depth: int) -> dict[str, Any]:
     """A chain ``depth`` deep whose root fails: every hop must fail with the
     root's error, in time linear in the depth (no recursion, no rescans)."""
@@ -496,6 +526,8 @@ def main(argv: list[str]) -> None:
         result = asyncio.run(runtime_loss_scenario(name, rest[0]))
     elif scenario == "soak":
         result = asyncio.run(soak_scenario(name, int(rest[0])))
+    elif scenario == "big-value":
+        result = asyncio.run(big_value_scenario(name, int(rest[0])))
     elif scenario == "failing-chain":
         result = asyncio.run(failing_chain_scenario(name, int(rest[0])))
     elif scenario == "big-output":
