@@ -59,7 +59,23 @@ def owned(name: str, **extra: Any) -> ExecutionBackend:
         from asyncflow.adapters.parsl import ParslExecutionBackend
 
         return ParslExecutionBackend(max_workers=2, **extra)
+    if name == "radical":
+        from asyncflow.adapters.radical import RadicalExecutionBackend
+
+        return RadicalExecutionBackend({"resource": "local.localhost", **extra})
     raise SystemExit(f"unknown backend {name}")
+
+
+def uninterrupted() -> int:
+    """What ``resume_driver.py`` prints when nothing stops it: the sum of 40
+    chains of 5 hops, each hop ``before * 3 + chain + step`` from 1."""
+    total = 0
+    for chain in range(40):
+        value = 1
+        for step in range(5):
+            value = value * 3 + chain + step
+        total += value
+    return total
 
 
 def runtime_processes() -> list[psutil.Process]:
