@@ -28,12 +28,16 @@ class ProgressDisplay:
         self._state: dict[str, EventKind] = {}
         self._counts: Counter[EventKind] = Counter()
         self._backends: dict[str, str] = {}  # backend label -> what it is doing
+        self._cached = 0  # found in the result store (each also ends as done)
 
     def __call__(self, event: TaskEvent) -> None:
         kind = event.kind
         if kind is EventKind.BACKEND:
             self._backends[event.backend] = event.detail
             return self._redraw()
+        if kind is EventKind.CACHED:
+            self._cached += 1
+            return  # its DONE follows
         if kind is EventKind.RETRIED:
             kind = EventKind.SUBMITTED
         old = self._state.get(event.uid)
@@ -54,6 +58,8 @@ class ProgressDisplay:
             for k in EventKind
             if self._counts[k] and k is not EventKind.CREATED
         )
+        if self._cached:
+            text += f"  (cached {self._cached})"
         if self._backends:
             from rich.markup import escape  # a nodelist such as n[1-3] is no markup
 

@@ -256,6 +256,10 @@ def test_progress_display_counts_states() -> None:
     display(TaskEvent(0.0, EventKind.CREATED, "b", "b", "b", 0))
     task = display._progress.tasks[0]
     assert (task.completed, task.total) == (1, 2)
+    for kind in ("cached", "done"):  # found in the result store
+        display(TaskEvent(0.0, EventKind(kind), "b", "b", "b", 0))
+    assert (task.completed, task.total) == (2, 2)
+    assert "done 2" in str(task.description) and "cached 1" in str(task.description)
 
 
 def test_run_on_dask_with_the_flag_only(script: Path) -> None:
