@@ -69,7 +69,9 @@ def guard_forks() -> None:
 COMMAND_PIDS_ENV = "ASYNCFLOW_COMMAND_PIDS"
 
 _RUNNING: dict[str, subprocess.Popen[bytes] | None] = {}
-_RUNNING_LOCK = threading.Lock()
+#: reentrant: :func:`kill_command` may run in a signal handler (see the Ray
+#: adapter's worker) on the very thread that holds it
+_RUNNING_LOCK = threading.RLock()
 _CANCELLED: set[str] = set()
 
 
@@ -198,6 +200,7 @@ def _run(command: Command, uid: str, name: str, out: int, err: int) -> int:
     finally:
         # What it left running in its session (a daemon it forked) goes with it.
         _killpg(proc)
+        _reap(proc)
         with _RUNNING_LOCK:
             _RUNNING.pop(uid, None)
         if listed is not None:
@@ -285,6 +288,15 @@ def _marked(pid_dir: str) -> set[int]:
         if marker in environ:
             found.add(pid)
     return found
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Collect a command just killed whose wait was interrupted (Ray's cancel
+    raises KeyboardInterrupt in the worker), so that it does not stay behind as
+    the worker's zombie."""
+    if proc.returncode is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 def _killpg(proc: subprocess.Popen[bytes]) -> None:

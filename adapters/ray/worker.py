@@ -13,14 +13,15 @@ import contextlib
 import inspect
 import os
 import signal
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
 
 import psutil  # isort: skip  (after ray, which can provide a vendored copy)
 
-from ...commands import run_command
+from ...commands import kill_command, run_command
 from ...output import DEFAULT, Capture, StdoutFile
 from ...spec import Command
 from ...walk import replace
@@ -96,7 +97,26 @@ def _run_command(
     only when a task sets its output options)."""
     line = argv if isinstance(argv, str) else tuple(argv)
     command = Command(line, env, cwd, capture)
-    return run_command(command, uid, name)
+    with _interrupt_kills(uid):
+        return run_command(command, uid, name)
+
+
+@contextlib.contextmanager
+def _interrupt_kills(uid: str) -> Iterator[None]:
+    """Ray cancels a running task by interrupting the worker's main thread
+    (``interrupt_main``: a KeyboardInterrupt at the next bytecode).  In the
+    middle of starting or waiting for a command that abandons it, unreaped (a
+    zombie of the worker once the cancel's sweep kills it) or still running.
+    While a command runs, the interrupt kills the command instead, which then
+    ends like any killed command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: kill_command(uid))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # Shared by every backend; Ray re-exports it to each new cluster or job.
