@@ -49,13 +49,25 @@ def chromium_path() -> str | None:
 
 
 def need_browser() -> str:
-    """The Chromium to use; skips the calling test when it or Playwright is
-    missing, so that a checkout without them still runs the rest."""
-    pytest.importorskip("playwright.sync_api", reason=f"needs Playwright: {HINT}")
+    """The Chromium to use.  A checkout without it or Playwright skips the
+    calling test and still runs the rest; in CI (``$CI`` set, as CI services
+    does), where ``ci/setup.sh`` installs both, a missing one fails instead."""
+    missing = _missing()
+    if missing:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(missing)
     path = chromium_path()
-    if path is None:
-        pytest.skip(f"needs a system Chromium: {HINT}")
+    assert path is not None
     return path
+
+
+def _missing() -> str:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return f"needs Playwright: {HINT}"
+    if chromium_path() is None:
+        return f"needs a system Chromium: {HINT}"
+    return ""
 
 
 class Page:
