@@ -51,7 +51,7 @@ def chromium_path() -> str | None:
 def need_browser() -> str:
     """The Chromium to use.  A checkout without it or Playwright skips the
     calling test and still runs the rest; in CI (``$CI`` set, as CI services
-    does), where ``ci/setup.sh`` installs both, a missing one fails instead."""
+    set it), where ``ci/setup.sh`` installs both, a missing one fails instead."""
     missing = _missing()
     if missing:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(missing)
