@@ -401,6 +401,15 @@ def ray_head() -> None:
 
 
 # -- soak ---------------------------------------------------------------------------
+def _fd_targets() -> set[str]:
+    """What this process's descriptors point at (sockets and pipes by inode)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
 async def soak_scenario(name: str, total: int) -> dict[str, Any]:
     me = psutil.Process()
     async with WorkflowEngine(owned(name)) as flow:
@@ -411,7 +420,7 @@ async def soak_scenario(name: str, total: int) -> dict[str, Any]:
         assert sum(await asyncio.gather(*(alone(i) for i in range(200)))) > 0
         assert sum(await asyncio.gather(*(inc(i) for i in range(2000)))) > 0
         gc.collect()
-        rss, fds = me.memory_info().rss, me.num_fds()
+        rss, fds, held = me.memory_info().rss, me.num_fds(), _fd_targets()
         begin = time.monotonic()
         batch = 2000
         for start in range(0, total, batch):
@@ -425,7 +434,7 @@ async def soak_scenario(name: str, total: int) -> dict[str, Any]:
                 # Counted again half-way: connection pools that grow with the
                 # load once are not leaks; what grows with the tasks is.
                 gc.collect()
-                rss, fds = me.memory_info().rss, me.num_fds()
+                rss, fds, held = me.memory_info().rss, me.num_fds(), _fd_targets()
         took = time.monotonic() - begin
         gc.collect()
         await asyncio.sleep(1)  # let the runtime release what it was told to
@@ -437,6 +446,7 @@ async def soak_scenario(name: str, total: int) -> dict[str, Any]:
             "grown_mb": (me.memory_info().rss - rss) / 2**20,
             "fds_before": fds,
             "fds_after": me.num_fds(),
+            "fds_new": sorted(_fd_targets() - held),
             "open": len(flow._state.open),
             "inflight": len(flow._state.inflight),
         }

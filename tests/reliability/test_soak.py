@@ -104,6 +104,9 @@ def test_20k_tasks_on_a_runtime_release_memory_and_descriptors(
     )
     assert r["open"] == 0 and r["inflight"] == 0
     assert r["grown_mb"] < 50, f"RSS grew by {r['grown_mb']:.1f} MB over 10k tasks"
-    assert r["fds_after"] <= r["fds_before"], (
-        f"file descriptors leaked: {r['fds_before']} -> {r['fds_after']}"
+    # A leak grows with the 10,000 tasks: one descriptor per batch is five.  A
+    # runtime replacing a worker meanwhile opens one connection to the new one.
+    assert r["fds_after"] <= r["fds_before"] + 2, (
+        f"file descriptors leaked: {r['fds_before']} -> {r['fds_after']}, "
+        f"new: {r['fds_new']}"
     )
