@@ -61,9 +61,14 @@ def _driver(tmp_path: Path, n: int, **env: str) -> subprocess.Popen[str]:
     script.write_text(textwrap.dedent(DRIVER))
     argv = [sys.executable, str(script), str(tmp_path / "store")]
     argv += [str(tmp_path / "ran.log"), str(tmp_path / "go"), str(n)]
-    return subprocess.Popen(
-        argv, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}
-    )
+    with (tmp_path / f"stderr.{time.monotonic_ns()}").open("w") as err:
+        return subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, **env},
+        )
 
 
 def test_a_claim_is_held_released_and_cleared_by_the_result(tmp_path: Path) -> None:
@@ -102,7 +107,8 @@ def test_two_drivers_racing_on_one_store_run_each_task_once(tmp_path: Path) -> N
     time.sleep(0.5)  # both imported asyncflow; the go file starts them at once
     (tmp_path / "go").touch()
     outs = [d.communicate(timeout=120)[0] for d in drivers]
-    assert [d.returncode for d in drivers] == [0, 0]
+    errs = [log.read_text()[-3000:] for log in sorted(tmp_path.glob("stderr.*"))]
+    assert [d.returncode for d in drivers] == [0, 0], errs
     expected = sum(i * i for i in range(n))
     assert [o.split() for o in outs] == [[str(expected)]] * 2
     ran = Counter((tmp_path / "ran.log").read_text().splitlines())
