@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import cProfile
 import json
+import math
 import os
 import signal
 import sys
@@ -62,6 +63,14 @@ class Plan:
             self.cases += [(workload, n) for n in sizes]
 
 
+#: A timed sample lasts at least this long.  A shorter run is repeated back to
+#: back within one sample, as timeit's autorange does, so that costs paid less
+#: often than once per short run (a full garbage collection, a runtime's
+#: periodic work) weigh the same at every size instead of only at the largest.
+MIN_SAMPLE = 0.2
+MAX_LOOPS = 20
+
+
 def measure(
     side: str,
     plan: Plan,
@@ -83,25 +92,36 @@ def measure(
                 warmed.add(workload)
                 if not plan.quick:
                     run(workload, WARMUP)
+            loops = 1
             for r in range(plan.repeat):
-                c0, t0 = time.process_time(), time.perf_counter()
-                result = run(workload, n)
-                emit(
-                    kind="run",
-                    side=side,
-                    workload=workload,
-                    size=n,
-                    repeat=r,
-                    seconds=time.perf_counter() - t0,
-                    # every thread of this driver process: what the front end
-                    # costs, and less skewed by other users' load than seconds
-                    cpu_s=time.process_time() - c0,
-                    tasks=WORKLOADS[workload].tasks(n),
-                    result=result,
-                    load=os.getloadavg()[0],
-                )
+                sample = _sample(run, workload, n, loops)
+                if r == 0 and not plan.quick and sample["seconds"] < MIN_SAMPLE:
+                    # a short run: its first sample only sizes the loop
+                    short = max(sample["seconds"], 1e-6)
+                    loops = min(MAX_LOOPS, math.ceil(MIN_SAMPLE / short))
+                    sample = _sample(run, workload, n, loops)
+                emit(kind="run", side=side, workload=workload, size=n, repeat=r,
+                     tasks=WORKLOADS[workload].tasks(n), **sample)  # fmt: skip
         except Exception as exc:
             _error(side, f"{workload} size {n}", exc)
+
+
+def _sample(
+    run: Callable[[str, int], Any], workload: str, n: int, loops: int
+) -> dict[str, Any]:
+    """``loops`` runs back to back, timed as one; per run: seconds, and the CPU
+    time of every thread of this driver process (what the front end costs, and
+    less skewed by other users' load than seconds)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(loops):
+        result = run(workload, n)
+    return {
+        "seconds": (time.perf_counter() - t0) / loops,
+        "cpu_s": (time.process_time() - c0) / loops,
+        "loops": loops,
+        "result": result,
+        "load": os.getloadavg()[0],
+    }
 
 
 @contextlib.contextmanager

@@ -131,7 +131,10 @@ def _md_preamble(meta: dict[str, Any]) -> list[str]:
         f"Measured by `{meta.get('command', 'asyncflow bench')}` on "
         f"{machine_line(meta)}. Versions: {versions or '-'}.",
         "",
-        "Medians over repeats. *ratio*: raw time / asyncflow time, so asyncflow's "
+        "Medians over repeats; a run shorter than 0.2 s is repeated back to back "
+        "within each timed sample, on both sides (as timeit does), so that costs "
+        "paid less often than once per short run count at every size. *ratio*: "
+        "raw time / asyncflow time, so asyncflow's "
         "throughput relative to the runtime's own API (1.00: no overhead; above "
         "1: faster than the straightforward raw code). *growth*: x in makespan ~ "
         "tasks^x between the smallest and largest size (1: linear). *driver "
