@@ -20,6 +20,7 @@ import asyncio
 import base64
 import importlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
@@ -147,46 +148,55 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
     # wait for the task's process and report nothing if it dies before reporting.
     def _dispatch(self, task: dict[str, Any], env: dict[str, str]) -> None:
         """Runs in a process forked per task: run the task in a child of its own
-        and report it, including a child that ended without reporting."""
+        and report it, including a child that ended without reporting.
+
+        Only this process writes to raptor's result queue.  The queue's writers
+        share one lock, so a task's process killed while writing to it would
+        hang every later task of the worker; the task's process hands its result
+        here over a pipe of its own instead."""
         task["pid"] = os.getpid()
         # chunks' traces name this worker, not the process forked per task
         os.environ[WORKER_ENV] = f"pid {os.getppid()}"
         os.environ.update(env)
         os.environ.update(task.get("environment") or {})
-        # The child says it reported by writing a byte to a pipe.  Not an
-        # mp.RawValue: this process is forked afresh for every task, and each
-        # would import multiprocessing.sharedctypes and map a new shared-memory
-        # arena (about 6 ms of CPU a task, on the worker's cores).
-        rfd, wfd = os.pipe()
-        proc = mp.Process(target=self._run_task, args=(task, wfd), daemon=True)
+        recv, send = mp.Pipe(duplex=False)
+        proc = mp.Process(target=self._run_task, args=(task, send), daemon=True)
         proc.start()
-        os.close(wfd)
+        send.close()
         timeout = task["description"].get("timeout") or None
-        proc.join(timeout)
-        timed_out = proc.is_alive()
-        if timed_out:
-            proc.terminate()
-            proc.join()
-        if not _reported(rfd):
-            if timed_out:
-                exc = ['TimeoutError("task timed out")', None]
-                err, code = f"timeout (>{timeout})", 1
-            else:
-                code = proc.exitcode or 1
-                how = f"exited with code {code}"
-                if code < 0:
-                    how = f"was killed by signal {-code} ({_signame(-code)})"
-                err = (
-                    f"the process running it (pid {proc.pid}) {how} before it "
-                    "reported a result"
-                )
-                exc = [LOST, err]
-            self._result_queue.put([task, None, err, code, None, exc])
+        # its exit too, not only the pipe: a process the task started may still
+        # hold the pipe's write end
+        ready = mp_connection.wait([recv, proc.sentinel], timeout)
+        result = _received(recv) if ready else None
+        if result is None:
+            result = self._lost(task, proc, None if ready else timeout)
+        self._result_queue.put(result)
         self._result_queue.close()
         self._result_queue.join_thread()
         sys.exit(1)
 
-    def _run_task(self, task: dict[str, Any], reported_fd: int) -> None:
+    @staticmethod
+    def _lost(task: dict[str, Any], proc: Any, timed_out: float | None) -> list[Any]:
+        """The result of a task whose process ended unreported, or ran past its
+        timeout (``timed_out``)."""
+        if timed_out is not None:
+            proc.terminate()
+            proc.join()
+            err = f"timeout (>{timed_out})"
+            return [task, None, err, 1, None, ['TimeoutError("task timed out")', None]]
+        proc.join(10)  # closing the pipe, it was on its way out
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        code = proc.exitcode or 1
+        how = f"exited with code {code}"
+        if code < 0:
+            how = f"was killed by signal {-code} ({_signame(-code)})"
+        who = f"the process running it (pid {proc.pid})"
+        err = f"{who} {how} before it reported a result"
+        return [task, None, err, code, None, [LOST, err]]
+
+    def _run_task(self, task: dict[str, Any], send: Any) -> None:
         import setproctitle
 
         setproctitle.setproctitle(f"rp.dispatch.{task['uid']}")
@@ -210,13 +220,8 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
             exc = [repr(e), "\n".join(ru.get_exception_trace())]
         finally:
             os.chdir(self._sbox)
-        self._result_queue.put([task, out, err, ret, val, exc])
-        # flushed before the flag: a result is either in the pipe, or reported
-        # lost by _dispatch (both, if this process dies between the two lines:
-        # _result_cb drops the second)
-        self._result_queue.close()
-        self._result_queue.join_thread()
-        os.write(reported_fd, b"1")
+        send.send([task, out, err, ret, val, exc])
+        send.close()
 
     def _result_cb(self, result: list[Any]) -> None:
         with self._plock:
@@ -243,17 +248,16 @@ def _import_once(names: Sequence[str]) -> None:
                 _FAILED_IMPORTS.add(name)
 
 
-def _reported(fd: int) -> bool:
-    """Whether the task's process wrote its byte to the pipe ``fd`` (closed
-    here); non-blocking, since a process the task started may still hold the
-    write end."""
+def _received(recv: Any) -> list[Any] | None:
+    """What the task's process sent, or None if it ended without sending it."""
     try:
-        os.set_blocking(fd, False)
-        return os.read(fd, 1) == b"1"
-    except BlockingIOError:
-        return False
+        if recv.poll(0):
+            return recv.recv()
+    except (EOFError, OSError):
+        pass
     finally:
-        os.close(fd)
+        recv.close()
+    return None
 
 
 def _signame(num: int) -> str:
