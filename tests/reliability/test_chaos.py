@@ -24,12 +24,24 @@ CHAOS = Path(__file__).with_name("chaos.py")
 TASKS = 5000
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        *BACKENDS,
+        # a pilot of its own: 20-95 s to start here, more under load
+        pytest.param("radical", marks=pytest.mark.timeout(1300)),
+    ],
+)
 def test_chaos(name: str, measure: Callable[[str, str, str, float], None]) -> None:
     require(name)
     with tempfile.TemporaryDirectory(prefix="af-chaos-") as tmp:
         got = run_driver(
-            name, str(TASKS), "7", script=CHAOS, timeout=400, env={"TMPDIR": tmp}
+            name,
+            str(TASKS),
+            "7",
+            script=CHAOS,
+            timeout=1250 if name == "radical" else 400,
+            env={"TMPDIR": tmp},
         )
     endings = got["outcomes"]
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(endings.items()))
