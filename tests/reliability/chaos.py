@@ -42,6 +42,7 @@ from asyncflow import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from drivers import (
+    _kill,
     _left_files,
     describe,
     emit,
@@ -208,14 +209,6 @@ def head(name: str, backend: Any) -> Callable[[], list[str]] | None:
 
         return pilot
     return None
-
-
-def _kill(procs: list[psutil.Process]) -> list[str]:
-    said = describe(procs)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    return said
 
 
 def kill_one(victims: list[psutil.Process], rng: random.Random) -> str | None:
