@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -52,22 +52,20 @@ def need_browser() -> str:
     """The Chromium to use.  A checkout without it or Playwright skips the
     calling test and still runs the rest; in CI (``$CI`` set, as CI services
     set it), where ``ci/setup.sh`` installs both, a missing one fails instead."""
-    missing = _missing()
-    if missing:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(missing)
-    path = chromium_path()
-    assert path is not None
-    return path
-
-
-def _missing() -> str:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        return f"needs Playwright: {HINT}"
-    if chromium_path() is None:
-        return f"needs a system Chromium: {HINT}"
-    return ""
+        _unavailable(f"needs Playwright: {HINT}")
+    path = chromium_path()
+    if path is None:
+        _unavailable(f"needs a system Chromium: {HINT}")
+    return path
+
+
+def _unavailable(why: str) -> NoReturn:
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 class Page:
