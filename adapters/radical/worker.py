@@ -223,12 +223,6 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
         send.send([task, out, err, ret, val, exc])
         send.close()
 
-    def _result_cb(self, result: list[Any]) -> None:
-        with self._plock:
-            known = result[0]["pid"] in self._pool
-        if known:  # else a task reported twice (see _run_task)
-            super()._result_cb(result)
-
 
 def _extend_path(paths: Sequence[str]) -> None:
     """The driver's import path, so that the task's module is found here."""
