@@ -167,6 +167,18 @@ class RayHead:
         with open(path, errors="replace") as f:
             return "".join(f.readlines()[-40:])
 
+    def client_server_logs(self) -> str:
+        """The tails of the specific servers' logs, newest last."""
+        logs = os.path.join(self.tmpdir, "session_latest", "logs")
+        try:
+            names = [n for n in os.listdir(logs) if n.startswith("ray_client_server")]
+        except OSError as exc:
+            return f"(no Ray logs: {exc})"
+        paths = sorted((os.path.join(logs, n) for n in names), key=os.path.getmtime)[
+            -6:
+        ]
+        return "\n".join(f"--- {path}:\n{self._tail(path)}" for path in paths)
+
     def processes(self) -> list[psutil.Process]:
         """Every live process of this head: those carrying our marker or naming
         our temp dir, their descendants, and any holding a file in it (workers
@@ -266,7 +278,7 @@ class _NullSink:
 _SPAWN_FLAKE = ("Starting Ray client server failed", "psutil.ZombieProcess")
 
 
-def attach(address: str) -> RayExecutionBackend:
+def attach(head: RayHead) -> RayExecutionBackend:
     """A backend already connected through Ray Client (the engine's own start
     then finds it up).
 
@@ -276,17 +288,20 @@ def attach(address: str) -> RayExecutionBackend:
     connection with "Starting Ray client server failed", or, when the child
     dies while the proxy reads its command line, with psutil's ZombieProcess
     from the proxy's thread.  That is the head's flake, not the adapter's:
-    connect again, at most twice, and say so in the log.
+    connect again, at most twice, and say so in the log.  The last refusal
+    carries the specific servers' own logs, which the proxy only names.
     """
     for attempt in range(3):
-        backend = RayExecutionBackend(address=address)
+        backend = RayExecutionBackend(address=head.address)
         try:
             asyncio.run(backend.start(_NullSink()))
             return backend
         except BackendStartError as exc:
             asyncio.run(backend.shutdown())
-            if not any(sign in str(exc) for sign in _SPAWN_FLAKE) or attempt == 2:
+            if not any(sign in str(exc) for sign in _SPAWN_FLAKE):
                 raise
+            if attempt == 2:
+                raise BackendStartError(f"{exc}\n{head.client_server_logs()}") from exc
             log.warning("Ray Client connection refused by the head, retrying: %s", exc)
     raise AssertionError("unreachable")
 
@@ -335,7 +350,7 @@ def head() -> Iterator[RayHead]:
     ray_head = _start_head()
     try:
         with _client_token(ray_head.token_path):
-            run(_warm_up, attach(ray_head.address), 180)
+            run(_warm_up, attach(ray_head), 180)
             yield ray_head
     finally:
         ray_head.stop()
@@ -344,14 +359,14 @@ def head() -> Iterator[RayHead]:
 class TestRayClient(BackendFixtures, ConformanceSuite):
     @pytest.fixture
     def backend(self, head: RayHead) -> RayExecutionBackend:
-        return attach(head.address)
+        return attach(head)
 
 
 # -- Ray Client specifics -------------------------------------------------------
 @pytest.mark.timeout(240)
 def test_three_task_workflow_leaves_the_head_running(head: RayHead) -> None:
     before = head.head_processes()
-    backend = attach(head.address)
+    backend = attach(head)
 
     async def scenario(flow: WorkflowEngine) -> int:
         inc, add = flow.function_task(t.inc), flow.function_task(t.add)
@@ -365,7 +380,7 @@ def test_three_task_workflow_leaves_the_head_running(head: RayHead) -> None:
     assert not ray.is_initialized(), "the backend disconnected at shutdown"
     assert all(_alive(p) for p in before.values()), "the head kept running"
     assert _accepts(head.client_port), "its Ray Client server still listens"
-    again = attach(head.address)
+    again = attach(head)
     assert run(lambda flow: flow.function_task(t.inc)(41), again) == 42
 
 
@@ -385,7 +400,7 @@ def test_cancel_queued_task_never_runs(head: RayHead) -> None:
             assert await flow.function_task(t.inc)(1) == 2
             assert gate.count("queued") == 0
 
-    run(scenario, attach(head.address))
+    run(scenario, attach(head))
 
 
 @pytest.mark.timeout(120)
@@ -427,7 +442,7 @@ def test_dropped_connection_fails_tasks_as_worker_lost(
     doomed = _start_head()
     try:
         with _client_token(doomed.token_path):
-            backend = attach(doomed.address)
+            backend = attach(doomed)
 
             async def scenario(flow: WorkflowEngine) -> None:
                 async with Gate() as gate:
