@@ -7,6 +7,8 @@
 * :func:`driver_address` finds the address compute nodes reach this process at:
   a runtime that advertised 127.0.0.1, fine on a laptop, would leave every
   worker dialling its own loopback;
+* :func:`node_tmpdir` gives a job's processes a ``TMPDIR`` of the backend's
+  own under the node's, which shutdown removes wherever the driver sees it;
 * :class:`BatchJobs` watches a backend's jobs, reports a job waiting in the
   queue, notices one that ended under the backend (walltime, node failure), and
   cancels them all at shutdown, or, through a guard process, when the driver
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from .errors import BackendStartError
 from .hpc import Allocation
 
-__all__ = ["BatchJobs", "Job", "driver_address", "preflight"]
+__all__ = ["BatchJobs", "Job", "driver_address", "node_tmpdir", "preflight"]
 
 
 def _slurm_tool(name: str) -> str:
@@ -112,6 +115,20 @@ def driver_address() -> str:
             f"cannot find this host's address toward the Slurm controller {host}: "
             f"{exc}; pass the address workers should use explicitly"
         ) from exc
+
+
+def node_tmpdir(scratch: str) -> str:
+    """The job-script line that moves the job's ``TMPDIR`` into a folder named
+    like the driver's ``scratch`` dir, under the node's own ``TMPDIR``.
+
+    A runtime's worker killed with SIGKILL (by the OOM killer, a failing node,
+    Slurm at walltime) leaves its files there: Dask's scratch space and lock
+    files, Parsl's ``pymp-*`` folders.  Under one folder of the backend's own
+    they stay away from other users' files, and where the nodes share the
+    driver's temp dir, removing ``scratch`` at shutdown removes them.
+    """
+    name = shlex.quote(os.path.basename(scratch))
+    return f'export TMPDIR="${{TMPDIR:-/tmp}}"/{name} && mkdir -p "$TMPDIR"'
 
 
 #: Slurm job states after which the job's nodes are gone

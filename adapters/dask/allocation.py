@@ -23,7 +23,7 @@ import dask
 
 from ...errors import BackendStartError, TaskDefinitionError
 from ...slurm import BatchJobs, driver_address, preflight
-from ..toolkit import lost_error
+from ..toolkit import Scratch, lost_error
 from .slurm import WHO, Shape, SlurmPlan, cluster_options, merge, node_shape
 from .state import DaskState, log
 from .worker import CommandReaper
@@ -83,6 +83,8 @@ class SlurmAllocation:
         self._jobs: BatchJobs | None = None
         self._job_ended: asyncio.Event | None = None
         self._jobs_gone: set[str] = set()
+        #: what the workers' TMPDIR is named after on each node (see node_tmpdir)
+        self._node_tmp = Scratch()
 
     async def start(self) -> None:
         plan, state = self._plan, self._state
@@ -97,9 +99,9 @@ class SlurmAllocation:
         state.refresh_info()
         jobs = self._jobs
         assert jobs is not None
-        logs = _log_dir(state)
+        dirs = _log_dir(state), self._node_tmp.make("asyncflow-dask-")
         opts = merge(
-            cluster_options(plan, shape, host, f"{jobs.prefix}-dask", logs),
+            cluster_options(plan, shape, host, f"{jobs.prefix}-dask", dirs),
             state.settings.cluster_options,
         )
         try:
@@ -193,3 +195,4 @@ class SlurmAllocation:
             left = await asyncio.to_thread(jobs.close)
             if left:
                 log.warning("dask: Slurm jobs still listed at shutdown: %s", left)
+        self._node_tmp.close()

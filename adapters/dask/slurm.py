@@ -67,6 +67,7 @@ from typing import Any
 
 from ...errors import BackendStartError, TaskDefinitionError
 from ...hpc import SLURM, Allocation
+from ...slurm import node_tmpdir
 from .state import WorkerCapacity
 from .values import MB
 
@@ -210,9 +211,16 @@ def _find_host(python: str, scheduler_host: str) -> str:
 
 
 def cluster_options(
-    plan: SlurmPlan, shape: Shape, host: str, job_name: str, log_dir: str
+    plan: SlurmPlan,
+    shape: Shape,
+    host: str,
+    job_name: str,
+    dirs: tuple[str, str],
 ) -> dict[str, Any]:
-    """``SLURMCluster`` keyword arguments for ``plan`` on a node of ``shape``."""
+    """``SLURMCluster`` keyword arguments for ``plan`` on a node of ``shape``;
+    ``dirs``: the job logs' folder (shared with the nodes) and the scratch dir
+    whose name the workers' ``TMPDIR`` takes on each node."""
+    log_dir, scratch = dirs
     alloc = plan.alloc
     python = sys.executable
     paths = os.pathsep.join(dict.fromkeys(p or os.getcwd() for p in sys.path))
@@ -235,6 +243,7 @@ def cluster_options(
             *([plan.worker_init] if plan.worker_init else []),
             # the driver's modules (its script's directory included)
             f"export PYTHONPATH={shlex.quote(paths)}",
+            node_tmpdir(scratch),  # Dask's scratch space and lock files go there
             _find_host(python, host),
         ],
         "job_extra_directives": extra,

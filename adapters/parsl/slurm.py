@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -61,7 +60,7 @@ from parsl.providers import SlurmProvider
 
 from ...errors import TaskDefinitionError
 from ...hpc import SLURM, Allocation
-from ...slurm import BatchJobs, driver_address, preflight
+from ...slurm import BatchJobs, driver_address, node_tmpdir, preflight
 from .config import driver_python_lines, interchange_command, one_block_config
 from .state import log
 
@@ -106,8 +105,7 @@ def _worker_init(user: str, scratch: str | None) -> str:
     stops it, which shutdown then removes where it can see it."""
     lines = [*([user] if user else []), *driver_python_lines()]
     if scratch is not None:
-        name = shlex.quote(os.path.basename(scratch))
-        lines.append(f'export TMPDIR="${{TMPDIR:-/tmp}}"/{name} && mkdir -p "$TMPDIR"')
+        lines.append(node_tmpdir(scratch))
     return "\n".join(lines)
 
 

@@ -105,13 +105,16 @@ def test_the_dict_becomes_a_job_script_and_typos_fail_in_the_constructor() -> No
         "account": "abc", "memory_per_node": 16000, "worker_init": "module load x",
     }  # fmt: skip
     plan = SlurmPlan.from_mapping(gpu_nodes)
-    opts = cluster_options(plan, node_shape(plan), "10.9.9.9", "asyncflow-t", "/l")
+    opts = cluster_options(
+        plan, node_shape(plan), "10.9.9.9", "asyncflow-t", ("/l", "/tmp/af-x1")
+    )
     del opts["scheduler_options"]  # the cluster's, not the job's
     script = SLURMJob("tcp://10.9.9.9:1", name="w", **opts).job_script()
     for line in [
         "#SBATCH -p debug", "#SBATCH -A abc", "#SBATCH --cpus-per-task=8",
         "#SBATCH --mem=16000M", "#SBATCH -t 01:30:00", "#SBATCH --nodes=1",
         "#SBATCH --gres=gpu:4", "#SBATCH -J asyncflow-t", "module load x",
+        'export TMPDIR="${TMPDIR:-/tmp}"/af-x1 && mkdir -p "$TMPDIR"',
         f"{sys.executable} -m distributed.cli.dask_worker tcp://10.9.9.9:1",
         "--nthreads 2", "--nworkers 4", "--resources CPU=2,GPU=1",
         "--dashboard-address 127.0.0.1:0",
