@@ -9,6 +9,11 @@ or a chunk of them), and on runtimes whose central process is not the driver
 itself (Ray's head, Parsl's interchange, radical.pilot's whole pilot) kills
 that once, when three quarters of the tasks have ended.
 
+With ``ASYNCFLOW_HPC`` set (the page's allocation dict, as JSON), the backend is
+the one a user gets on a cluster (``ASYNCFLOW_BACKEND`` names it), and the head
+is a batch job: Slurm SIGKILLs every process of one running job of this
+workflow, as when its node fails.
+
 Every task must end in one of the allowed ways: its right value, its own planned
 error, ``WorkerLostError``, or ``DependencyFailureError`` with an upstream that
 did not succeed.  Anything else is counted as ``wrong``; a future still pending
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +45,7 @@ from asyncflow import (
     WorkerLostError,
     WorkflowEngine,
 )
+from asyncflow.registry import default_backend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from drivers import (
@@ -58,6 +65,8 @@ DRAIN = 240.0  # seconds the workflow may take to end after it is submitted
 #: seconds the runtime may take to start: a radical.pilot pilot takes 20-95 s
 #: here, more under load (its adapter allows 600)
 START = {"radical": 700.0}
+#: the allocation this driver runs on, if any (a user's ``--hpc``)
+HPC = bool(os.environ.get("ASYNCFLOW_HPC"))
 
 
 def mix(i: int, *ups: int) -> int:
@@ -145,7 +154,7 @@ def workers(name: str) -> list[psutil.Process]:
     if name == "processes":
         me = _cmd(psutil.Process())
         return [p for p in procs if p.ppid() == os.getpid() and _cmd(p) == me]
-    if name == "dask":
+    if name == "dask":  # the worker process (its title), not its nanny
         return [p for p in procs if _cmd(p).startswith("dask worker")]
     if name == "ray":
         # ray::IDLE or ray::<task>; not the raylet's agents, whose loss is the
@@ -188,6 +197,8 @@ def _radical_task_processes(procs: list[psutil.Process]) -> list[psutil.Process]
 def head(name: str, backend: Any) -> Callable[[], list[str]] | None:
     """How to kill the runtime's central process(es), if they are not this
     driver; the action returns what it killed."""
+    if HPC:
+        return batch_job
     if name == "ray":
         names = {"gcs_server", "raylet"}
         return lambda: _kill([p for p in runtime_processes() if p.name() in names])
@@ -209,6 +220,20 @@ def head(name: str, backend: Any) -> Callable[[], list[str]] | None:
 
         return pilot
     return None
+
+
+def batch_job() -> list[str]:
+    """SIGKILL every process of this workflow's oldest running job (Slurm's
+    ``scancel --signal=KILL --full``: the batch shell and every step), as when
+    its node fails."""
+    squeue = ["squeue", "-h", "-t", "RUNNING", "-o", "%i"]
+    running = subprocess.run(squeue, capture_output=True, text=True, timeout=60)
+    ids = sorted(int(line) for line in running.stdout.split() if line.isdigit())
+    if not ids:
+        return []
+    cancel = ["scancel", "--signal=KILL", "--full", str(ids[0])]
+    subprocess.run(cancel, capture_output=True, text=True, timeout=60, check=True)
+    return [f"Slurm job {ids[0]}"]
 
 
 def kill_one(victims: list[psutil.Process], rng: random.Random) -> str | None:
@@ -272,10 +297,10 @@ def _example(p: Planned) -> str:
 
 async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    backend = owned(name)
+    backend = default_backend() if HPC else owned(name)
     kills: list[str] = []
     flow = WorkflowEngine(backend)
-    await asyncio.wait_for(flow.start(), START.get(name, 120))
+    await asyncio.wait_for(flow.start(), 700.0 if HPC else START.get(name, 120))
     wf = Workflow(flow)
     g = 0
     while len(wf.tasks) < total:
@@ -301,13 +326,14 @@ async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
         "kills": len(kills),
         "killed": kills[:10],
         "head_killed": any(k.startswith("HEAD") for k in kills),
+        "heads": [k for k in kills if k.startswith("HEAD")],
         "outcomes": dict(outcomes),
         "drain_s": round(drained, 1),
         "shutdown_s": round(time.monotonic() - shut, 1),
         "wrong_examples": wrong[:5],
         # radical.pilot's watchdog deletes the runtime's temp dir (a sandbox per
         # task) after shutdown, which takes a while on a loaded machine
-        "processes_left": left_after(90.0 if name == "radical" else 15.0),
+        "processes_left": left_after(90.0 if name == "radical" or HPC else 15.0),
         "files_left": [
             f for f in _left_files(Path(tempfile.gettempdir())) if not own(f)
         ],

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -342,9 +342,13 @@ def run_driver(
     env: dict[str, str] | None = None,
     after: str | None = None,
     script: Path = DRIVERS,
+    prefix: Sequence[str] = (),
+    cwd: str | None = None,
 ) -> dict[str, Any]:
     """Run ``drivers.py ARGS`` (or ``script``) in a fresh interpreter and return
     its JSON line; kill whatever it left running afterwards (after recording it).
+    ``prefix`` goes in front of the command (a Slurm login node's ``nsenter``);
+    ``cwd`` is where it runs (Slurm's tools write there).
 
     A driver that ends without a report raises :class:`DriverDied` if it had
     written ``after`` (a progress note: the fault was injected), and a plain
@@ -359,11 +363,12 @@ def run_driver(
     before = frozenset(p.pid for p in psutil.Process().children(recursive=True))
     try:
         out = subprocess.run(
-            [sys.executable, str(script), *args],
+            [*prefix, sys.executable, str(script), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             env=full_env,
+            cwd=cwd,
         )
     finally:
         left = marked_processes(token, before)
