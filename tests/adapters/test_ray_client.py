@@ -174,10 +174,8 @@ class RayHead:
             names = [n for n in os.listdir(logs) if n.startswith("ray_client_server")]
         except OSError as exc:
             return f"(no Ray logs: {exc})"
-        paths = sorted((os.path.join(logs, n) for n in names), key=os.path.getmtime)[
-            -6:
-        ]
-        return "\n".join(f"--- {path}:\n{self._tail(path)}" for path in paths)
+        paths = sorted((os.path.join(logs, n) for n in names), key=os.path.getmtime)
+        return "\n".join(f"--- {path}:\n{self._tail(path)}" for path in paths[-6:])
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of this head: those carrying our marker or naming

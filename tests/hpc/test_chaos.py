@@ -39,7 +39,6 @@ HPC = {
 @pytest.mark.parametrize("name", ["dask"])
 def test_chaos_on_slurm(name: str, slurm: SlurmCluster) -> None:
     require(name)
-    login = slurm.env
     with (
         tempfile.TemporaryDirectory(prefix="af-chaos-") as tmp,
         tempfile.TemporaryDirectory(prefix="af-chaos-cwd-") as cwd,
@@ -51,8 +50,7 @@ def test_chaos_on_slurm(name: str, slurm: SlurmCluster) -> None:
             script=CHAOS,
             timeout=550,
             env={
-                "PATH": login["PATH"],
-                "SLURM_CONF": login["SLURM_CONF"],
+                **slurm.env,
                 "TMPDIR": tmp,
                 "ASYNCFLOW_BACKEND": name,
                 "ASYNCFLOW_HPC": json.dumps(HPC),
@@ -71,4 +69,4 @@ def test_chaos_on_slurm(name: str, slurm: SlurmCluster) -> None:
     assert not got["outcomes"].get("wrong"), got
     assert not got["outcomes"].get("pending"), got
     assert got["processes_left"] == [] and got["files_left"] == [], got
-    assert got["kills"] > 0 and got["head_killed"], got
+    assert got["kills"] > 0 and got["heads"], got

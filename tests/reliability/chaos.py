@@ -325,7 +325,6 @@ async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
         "tasks": len(wf.tasks),
         "kills": len(kills),
         "killed": kills[:10],
-        "head_killed": any(k.startswith("HEAD") for k in kills),
         "heads": [k for k in kills if k.startswith("HEAD")],
         "outcomes": dict(outcomes),
         "drain_s": round(drained, 1),

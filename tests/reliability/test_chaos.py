@@ -46,7 +46,7 @@ def test_chaos(name: str, measure: Callable[[str, str, str, float], None]) -> No
     endings = got["outcomes"]
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(endings.items()))
     measure(
-        f"chaos: {got['kills']} kills" + (" + head" if got["head_killed"] else ""),
+        f"chaos: {got['kills']} kills" + (" + head" if got["heads"] else ""),
         name,
         kinds[:44],
         got["drain_s"],
