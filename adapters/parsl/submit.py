@@ -30,6 +30,7 @@ from ...spec import DEFAULT_RESOURCES, TaskSpec
 from ..toolkit import FunctionCache, pack
 from .cancel import INPROC
 from .executors import Profile
+from .results import translate
 from .state import State, Task
 from .worker import command_task, inproc_task, packed_task
 
@@ -92,6 +93,18 @@ class Submitter:
         """One ``dfk.submit``; a refusal fails the task, not the batch."""
         state = self._state
         assert state.sink is not None and state.dfk is not None
+        command = spec.command is not None
+        executor: Any = state.dfk.executors.get(label)
+        if getattr(executor, "bad_state_is_set", False):
+            # Its interchange or job is gone.  Fail here, not in Parsl, which
+            # raises one shared exception for every task and logs each with a
+            # traceback that grows by every raise before: minutes for a few
+            # thousand tasks.
+            lost = Task(spec.name, "", command, label, False)
+            state.sink.set_exception(
+                spec.uid, translate(executor.executor_exception, lost)
+            )
+            return
         key = f"{state.token}.{next(state.counter)}"
         try:
             fn, args, packed = self._call(spec, profile, key)
@@ -109,7 +122,6 @@ class Submitter:
             )
             return
         fut._asyncflow_uid = spec.uid  # type: ignore[attr-defined]
-        command = spec.command is not None
         state.tasks[spec.uid] = Task(spec.name, key, command, label, packed)
         fut.add_done_callback(self._done)
 

@@ -294,6 +294,22 @@ def _children_named(root: int, names: set[str]) -> list[psutil.Process]:
     return out
 
 
+async def _after_loss(flow: WorkflowEngine, backend: Any) -> dict[str, Any]:
+    """Executables submitted once Parsl's executor is bad (Parsl's own path, not
+    chunks): how they ended, and how many of them reached the DFK, which raises
+    the executor's one exception for each and logs an ever longer traceback."""
+    dfk = backend.dfk
+    before = dfk.task_count
+    echo = flow.executable_task(lambda i: f"echo {i}")
+    late = [echo(i) for i in range(200)]
+    await asyncio.wait(late, timeout=60)
+    return {
+        "pending": sum(not f.done() for f in late),
+        "kinds": sorted({type(f.exception()).__name__ for f in late if f.done()}),
+        "dfk_tasks": dfk.task_count - before,
+    }
+
+
 async def runtime_loss_scenario(name: str, target: str) -> dict[str, Any]:
     """Two tasks running, twenty queued and ten waiting on the running ones; then
     the runtime's central process dies.  ``target``: what to kill (see below)."""
@@ -371,6 +387,8 @@ async def runtime_loss_scenario(name: str, target: str) -> dict[str, Any]:
         result["all_failed_in"] = await _bounded(everything, 90)
         result["pending"] = [k for k, f in futures.items() if not f.done()]
         result["outcomes"] = outcomes.ended
+        if name == "parsl":
+            result["after"] = await _after_loss(flow, backend)
         note(f"futures: {len(result['pending'])} pending; shutting down")
         result["shutdown_in"] = await _bounded(flow.shutdown(), 60)
         note(f"shutdown: {result['shutdown_in']}")

@@ -104,3 +104,6 @@ def test_parsl_interchange_killed(measure: Measure) -> None:
     require("parsl")
     result = run_driver("runtime-loss", "parsl", "interchange", timeout=250)
     _check(result, "HTEX interchange killed", measure)
+    after = result["after"]
+    assert after["pending"] == 0 and after["kinds"] == ["WorkerLostError"], after
+    assert after["dfk_tasks"] == 0, "tasks for a bad executor still go to the DFK"
