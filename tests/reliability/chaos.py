@@ -174,7 +174,10 @@ def workers(name: str, backend: Any) -> list[psutil.Process]:
         # worker process: a worker killed while it holds the pool's shared
         # queue or counter lock hangs every other worker of the pool, which
         # Parsl cannot notice (see the reliability notes).
-        return [p for p in procs if "process_worker_pool" in _cmd(p)]
+        pools = [p for p in procs if "process_worker_pool" in _cmd(p)]
+        # On a cluster the last pool is the block's job: its loss is the head
+        # kill's (a whole job), which must find the job still there.
+        return [] if HPC and len(pools) < 2 else pools
     if name == "radical":
         return _radical_task_processes(procs)
     return []
