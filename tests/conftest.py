@@ -21,7 +21,14 @@ pytest_plugins = ["pytester"]
 
 #: what the runtimes the suite starts leave behind, by name
 HOME_LEAKS = (".radical", ".ray", ".psij", ".parsl", "radical.pilot.sandbox")
-TMP_LEAKS = ("dask-scratch-space", "pymp-*", "ray", "asyncflow-*", "pytest-of-*")
+TMP_LEAKS = (
+    "dask-scratch-space",
+    "pymp-*",
+    "ray",
+    "asyncflow-*",
+    "pytest-of-*",
+    "rp.session.*",
+)
 
 
 class _Sandbox:

@@ -217,6 +217,7 @@ class SlurmCluster:
                     "KillWait=2",
                     "OverTimeLimit=0",
                     "MinJobAge=300",
+                    f"TaskProlog={d}/task_prolog",
                     "InactiveLimit=0",
                     *node_lines,
                     f"PartitionName={PARTITION} Nodes=ALL Default=YES "
@@ -225,6 +226,18 @@ class SlurmCluster:
                 ]
             )
         )
+
+    def _task_prolog(self) -> None:
+        """The nodes' local temp dir, as a site gives each job one: Slurm's own
+        default is /tmp, which a job started without the login node's
+        ``TMPDIR`` (radical.pilot's, through PSI/J) would otherwise write to."""
+        script = self.dir / "task_prolog"
+        script.write_text(
+            "#!/bin/sh\n"
+            f'case "${{TMPDIR:-/tmp}}" in /tmp|/tmp/) '
+            f'echo "export TMPDIR={self.dir}/tmp";; esac\n'
+        )
+        script.chmod(0o755)
 
     def _munge(self) -> None:
         d = self.dir
@@ -241,8 +254,9 @@ class SlurmCluster:
 
     def start(self, timeout: float = 30) -> SlurmCluster:
         try:
-            for sub in ("state", "spool"):
+            for sub in ("state", "spool", "tmp"):
                 (self.dir / sub).mkdir()
+            self._task_prolog()
             self._write_conf()
             self._bridge()
             self._munge()
