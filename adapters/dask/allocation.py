@@ -4,9 +4,9 @@ The translation of the dict is in ``slurm``; this is the lifecycle around it,
 which no hand-written SLURMCluster has: Slurm is asked before anything is queued
 (an impossible request fails at once, with Slurm's reason), the jobs are watched
 by :class:`asyncflow.slurm.BatchJobs` (queue states reported to the engine), a
-job that ends under the backend fails the tasks it takes away instead of leaving
-them queued in Dask forever, and shutdown returns only once Slurm lists none of
-the jobs.
+job that ends under the backend fails the tasks it takes away, naming Slurm's
+reason (and, once no job is left, every task, instead of leaving them queued in
+Dask for ever), and shutdown returns only once Slurm lists none of the jobs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,6 +84,7 @@ class SlurmAllocation:
         self._jobs: BatchJobs | None = None
         self._job_ended: asyncio.Event | None = None
         self._jobs_gone: set[str] = set()
+        self._last_lost: tuple[str, float] | None = None  # why, and when
         #: what the workers' TMPDIR is named after on each node (see node_tmpdir)
         self._node_tmp = Scratch()
 
@@ -155,17 +157,23 @@ class SlurmAllocation:
             loop.call_soon_threadsafe(self._jobs_lost, message)
 
     def _jobs_lost(self, message: str) -> None:
-        """A job ended under us: fail every unfinished task, and, once no job is
-        left, every task submitted later (Dask would queue them forever)."""
+        """A job ended under us.  While another one runs, Dask gives its
+        workers the queued tasks and fails those that ran on the lost ones
+        (``KilledWorker``), which :meth:`why_lost` then names; once none is
+        left, fail every unfinished task, and every later one (Dask would queue
+        them for ever)."""
         state = self._state
         if state.life.closed:
             return
         match = _JOB_ID.search(message)
         self._jobs_gone.add(match.group(1) if match else message)
-        if len(self._jobs_gone) >= self._plan.alloc.nodes:
-            state.dead = message
+        self._last_lost = (message, time.monotonic())
         if self._job_ended is not None:
             self._job_ended.set()
+        if len(self._jobs_gone) < self._plan.alloc.nodes:
+            log.warning("dask: %s; the other jobs' workers go on", message)
+            return
+        state.dead = message
         for hook in state.lost_hooks:
             hook(message)
         tasks = list(state.tasks.items())
@@ -178,14 +186,18 @@ class SlurmAllocation:
         for uid, tracked in tasks:
             sink.set_exception(uid, lost_error(tracked.name, message))
 
-    async def why_lost(self) -> None:
+    async def why_lost(self) -> str | None:
         """A worker died under a task: give Slurm's reason (walltime, node
-        failure) a moment to arrive, so that the task fails naming it; a job
-        that ended fails the task from ``_jobs_lost`` and cancels this wait."""
+        failure) a moment to arrive, and return it if a job ended within that
+        moment; a task the loss of every job failed already is left alone."""
         ended = self._job_ended
         if ended is not None and not ended.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ended.wait(), LOST_GRACE)
+        last = self._last_lost
+        if last is None or time.monotonic() - last[1] > LOST_GRACE:
+            return None  # a worker lost on its own: Dask's own words say it
+        return last[0]
 
     async def close(self) -> None:
         """After the cluster closed: cancel whatever is left of our jobs and wait

@@ -71,7 +71,7 @@ class DaskChunks:
         state: DaskState,
         completions: Completions,
         functions: FunctionCache,
-        why_lost: Callable[[], Awaitable[None]] | None,
+        why_lost: Callable[[], Awaitable[str | None]] | None,
         enabled: bool,
     ):
         self._state = state
@@ -186,7 +186,9 @@ class DaskChunks:
         try:
             exc = await fut.exception()
             if isinstance(exc, KilledWorker) and self._why_lost is not None:
-                await self._why_lost()  # a job ending fails the chunk, naming why
+                why = await self._why_lost()  # the batch job that took its worker
+                if why is not None:
+                    exc = JobLost(why)
             if stand_in.done():
                 return
             if exc is None and fut.status == "finished":

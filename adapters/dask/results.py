@@ -18,7 +18,7 @@ from distributed import Future
 from distributed.scheduler import KilledWorker
 
 from ...errors import EngineClosedError
-from ..toolkit import BatchedFetch, Failed
+from ..toolkit import BatchedFetch, Failed, lost_error
 from .errors import fetch_error, task_error
 from .state import DaskState, log
 from .values import DaskRemoteValue
@@ -44,7 +44,7 @@ class Completions:
     def __init__(
         self,
         state: DaskState,
-        why_lost: Callable[[], Awaitable[None]] | None = None,
+        why_lost: Callable[[], Awaitable[str | None]] | None = None,
     ):
         self._state = state
         self._why_lost = why_lost
@@ -64,12 +64,17 @@ class Completions:
 
     async def watch(self, uid: str, name: str, fut: Future) -> None:
         exc = await fut.exception()
+        why = None
         if self._why_lost is not None and isinstance(exc, KilledWorker):
-            await self._why_lost()  # a job ending names its reason, cancelling this
+            why = await self._why_lost()  # the batch job that took its worker
         state = self._state
         tracked = state.forget(uid)
         if tracked is None:
             return  # cancelled meanwhile
+        if why is not None:
+            assert state.sink is not None
+            state.sink.set_exception(uid, lost_error(name, why))
+            return
         blob = state.pushed.pop(tracked.key, None)
         sink = state.sink
         assert sink is not None

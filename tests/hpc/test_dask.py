@@ -232,6 +232,64 @@ def test_tasks_spread_over_nodes_and_data_moves_between_them(
     )
 
 
+@pytest.mark.timeout(150)
+def test_a_node_lost_fails_only_its_tasks_and_the_rest_goes_on(
+    paused: Paused, slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    """One of two jobs SIGKILLed by Slurm, as when its node fails: the tasks it
+    ran fail naming the job; those on the other node finish, and later tasks
+    run there."""
+    where = tmp_path / "started"
+    where.mkdir()
+    ready, finish = paused(
+        f"""
+        def hold(where, i):
+            me = os.environ["SLURMD_NODENAME"]
+            open(os.path.join(where, f"{{i}}.{{me}}"), "w").close()
+            while not os.path.exists(os.path.join(where, "go")):
+                time.sleep(0.05)
+            return me
+
+        async def main():
+            flow = WorkflowEngine(
+                backend=DaskExecutionBackend({ {**HPC, "nodes": 2}!r})
+            )
+            held = [flow.function_task(hold)({str(where)!r}, i) for i in range(4)]
+            while len(os.listdir({str(where)!r})) < 4:
+                await asyncio.sleep(0.1)
+            await pause(sorted(os.listdir({str(where)!r})))
+            open(os.path.join({str(where)!r}, "go"), "w").close()
+            outcomes = await asyncio.gather(*held, return_exceptions=True)
+            where = flow.function_task(node)
+            later = await asyncio.gather(*[where(i) for i in range(4)])
+            await flow.shutdown()
+            print(json.dumps({{
+                "outcomes": [o if isinstance(o, str) else f"{{type(o).__name__}}: {{o}}"
+                             for o in outcomes],
+                "later": later,
+            }}))
+
+        if __name__ == "__main__":
+            asyncio.run(main())
+        """
+    )
+    on = {int(i): n for i, n in (name.split(".") for name in ready)}
+    assert len(set(on.values())) == 2, ready
+    lost = on[0]
+    (job,) = [
+        j for j in slurm.jobs() if slurm.scontrol_job(j["id"])["NodeList"] == lost
+    ]
+    slurm.run(["scancel", "--signal=KILL", "--full", job["id"]], timeout=30)
+    out = finish()
+    for i, outcome in enumerate(out["outcomes"]):
+        if on[i] == lost:
+            assert outcome.startswith("WorkerLostError: task 'hold'"), out
+            assert f"Slurm job {job['id']}" in outcome, out
+        else:
+            assert outcome == on[i], out
+    assert set(out["later"]) == set(on.values()) - {lost}, out
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("ask", "reason"),
