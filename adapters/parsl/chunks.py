@@ -42,7 +42,7 @@ from ..toolkit import FunctionCache
 from ..toolkit.chunks import ChunkQueue, cancel_future
 from ..toolkit.routing import MIN_BURST, plain_call, route
 from .executors import Profile
-from .state import InterchangeLost, State, log
+from .state import InterchangeLost, State, bad_state, log
 from .worker import chunk_task
 
 __all__ = ["ParslChunks", "chunkable"]
@@ -108,10 +108,9 @@ class ParslChunks:
         if state.life.closed or dfk is None or dfk.cleanup_called:
             cancel_future(stand_in)  # the queue reports the DFK shut down
             return
-        executor: Any = dfk.executors.get(state.label)
-        if getattr(executor, "bad_state_is_set", False):
-            # its interchange or job is gone: fail now, not after a DFK launch
-            stand_in.set_exception(executor.executor_exception)
+        gone = bad_state(state, state.label)
+        if gone is not None:  # fail now, not after a DFK launch
+            stand_in.set_exception(gone)
             return
         key = f"{state.token}.{next(state.counter)}"
         control = state.runtime.control

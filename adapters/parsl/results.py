@@ -30,7 +30,7 @@ from parsl.serialize.errors import SerializationError as ParslSerializationError
 
 from ...errors import ResourceUnavailableError, SerializationError, WorkerLostError
 from .runtime import dead_interchanges
-from .state import InterchangeLost, JobLost, State, Task, log
+from .state import InterchangeLost, JobLost, State, Task, bad_state, log
 
 #: How often a backend checks that the HTEX interchanges it uses still run.
 WATCH_PERIOD = 0.5
@@ -78,19 +78,12 @@ class Completions:
                     return
             sink.set_result(uid, value)
             return
-        shared = _bad_state(state, task.label)
-        if exc is shared and shared is not None:
+        shared = bad_state(state, task.label)
+        if shared is not None and exc is shared:
             # Parsl raises the executor's one exception for each task still
             # queued in the DFK, and every raise lengthens its traceback.
             shared.__traceback__ = None
         sink.set_exception(uid, translate(exc, task))
-
-
-def _bad_state(state: State, label: str) -> BaseException | None:
-    """The exception Parsl raises for every task of a bad executor, if any."""
-    dfk = state.dfk
-    ex: Any = None if dfk is None else dfk.executors.get(label)
-    return getattr(ex, "executor_exception", None)
 
 
 def translate(exc: BaseException, task: Task) -> BaseException:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import WorkerLostError
 from ...protocol import CompletionSink
@@ -42,6 +42,18 @@ class JobLost(InterchangeLost):
 
     def for_task(self, name: str) -> WorkerLostError:
         return lost_error(name, str(self))
+
+
+def bad_state(state: State, label: str) -> BaseException | None:
+    """The exception Parsl raises for every task of executor ``label`` once it
+    is marked bad (its interchange or batch job gone), or None while it runs."""
+    dfk = state.dfk
+    executor: Any = None if dfk is None else dfk.executors.get(label)
+    # Parsl's ThreadPoolExecutor has no bad state
+    if not getattr(executor, "bad_state_is_set", False):
+        return None
+    exc: BaseException = executor.executor_exception
+    return exc
 
 
 class Task:

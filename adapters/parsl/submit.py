@@ -31,7 +31,7 @@ from ..toolkit import FunctionCache, pack
 from .cancel import INPROC
 from .executors import Profile
 from .results import translate
-from .state import State, Task
+from .state import State, Task, bad_state
 from .worker import command_task, inproc_task, packed_task
 
 #: who the serialisation errors say could not be reached
@@ -94,16 +94,13 @@ class Submitter:
         state = self._state
         assert state.sink is not None and state.dfk is not None
         command = spec.command is not None
-        executor: Any = state.dfk.executors.get(label)
-        if getattr(executor, "bad_state_is_set", False):
-            # Its interchange or job is gone.  Fail here, not in Parsl, which
-            # raises one shared exception for every task and logs each with a
-            # traceback that grows by every raise before: minutes for a few
-            # thousand tasks.
+        gone = bad_state(state, label)
+        if gone is not None:
+            # Fail here, not in Parsl, which raises one shared exception for
+            # every task and logs each with a traceback that grows by every
+            # raise before: minutes for a few thousand tasks.
             lost = Task(spec.name, "", command, label, False)
-            state.sink.set_exception(
-                spec.uid, translate(executor.executor_exception, lost)
-            )
+            state.sink.set_exception(spec.uid, translate(gone, lost))
             return
         key = f"{state.token}.{next(state.counter)}"
         try:

@@ -153,7 +153,7 @@ def _cmd(p: psutil.Process) -> str:
     return ""
 
 
-def workers(name: str, backend: Any) -> list[psutil.Process]:
+def workers(name: str) -> list[psutil.Process]:
     """The worker processes of the runtime this driver started."""
     procs = runtime_processes()
     if name == "processes":
@@ -326,7 +326,7 @@ async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
     begin = time.monotonic()
     heads = head(name, backend)
     killer = asyncio.ensure_future(
-        controller(lambda: workers(name, backend), wf, rng, kills, heads)
+        controller(lambda: workers(name), wf, rng, kills, heads)
     )
     await asyncio.wait([p.fut for p in wf.tasks], timeout=DRAIN)
     drained = time.monotonic() - begin
