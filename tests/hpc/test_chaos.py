@@ -71,4 +71,4 @@ def test_chaos_on_slurm(name: str, slurm: SlurmCluster) -> None:
     assert not got["outcomes"].get("wrong"), got
     assert not got["outcomes"].get("pending"), got
     assert got["processes_left"] == [] and got["files_left"] == [], got
-    assert got["kills"] > 0 and got["heads"], got
+    assert got["heads"] and got["kills"] > len(got["heads"]), got

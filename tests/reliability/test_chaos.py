@@ -56,4 +56,5 @@ def test_chaos(name: str, measure: Callable[[str, str, str, float], None]) -> No
     assert not endings.get("wrong") and not endings.get("pending"), got
     assert got["processes_left"] == [] and got["files_left"] == [], got
     if name != "threads":  # a thread cannot be killed from outside
-        assert got["kills"] > 0, got
+        # workers killed at random, not only the head's processes
+        assert got["kills"] > len(got["heads"]), got
