@@ -102,6 +102,25 @@ def journal_mode(path: Path, mounts: str) -> str:
     return "DELETE" if kind in NETWORK_FS else "WAL"
 
 
+def _set_journal(db: sqlite3.Connection, mode: str, within: float = 60.0) -> None:
+    """Switch ``db`` to ``mode`` unless it is in it already.
+
+    SQLite answers a journal-mode change that meets another connection's lock
+    with "database is locked" at once, without waiting as for other locks, so
+    two drivers opening a new store together would fail without the retries."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            (now,) = db.execute("PRAGMA journal_mode").fetchone()
+            if now.upper() != mode:
+                db.execute(f"PRAGMA journal_mode={mode}")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _mounts() -> str:
     try:
         with open("/proc/mounts") as f:
@@ -142,7 +161,7 @@ class ResultStore:
             db = sqlite3.connect(
                 self.path / "index.sqlite", timeout=60, isolation_level=None
             )
-            db.execute(f"PRAGMA journal_mode={self._journal}")
+            _set_journal(db, self._journal)
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -157,3 +159,24 @@ def test_a_store_on_a_network_filesystem_does_not_use_wal() -> None:
     assert journal_mode(Path("/home/me/tmp/store"), mounts) == "WAL"
     assert journal_mode(Path("/lus/scratchy"), mounts) == "WAL"
     assert journal_mode(Path("/work"), "") == "WAL"
+
+
+def test_a_store_opens_while_another_driver_is_writing_to_it(tmp_path: Path) -> None:
+    # SQLite refuses a journal-mode change at once while another connection
+    # writes, where other locks wait: two drivers opening a new store together
+    # met exactly that
+    writer = sqlite3.connect(
+        tmp_path / "index.sqlite", isolation_level=None, check_same_thread=False
+    )
+    writer.execute("CREATE TABLE held (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO held VALUES (1)")
+    release = threading.Timer(0.5, writer.execute, ("COMMIT",))
+    opened: list[ResultStore] = []
+    opener = threading.Thread(target=lambda: opened.append(ResultStore(tmp_path)))
+    opener.start()
+    opener.join(0.3)
+    assert opener.is_alive() and not opened  # waiting for the writer, not failed
+    release.start()
+    opener.join(30)
+    assert opened and opened[0].put("k", "t", 1) and opened[0].get("k") == 1
