@@ -105,7 +105,6 @@ class Dispatcher:
         self.raptor_id = ""
         self.raptor_uids: set[str] = set()
         self.raptor_up = threading.Event()  # a worker runs, or a function returned
-        self.worker_imports = False  # the workers are AsyncflowWorkers
         self.routes: dict[str, Record] = {}
         self._cond = threading.Condition()
         self._queue: list[Record] = []
@@ -282,7 +281,7 @@ class Dispatcher:
             # a chunk's calls name their own functions' modules
             modules = [module, *spec.options.get("asyncflow_modules", ())]
             modules = [m for m in modules if m and m != "__main__"]
-            if modules and self.worker_imports:
+            if modules:  # the AsyncflowWorker imports them once
                 td["metadata"] = {
                     **td.get("metadata", {}),
                     "asyncflow_modules": modules,

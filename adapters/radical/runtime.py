@@ -25,12 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...errors import BackendStartError, EngineClosedError
-from . import cleanup
+from . import cleanup, raptor_entry
 from ._rp import FINAL, rp
 from .batch import SlurmPilot
 from .config import plan, spawn_environment
 from .dispatch import Dispatcher
-from .worker import WORKER_FILE
 
 __all__ = ["RadicalRuntime"]
 
@@ -250,14 +249,12 @@ class RadicalRuntime:
             }
         )
         self.raptor = self.tmgr.submit_raptors([master], pilot_id=self.pilot.uid)[0]
-        worker: dict[str, Any] = {"raptor_class": "DefaultWorker"}
-        if lay.local and self.base:
-            # raptor forks every task from the worker: import asyncflow there once
-            path = os.path.join(self.base, "asyncflow_raptor_worker.py")
-            with open(path, "w") as f:
-                f.write(WORKER_FILE)
-            worker = {"raptor_class": "AsyncflowWorker", "raptor_file": path}
-            self.dispatcher.worker_imports = True
+        # raptor's own worker would import each task's module in every task, and
+        # never report a task whose process died
+        worker = {
+            "raptor_class": "AsyncflowWorker",
+            "raptor_file": raptor_entry.__file__,
+        }
         workers = [
             rp.TaskDescription(
                 {

@@ -41,9 +41,6 @@ __all__ = ["LOST", "AsyncflowWorker", "call_remote", "pack_call", "unpack_result
 #: its ``exception_detail`` says how it died
 LOST = "WorkerLostError"
 
-#: what the adapter writes as the raptor worker's ``raptor_file``
-WORKER_FILE = "from asyncflow.adapters.radical.worker import AsyncflowWorker\n"
-
 
 def pack_call(spec: TaskSpec) -> bytes:
     """Pickle the call in the driver, so that an unpicklable task fails at once."""
@@ -136,6 +133,15 @@ class AsyncflowWorker(rp.raptor.DefaultWorker):
     and each task's module once, in the long-lived worker process, before
     forking.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # setproctitle finds the memory a title goes to by walking back from the
+        # first environment string, which the process forked per task replaces
+        # (``_dispatch``); found here first, the task's process can be titled
+        import setproctitle
+
+        setproctitle.getproctitle()
+        super().__init__(*args, **kwargs)
 
     def _request_cb(self, tasks: Any) -> Any:
         for task in ru.as_list(tasks):
