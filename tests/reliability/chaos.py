@@ -18,7 +18,7 @@ workflow, as when its node fails.
 Every task must end in one of the allowed ways: its right value, its own planned
 error, ``WorkerLostError``, or ``DependencyFailureError`` with an upstream that
 did not succeed.  Anything else is counted as ``wrong``; a future still pending
-after the drain deadline as ``pending``.
+once no task has ended for :data:`STALL` seconds as ``pending``.
 """
 
 from __future__ import annotations
@@ -68,10 +68,16 @@ PROGRESS = 50  # tasks that must end between two kills
 START = {"radical": 700.0}
 #: the allocation this driver runs on, if any (a user's ``--hpc``)
 HPC = bool(os.environ.get("ASYNCFLOW_HPC"))
-#: seconds the workflow may take to end after it is submitted: on the test
-#: cluster every killed worker restarts as a fresh interpreter in a batch job,
-#: on the same cores as Slurm, the driver and the rest of the suite
-DRAIN = 480.0 if HPC else 240.0
+#: seconds without any task ending after which the workflow counts as hung:
+#: on a busy machine a killed worker takes seconds to come back, and on the test
+#: cluster it restarts as a fresh interpreter in a batch job, on the same cores
+#: as Slurm, the driver and the rest of the suite
+STALL = 180.0 if HPC else 120.0
+#: seconds the whole workflow may take, so that a crawl still ends in a report
+#: before the test's own timeout: how fast it drains depends on the machine's
+#: load (radical.pilot's pilot does 15-50 tasks a second here), that it keeps
+#: draining does not
+DRAIN = {"radical": 900.0}
 
 
 def mix(i: int, *ups: int) -> int:
@@ -153,7 +159,7 @@ def _cmd(p: psutil.Process) -> str:
     return ""
 
 
-def workers(name: str) -> list[psutil.Process]:
+def workers(name: str, backend: Any) -> list[psutil.Process]:
     """The worker processes of the runtime this driver started."""
     procs = runtime_processes()
     if name == "processes":
@@ -179,27 +185,36 @@ def workers(name: str) -> list[psutil.Process]:
         # kill's (a whole job), which must find the job still there.
         return [] if HPC and len(pools) < 2 else pools
     if name == "radical":
+        if HPC:  # started by Slurm, without the run's marker
+            procs = procs + _pilot_processes(backend)
         return _radical_task_processes(procs)
     return []
 
 
 def _radical_task_processes(procs: list[psutil.Process]) -> list[psutil.Process]:
-    """The processes running radical.pilot function tasks (a chunk each): what
-    the process a raptor worker forks per task starts to run it.  Not that
-    forked process, which watches the task's and reports it lost if it dies
-    (raptor would never hear of the task again without it); not raptor's master
-    and workers, nor the agent: losing one of those is the pilot's loss (the
-    head kill, below).  The executables here are ``echo``, a shell builtin that
-    runs in no process of its own."""
+    """The processes running radical.pilot function tasks (a chunk each), which
+    the adapter's raptor worker titles ``rp.dispatch.<task>``.
 
-    def runs_a_task(p: psutil.Process) -> bool:
+    Not the process the worker forks per task, which forks the task's own and
+    watches it (raptor would never hear of the task again if it died), nor
+    raptor's master and workers, nor the agent: losing one of those is the
+    pilot's loss (the head kill, below).  The executables here are ``echo``, a
+    shell builtin that runs in no process of its own."""
+    return [p for p in procs if _cmd(p).startswith("rp.dispatch.")]
+
+
+def _pilot_processes(backend: Any) -> list[psutil.Process]:
+    """The processes of a pilot in a batch job: Slurm starts them without this
+    run's environment (its marker), but each works under the pilot's sandbox."""
+    from asyncflow.adapters.radical._rp import ru
+    from asyncflow.adapters.radical.reaper import working_under
+
+    sandbox = ru.Url(backend.runtime.pilot.pilot_sandbox).path.rstrip("/")
+    found = []
+    for pid in working_under([sandbox]):
         with contextlib.suppress(psutil.Error):
-            watcher = p.parent()
-            worker = watcher.parent() if watcher is not None else None
-            return worker is not None and "raptor-worker" in _cmd(worker)
-        return False
-
-    return [p for p in procs if runs_a_task(p)]
+            found.append(psutil.Process(pid))
+    return found
 
 
 def head(name: str, backend: Any) -> Callable[[], list[str]] | None:
@@ -312,6 +327,19 @@ def _example(p: Planned) -> str:
     return repr(fut)
 
 
+async def drain(futs: list[TaskFuture], within: float) -> None:
+    """Wait until every future is done, or none has ended for :data:`STALL`
+    seconds (a hang), or ``within`` seconds have passed."""
+    deadline = time.monotonic() + within
+    pending, before = set(futs), len(futs) + 1
+    while pending and len(pending) < before:
+        before = len(pending)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(STALL, left))
+
+
 async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     backend = default_backend() if HPC else owned(name)
@@ -326,9 +354,9 @@ async def chaos(name: str, total: int, seed: int) -> dict[str, Any]:
     begin = time.monotonic()
     heads = head(name, backend)
     killer = asyncio.ensure_future(
-        controller(lambda: workers(name), wf, rng, kills, heads)
+        controller(lambda: workers(name, backend), wf, rng, kills, heads)
     )
-    await asyncio.wait([p.fut for p in wf.tasks], timeout=DRAIN)
+    await drain([p.fut for p in wf.tasks], DRAIN.get(name, 600.0))
     drained = time.monotonic() - begin
     killer.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -18,7 +18,7 @@ import pytest
 
 from .conftest import BACKENDS, require, run_driver
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(960)
 
 CHAOS = Path(__file__).with_name("chaos.py")
 TASKS = 5000
@@ -29,7 +29,7 @@ TASKS = 5000
     [
         *BACKENDS,
         # a pilot of its own: 20-95 s to start here, more under load
-        pytest.param("radical", marks=pytest.mark.timeout(1300)),
+        pytest.param("radical", marks=pytest.mark.timeout(1900)),
     ],
 )
 def test_chaos(name: str, measure: Callable[[str, str, str, float], None]) -> None:
@@ -40,7 +40,7 @@ def test_chaos(name: str, measure: Callable[[str, str, str, float], None]) -> No
             str(TASKS),
             "7",
             script=CHAOS,
-            timeout=1250 if name == "radical" else 400,
+            timeout=1850 if name == "radical" else 900,
             env={"TMPDIR": tmp},
         )
     endings = got["outcomes"]
