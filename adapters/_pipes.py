@@ -72,12 +72,22 @@ class Pipes:
         return False
 
     def drop(self, uid: str) -> bool:
-        """Forget a parked spec (cancelled); whether it was parked here."""
+        """Forget a parked spec (cancelled); whether it was parked here.
+
+        Its own dependents are forgotten as waiting on it too: it never runs,
+        and the engine cancels them (one after a failed upstream, the rest of
+        the chain behind it)."""
         with self.lock:
             if self._waiting.pop(uid, None) is None:
                 return False
             self.live.discard(uid)
+            self._waiters.pop(uid, None)
         return True
+
+    def __len__(self) -> int:
+        """Parked specs, and upstreams with specs parked on them."""
+        with self.lock:
+            return len(self._waiting) + len(self._waiters)
 
     def finished(self, uid: str, ok: bool, value: Any) -> list[TaskSpec]:
         """Record that ``uid`` ended; return the dependents it made ready."""

@@ -228,3 +228,21 @@ def test_a_function_that_returned_a_large_value_keeps_the_runtime_path() -> None
     ]
     rest, _ = route(queue, again, 16, lambda s: True)
     assert rest == again  # it returned a large value: the runtime's own path
+
+
+def test_pipes_forget_a_chain_cancelled_behind_a_failed_upstream() -> None:
+    from asyncflow.adapters._pipes import Pipes
+    from asyncflow.protocol import UpstreamRef
+    from asyncflow.spec import TaskSpec
+
+    def spec(uid: str, *ups: str) -> TaskSpec:
+        refs = tuple(UpstreamRef(None, u) for u in ups)  # type: ignore[arg-type]
+        return TaskSpec(uid, uid, abs, args=refs, has_remote_args=True)
+
+    pipes = Pipes(sink=None)  # type: ignore[arg-type]
+    pipes.live.add("a")
+    assert pipes.park(spec("b", "a")) and pipes.park(spec("c", "b"))
+    assert pipes.finished("a", False, None) == []
+    # the engine cancels what depended on the failure
+    assert pipes.drop("b") and pipes.drop("c")
+    assert len(pipes) == 0 and not pipes.live
