@@ -184,17 +184,22 @@ class RayProcess:
     def _marking_children(self) -> Iterator[None]:
         """Every process ``ray.init`` starts, and everything those start (the
         raylet's workers and agents), inherits this marker: how we find them all
-        at shutdown, even ones orphaned by a crash.  Only set while ``ray.init``
-        runs, so the application's own subprocesses do not carry it."""
-        saved = os.environ.get(_NODE_MARKER)
-        os.environ[_NODE_MARKER] = self._state.token
+        at shutdown, even ones orphaned by a crash.  The workers also list their
+        commands, and write their output, in our temp dir, so that a command
+        whose worker was killed leaves nothing behind either.  Only set while
+        ``ray.init`` runs, so the application's own subprocesses do not carry
+        them."""
+        marks = {_NODE_MARKER: self._state.token, **self.scratch.command_env()}
+        saved = {name: os.environ.get(name) for name in marks}
+        os.environ.update(marks)
         try:
             yield
         finally:
-            if saved is None:
-                os.environ.pop(_NODE_MARKER, None)
-            else:
-                os.environ[_NODE_MARKER] = saved
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def _kill_partial_start(self) -> None:
         with contextlib.suppress(Exception):

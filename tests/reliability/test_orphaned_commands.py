@@ -6,7 +6,7 @@ dies.  The worker's own clean-up never runs after a SIGKILL (Dask's nanny sends
 one to a worker that is slow to close), so the backend that owns the runtime
 must still find the command.  The command reports its pid and its parent's (the
 worker) through a fifo; the test kills the worker, shuts the engine down, and
-looks for the command.
+looks for the command and its output files.
 
 ``processes`` is not here: its commands run under the driver itself.
 """
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -59,6 +60,9 @@ async def test_command_of_a_killed_worker_is_gone_after_shutdown(
                 await asyncio.wait_for(held, 60)
         left = await asyncio.to_thread(wait_gone, [command], 5.0)
         assert not left, f"still running after shutdown: {describe(left)}"
+        # nor its output files, which its worker would have removed
+        files = list(Path(tempfile.gettempdir()).glob(f"{held.uid}-*"))
+        assert not files, f"left behind: {files}"
     finally:
         if command is not None:  # the test failed: don't leave it behind
             with contextlib.suppress(psutil.Error):
