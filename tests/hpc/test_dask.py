@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ..page import hpc_example
@@ -245,6 +246,8 @@ def test_a_node_lost_fails_only_its_tasks_and_the_rest_goes_on(
         f"""
         def hold(where, i):
             me = os.environ["SLURMD_NODENAME"]
+            with open(os.path.join(where, "..", f"pid.{{i}}"), "w") as f:
+                f.write(str(os.getpid()))
             open(os.path.join(where, f"{{i}}.{{me}}"), "w").close()
             while not os.path.exists(os.path.join(where, "go")):
                 time.sleep(0.05)
@@ -280,6 +283,15 @@ def test_a_node_lost_fails_only_its_tasks_and_the_rest_goes_on(
         j for j in slurm.jobs() if slurm.scontrol_job(j["id"])["NodeList"] == lost
     ]
     slurm.run(["scancel", "--signal=KILL", "--full", job["id"]], timeout=30)
+    # scancel only asks: on a busy machine a held task could still see "go"
+    # and return before its worker is killed
+    doomed = [
+        psutil.Process(int((tmp_path / f"pid.{i}").read_text()))
+        for i, n in on.items()
+        if n == lost
+    ]
+    _, alive = psutil.wait_procs(doomed, timeout=60)
+    assert not alive, f"Slurm has not killed the job's workers: {alive}"
     out = finish()
     for i, outcome in enumerate(out["outcomes"]):
         if on[i] == lost:
