@@ -71,12 +71,12 @@ class Completions:
         tracked = state.forget(uid)
         if tracked is None:
             return  # cancelled meanwhile
+        blob = state.pushed.pop(tracked.key, None)
         sink = state.sink
         assert sink is not None
         if why is not None:
             sink.set_exception(uid, lost_error(name, why))
             return
-        blob = state.pushed.pop(tracked.key, None)
         if exc is None and fut.status == "finished":
             if blob is not None:
                 try:
