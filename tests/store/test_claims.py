@@ -171,12 +171,11 @@ def test_a_store_opens_while_another_driver_is_writing_to_it(tmp_path: Path) -> 
     writer.execute("CREATE TABLE held (x)")
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO held VALUES (1)")
-    release = threading.Timer(0.5, writer.execute, ("COMMIT",))
     opened: list[ResultStore] = []
     opener = threading.Thread(target=lambda: opened.append(ResultStore(tmp_path)))
     opener.start()
-    opener.join(0.3)
+    opener.join(0.3)  # time to meet the writer's lock
     assert opener.is_alive() and not opened  # waiting for the writer, not failed
-    release.start()
+    writer.execute("COMMIT")
     opener.join(30)
     assert opened and opened[0].put("k", "t", 1) and opened[0].get("k") == 1
