@@ -206,12 +206,12 @@ def _radical_task_processes(procs: list[psutil.Process]) -> list[psutil.Process]
 def _pilot_processes(backend: Any) -> list[psutil.Process]:
     """The processes of a pilot in a batch job: Slurm starts them without this
     run's environment (its marker), but each works under the pilot's sandbox."""
-    from asyncflow.adapters.radical._rp import ru
+    from radical_driver import pilot_sandbox
+
     from asyncflow.adapters.radical.reaper import working_under
 
-    sandbox = ru.Url(backend.runtime.pilot.pilot_sandbox).path.rstrip("/")
     found = []
-    for pid in working_under([sandbox]):
+    for pid in working_under([pilot_sandbox(backend)]):
         with contextlib.suppress(psutil.Error):
             found.append(psutil.Process(pid))
     return found
@@ -233,13 +233,10 @@ def head(name: str, backend: Any) -> Callable[[], list[str]] | None:
 
         return interchange
     if name == "radical":
-        from radical_driver import kill_pilot
-
-        from asyncflow.adapters.radical._rp import ru
+        from radical_driver import kill_pilot, pilot_sandbox
 
         def pilot() -> list[str]:  # the agent, its components, raptor, the tasks
-            sandbox = ru.Url(backend.runtime.pilot.pilot_sandbox).path
-            return kill_pilot(sandbox.rstrip("/"))
+            return kill_pilot(pilot_sandbox(backend))
 
         return pilot
     return None

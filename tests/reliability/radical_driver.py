@@ -217,11 +217,16 @@ def kill_pilot(sandbox: str) -> list[str]:
     return list(killed.values())
 
 
-async def pilot_killed(flow: WorkflowEngine, owner: Any) -> dict[str, Any]:
+def pilot_sandbox(owner: Any) -> str:
+    """The folder the pilot of backend ``owner`` and all its processes work in."""
     from asyncflow.adapters.radical._rp import ru
 
+    return str(ru.Url(owner.runtime.pilot.pilot_sandbox).path).rstrip("/")
+
+
+async def pilot_killed(flow: WorkflowEngine, owner: Any) -> dict[str, Any]:
     rt = owner.runtime
-    sandbox = ru.Url(rt.pilot.pilot_sandbox).path.rstrip("/")
+    sandbox = pilot_sandbox(owner)
     res: dict[str, Any] = {"sandbox": sandbox}
     async with Gate() as gate:
 
